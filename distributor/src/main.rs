@@ -1,0 +1,53 @@
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The service registry: nodes register here and receive the topology.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to accept node connections on.
+    #[arg(long, env = "DISTRIBUTOR_LISTEN", default_value = "0.0.0.0:9000")]
+    listen: String,
+    /// How often protocol-2 nodes are sent a heartbeat.
+    #[arg(long, env = "DISTRIBUTOR_HEARTBEAT_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// How long a protocol-2 node may stay silent before it is evicted.
+    #[arg(long, env = "DISTRIBUTOR_HEARTBEAT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// How long a connection may stay open without registering.
+    #[arg(long, env = "DISTRIBUTOR_REGISTRATION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    registration_timeout: Duration,
+    /// Largest packet accepted from a node, in bytes.
+    #[arg(long, env = "DISTRIBUTOR_MAX_FRAME_LENGTH", default_value_t = 64 * 1024)]
+    max_frame_length: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    shared::telemetry::init_tracing();
+    anyhow::ensure!(
+        args.heartbeat_interval < args.heartbeat_timeout,
+        "--heartbeat-interval must be shorter than --heartbeat-timeout"
+    );
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config = distributor::Config {
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
+        registration_timeout: args.registration_timeout,
+        max_frame_length: args.max_frame_length,
+    };
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(distributor::run(listener, config, shutdown.clone()));
+    shared::shutdown::shutdown_signal().await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .context("shutdown took too long")???;
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! A reconnecting, multiplexed packet client.
+//!
+//! One [`PacketClient`] keeps one TCP connection to one node and lets any number of tasks have
+//! requests in flight on it at once: each request gets a fresh `key`, and the reader task hands
+//! each answer to whoever waits for that key. The connection is owned by a supervisor task with an
+//! explicit [`State`]; when it drops, every waiter is told at once (no request waits for a timeout
+//! on a dead connection) and the supervisor reconnects every [`RECONNECT_INTERVAL`].
+//!
+//! The handle is cheap to clone; when the last clone is dropped the supervisor stops and the
+//! connection closes, which is how the gateway forgets a node that left the topology.
+//!
+//! Waiters live in a map behind a std `Mutex`, held only to insert or remove one entry and never
+//! across an `.await`. A request abandoned by its caller (timeout, client gone) removes its entry
+//! on drop, so nothing is left behind for it.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, oneshot, watch},
+};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn};
+
+use crate::{
+    codec::{encode_frame, CodecError, PacketCodec},
+    connection::{tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
+    packet::key_in,
+    Packet,
+};
+
+/// How long the client waits before trying a lost connection again.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(3);
+
+/// How many events of one stream may be queued for a consumer that has not taken them yet.
+/// A consumer that falls further behind is cut off ([`ClientError::Lagged`]).
+pub const STREAM_BUFFER: usize = 256;
+
+/// Which packet shapes the node speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Our protocol: the key at the top level, answers as packets.
+    Packet,
+    /// The original design: the key inside `params.key`, answers as flat objects
+    /// `{key, errorcode, errormessage, ...}`.
+    Legacy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// There is no connection right now, or the request could not be written to it.
+    #[error("not connected")]
+    NotConnected,
+    /// The connection closed while the request waited for its answer.
+    #[error("connection closed before the answer arrived")]
+    ConnectionClosed,
+    /// A stream's consumer fell more than [`STREAM_BUFFER`] events behind and was cut off.
+    #[error("stream consumer too slow")]
+    Lagged,
+    #[error("could not encode the request: {0}")]
+    Encode(#[from] CodecError),
+}
+
+/// Handle to a reconnecting connection; see the module docs.
+#[derive(Clone)]
+pub struct PacketClient {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    /// Stops the supervisor when the last handle goes away.
+    _close: DropGuard,
+}
+
+struct Shared {
+    addr: String,
+    dialect: Dialect,
+    state: Mutex<State>,
+    /// Tells `connected()` callers when a connection comes up.
+    connected: watch::Sender<bool>,
+    next_key: AtomicU64,
+}
+
+/// The supervisor's view of the connection.
+enum State {
+    Disconnected,
+    Connecting,
+    Connected(Arc<Link>),
+}
+
+/// One live connection: where to send frames and who waits for which key.
+struct Link {
+    outgoing: mpsc::Sender<Bytes>,
+    /// `None` once the connection is gone, so that no waiter can be added after the final drain.
+    waiters: Mutex<Option<HashMap<u64, Waiter>>>,
+}
+
+enum Waiter {
+    Once(oneshot::Sender<Packet>),
+    Stream {
+        /// Boxed: the channel allocates its slots in blocks, and a block of pointers is a small
+        /// fraction of a block of packets, which matters with thousands of idle streams.
+        events: mpsc::Sender<Box<Packet>>,
+        lagged: Arc<AtomicBool>,
+    },
+}
+
+impl PacketClient {
+    /// Starts connecting to `addr` in the background and returns at once.
+    pub fn connect(addr: impl Into<String>, dialect: Dialect) -> PacketClient {
+        let close = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            addr: addr.into(),
+            dialect,
+            state: Mutex::new(State::Disconnected),
+            connected: watch::channel(false).0,
+            next_key: AtomicU64::new(1),
+        });
+        tokio::spawn(supervise(shared.clone(), close.clone()));
+        PacketClient {
+            handle: Arc::new(Handle {
+                shared,
+                _close: close.drop_guard(),
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.handle.shared.addr
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.shared().state.lock().unwrap(), State::Connected(_))
+    }
+
+    /// Waits until the connection is up. Use under a timeout: it waits for as long as it takes.
+    pub async fn connected(&self) -> &PacketClient {
+        let mut connected = self.shared().connected.subscribe();
+        // The sender lives in `Shared`, which we hold, so this cannot fail.
+        let _ = connected.wait_for(|up| *up).await;
+        self
+    }
+
+    /// Sends `packet` as a request (its key is assigned here) and waits for the answer.
+    /// If the node answers with a stream, the first event is returned and the rest is cancelled.
+    pub async fn request(&self, packet: Packet) -> Result<Packet, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let pending = self.send(packet, Waiter::Once(tx)).await?;
+        let answer = rx.await.map_err(|_| ClientError::ConnectionClosed);
+        drop(pending);
+        answer
+    }
+
+    /// Sends `packet` as a stream request and returns the stream of answers. A node may also
+    /// answer with one plain packet, which the stream then yields as its only item.
+    pub async fn stream(&self, mut packet: Packet) -> Result<ResponseStream, ClientError> {
+        packet.stream = true;
+        self.call(packet).await
+    }
+
+    /// Sends `packet` as it is (its key is assigned here) and returns every answer to it: one
+    /// plain packet, or a stream's events up to its end. For callers that must take whatever the
+    /// node answers, such as the gateway, which turns a stream into Server-Sent Events even when
+    /// the request did not ask for one.
+    pub async fn call(&self, packet: Packet) -> Result<ResponseStream, ClientError> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let waiter = Waiter::Stream {
+            events: tx,
+            lagged: lagged.clone(),
+        };
+        let pending = self.send(packet, waiter).await?;
+        Ok(ResponseStream {
+            pending: Some(pending),
+            events: rx,
+            lagged,
+            finished: false,
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    async fn send(&self, mut packet: Packet, waiter: Waiter) -> Result<Pending, ClientError> {
+        let link = match &*self.shared().state.lock().unwrap() {
+            State::Connected(link) => link.clone(),
+            State::Disconnected | State::Connecting => return Err(ClientError::NotConnected),
+        };
+        let key = self.shared().next_key.fetch_add(1, Ordering::Relaxed);
+        match self.shared().dialect {
+            Dialect::Packet => packet.key = key,
+            Dialect::Legacy => put_legacy_key(&mut packet, key),
+        }
+        let frame = encode_frame(&packet)?;
+        link.waiters
+            .lock()
+            .unwrap()
+            .as_mut()
+            .ok_or(ClientError::NotConnected)?
+            .insert(key, waiter);
+        let pending = Pending {
+            link,
+            key,
+            method: packet.method,
+            uri: packet.uri,
+        };
+        pending
+            .link
+            .outgoing
+            .send(frame)
+            .await
+            .map_err(|_| ClientError::NotConnected)?;
+        Ok(pending)
+    }
+}
+
+/// A request in flight: removes its waiter when dropped, whatever happened to the request.
+struct Pending {
+    link: Arc<Link>,
+    key: u64,
+    method: String,
+    uri: String,
+}
+
+impl Pending {
+    /// Tells the node we no longer want the stream with this key.
+    fn cancel(&self) {
+        let cancel = Packet {
+            uri: self.uri.clone(),
+            method: self.method.clone(),
+            key: self.key,
+            cancel: true,
+            ..Packet::default()
+        };
+        let Ok(frame) = encode_frame(&cancel) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.link.outgoing.try_send(frame) {
+            let outgoing = self.link.outgoing.clone();
+            tokio::spawn(async move { outgoing.send(frame).await });
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(waiters) = self.link.waiters.lock().unwrap().as_mut() {
+            waiters.remove(&self.key);
+        }
+    }
+}
+
+/// The answers to a stream request, in order. Dropping it before the end cancels the stream.
+pub struct ResponseStream {
+    pending: Option<Pending>,
+    events: mpsc::Receiver<Box<Packet>>,
+    lagged: Arc<AtomicBool>,
+    finished: bool,
+}
+
+impl ResponseStream {
+    /// The next answer. `None` after the final packet (`end: true`, or a plain answer);
+    /// an error when the connection closed or this consumer fell behind before that.
+    pub async fn next(&mut self) -> Option<Result<Packet, ClientError>> {
+        if self.finished {
+            return None;
+        }
+        match self.events.recv().await {
+            Some(packet) => {
+                if is_final(&packet) {
+                    self.finish();
+                }
+                Some(Ok(*packet))
+            }
+            None => {
+                let lagged = self.lagged.load(Ordering::Relaxed);
+                if lagged {
+                    if let Some(pending) = &self.pending {
+                        pending.cancel();
+                    }
+                }
+                self.finish();
+                Some(Err(if lagged {
+                    ClientError::Lagged
+                } else {
+                    ClientError::ConnectionClosed
+                }))
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.finished = true;
+        self.pending = None;
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if let Some(pending) = &self.pending {
+            pending.cancel();
+        }
+    }
+}
+
+/// True for the last packet a key will get: a stream's end marker, or any non-stream answer.
+fn is_final(packet: &Packet) -> bool {
+    packet.end || !packet.stream
+}
+
+fn put_legacy_key(packet: &mut Packet, key: u64) {
+    if !packet.params.is_object() {
+        packet.params = Value::Object(Default::default());
+    }
+    packet.params["key"] = key.into();
+}
+
+/// Turns an original-design flat answer `{key, errorcode, errormessage, ...}` into a packet
+/// whose params are the flat object less `key`.
+fn legacy_answer(mut flat: Value) -> Option<Packet> {
+    let key = key_in(&flat)?;
+    let failed = flat
+        .get("errorcode")
+        .is_some_and(|code| !(code.is_null() || code == 0 || code == "0"));
+    if let Some(object) = flat.as_object_mut() {
+        object.remove("key");
+    }
+    Some(Packet {
+        key,
+        params: flat,
+        status: failed.then_some(500),
+        ..Packet::default()
+    })
+}
+
+/// Owns the connection: connects, runs it until it drops, and tries again.
+async fn supervise(shared: Arc<Shared>, close: CancellationToken) {
+    loop {
+        *shared.state.lock().unwrap() = State::Connecting;
+        let connect = TcpStream::connect(shared.addr.as_str());
+        let result = tokio::select! {
+            _ = close.cancelled() => break,
+            result = connect => result,
+        };
+        match result {
+            Ok(stream) => {
+                debug!(addr = %shared.addr, "connected");
+                run_connection(&shared, stream, &close).await;
+                info!(addr = %shared.addr, "connection lost");
+            }
+            Err(err) => debug!(addr = %shared.addr, %err, "connect failed"),
+        }
+        *shared.state.lock().unwrap() = State::Disconnected;
+        shared.connected.send_replace(false);
+        tokio::select! {
+            _ = close.cancelled() => break,
+            _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
+        }
+    }
+    *shared.state.lock().unwrap() = State::Disconnected;
+}
+
+async fn run_connection(shared: &Shared, stream: TcpStream, close: &CancellationToken) {
+    tune_socket(&stream);
+    let (read_half, write_half) = stream.into_split();
+    let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
+    let link = Arc::new(Link {
+        outgoing,
+        waiters: Mutex::new(Some(HashMap::new())),
+    });
+    let mut writer = tokio::spawn(write_frames(write_half, frames));
+    *shared.state.lock().unwrap() = State::Connected(link.clone());
+    shared.connected.send_replace(true);
+
+    // The connection is over when either half fails: a node that stopped reading makes the
+    // writer time out even while its socket still looks readable.
+    tokio::select! {
+        _ = close.cancelled() => {}
+        _ = read_answers(shared.dialect, read_half, &link) => {}
+        _ = &mut writer => {}
+    }
+
+    // Dropping the waiters wakes every caller still waiting on this connection with an error.
+    link.waiters.lock().unwrap().take();
+    writer.abort();
+}
+
+async fn read_answers(dialect: Dialect, read_half: impl tokio::io::AsyncRead + Unpin, link: &Link) {
+    match dialect {
+        Dialect::Packet => {
+            let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
+            while let Some(frame) = reader.next().await {
+                match frame {
+                    Ok(packet) => deliver(link, packet),
+                    Err(err) => {
+                        if !handle_bad_frame(link, err) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        Dialect::Legacy => {
+            let mut reader = PacketReader::new(read_half, PacketCodec::<Value>::new());
+            while let Some(frame) = reader.next().await {
+                match frame {
+                    Ok(flat) => match legacy_answer(flat) {
+                        Some(packet) => deliver(link, packet),
+                        None => warn!("answer without a key from an original-design node"),
+                    },
+                    Err(err) => {
+                        if !handle_bad_frame(link, err) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers the waiter of a malformed answer with a 502; returns false if the connection is done.
+fn handle_bad_frame(link: &Link, err: CodecError) -> bool {
+    warn!(%err, "bad frame from node");
+    if let CodecError::Json { key: Some(key), .. } = &err {
+        let packet = Packet {
+            key: *key,
+            status: Some(502),
+            error: Some(format!("invalid answer from the node: {err}")),
+            ..Packet::default()
+        };
+        deliver(link, packet);
+    }
+    err.is_recoverable()
+}
+
+/// Hands an answer to the task waiting for its key.
+fn deliver(link: &Link, packet: Packet) {
+    let key = packet.key;
+    let mut waiters = link.waiters.lock().unwrap();
+    let Some(waiters) = waiters.as_mut() else {
+        return;
+    };
+    let final_packet = is_final(&packet);
+    match waiters.get(&key) {
+        Some(Waiter::Once(_)) => {
+            if let Some(Waiter::Once(tx)) = waiters.remove(&key) {
+                if !final_packet {
+                    // `request` takes only the first packet of a stream. Stop the rest now: the
+                    // next event, which would otherwise trigger the cancel, may never come.
+                    send_cancel(link, &packet);
+                }
+                let _ = tx.send(packet);
+            }
+        }
+        Some(Waiter::Stream { events, lagged }) => {
+            match events.try_send(Box::new(packet)) {
+                Ok(()) if !final_packet => return,
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => lagged.store(true, Ordering::Relaxed),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+            waiters.remove(&key);
+        }
+        None if !final_packet => {
+            // A stream nobody reads any more (its consumer left, or asked with `request`):
+            // tell the node to stop it.
+            debug!(key, "event for an abandoned stream; cancelling");
+            send_cancel(link, &packet);
+        }
+        None => {}
+    }
+}
+
+/// Asks the node to stop the stream `packet` belongs to.
+fn send_cancel(link: &Link, packet: &Packet) {
+    let cancel = Packet {
+        uri: packet.uri.clone(),
+        method: packet.method.clone(),
+        key: packet.key,
+        cancel: true,
+        ..Packet::default()
+    };
+    if let Ok(frame) = encode_frame(&cancel) {
+        let _ = link.outgoing.try_send(frame);
+    }
+}

@@ -1,0 +1,31 @@
+//! What every node of the system shares: the packet protocol and the service runtime.
+//!
+//! Layout:
+//! - [`packet`]: the packet type and the distributor's control messages (registration, topology,
+//!   heartbeat).
+//! - [`codec`]: the `¶` framing codec, a tokio-util `Decoder`/`Encoder`. The only code that knows
+//!   the delimiter.
+//! - [`connection`]: reading packets off a socket (recovering from bad frames) and a batching
+//!   writer task.
+//! - [`client`]: a reconnecting client that multiplexes many requests and streams over one
+//!   connection by key.
+//! - [`service`]: the runtime that serves a [`service::Router`] of handlers and keeps the service
+//!   registered with the distributor.
+//! - [`distributor_client`]: registration and topology updates, for services and the gateway.
+//! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
+//!
+//! docs/PROTOCOL.md describes the wire format this crate implements.
+
+pub mod client;
+pub mod codec;
+pub mod connection;
+pub mod distributor_client;
+pub mod packet;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
+pub use packet::{NodeInfo, Packet, Registration, Topology};

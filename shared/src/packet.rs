@@ -1,0 +1,181 @@
+//! The packet: the one message shape every connection carries.
+//!
+//! A request is `{"uri","method","key","params"}`; its response repeats `uri`, `method` and `key`
+//! and carries the result in `params`, with an optional HTTP-like `status` and an `error`. The
+//! remaining fields are the extensions described in docs/PROTOCOL.md (streams, cancel, request
+//! ids). Unknown fields are ignored on input and absent optional fields are left out on output, so
+//! a node that only knows the original four fields can still talk to us.
+//!
+//! The control messages exchanged with the distributor (registration, topology, heartbeat) are
+//! ordinary packets with key 0; their `params` shapes live here too.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The `uri` of registration (`POST`) and topology (`GET`) packets.
+pub const DISTRIBUTES_URI: &str = "/distributes";
+/// The `uri` of heartbeat packets.
+pub const HEARTBEAT_URI: &str = "/heartbeat";
+/// The protocol version our nodes announce at registration.
+pub const PROTOCOL_VERSION: u8 = 2;
+
+fn is_false(value: &bool) -> bool {
+    !value
+}
+
+/// One message on the wire. See docs/PROTOCOL.md for every field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Packet {
+    #[serde(default)]
+    pub uri: String,
+    #[serde(default)]
+    pub method: String,
+    /// Pairs a response with its request. Requests use keys from 1 up; 0 marks control packets.
+    #[serde(default)]
+    pub key: u64,
+    #[serde(default)]
+    pub params: Value,
+    /// HTTP-like status of a response; absent means 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// On a request: the caller wants a stream of events rather than one answer.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    /// On a response: the last packet of a stream.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub end: bool,
+    /// On a request: the caller is no longer interested in the stream with this key.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cancel: bool,
+    /// On a stream event: the event's id (becomes the SSE `id:` line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    /// On a stream event: the event's name (becomes the SSE `event:` line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// The id of the HTTP request this packet serves, for correlating logs across processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl Packet {
+    /// A request packet; the client that sends it assigns the key.
+    pub fn request(method: &str, uri: &str, params: Value) -> Packet {
+        Packet {
+            uri: uri.to_owned(),
+            method: method.to_owned(),
+            params,
+            ..Packet::default()
+        }
+    }
+
+    /// A response to `request` carrying `params`, status 200.
+    pub fn reply_to(request: &Packet, params: Value) -> Packet {
+        Packet {
+            uri: request.uri.clone(),
+            method: request.method.clone(),
+            key: request.key,
+            params,
+            ..Packet::default()
+        }
+    }
+
+    /// The response status, 200 when absent.
+    pub fn status(&self) -> u16 {
+        self.status.unwrap_or(200)
+    }
+
+    /// True for a stream event that carries nothing: the packet that opens a stream before its
+    /// first real event. Callers skip it.
+    pub fn is_empty_event(&self) -> bool {
+        self.stream
+            && !self.end
+            && self.params.is_null()
+            && self.id.is_none()
+            && self.event.is_none()
+    }
+
+    /// True for the packets a node exchanges with the distributor on key 0.
+    pub fn is_heartbeat(&self) -> bool {
+        self.key == 0 && self.uri == HEARTBEAT_URI
+    }
+}
+
+/// The correlation key of a request: top-level `key`, or `params.key` as original-design gateways
+/// send it (a number or a numeric string).
+pub fn key_in(value: &Value) -> Option<u64> {
+    fn as_key(value: &Value) -> Option<u64> {
+        match value {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+    value
+        .get("key")
+        .and_then(as_key)
+        .filter(|key| *key != 0)
+        .or_else(|| value.get("params")?.get("key").and_then(as_key))
+}
+
+/// What a node tells the distributor about itself (`params` of `POST /distributes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub port: u16,
+    pub name: String,
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// Overrides the host the distributor sees on the socket (containers, NAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// 2 for nodes that speak the extended protocol; absent for original-design nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u8>,
+}
+
+/// One node of the topology (an element of `params` of `GET /distributes`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub host: String,
+    pub port: u16,
+    pub name: String,
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u8>,
+}
+
+impl NodeInfo {
+    /// The address to connect to, `host:port`, with IPv6 hosts bracketed.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// True when the node speaks the extended protocol (heartbeats, streams, top-level keys).
+    pub fn speaks_protocol_2(&self) -> bool {
+        self.protocol.unwrap_or(0) >= PROTOCOL_VERSION
+    }
+}
+
+/// The whole topology, as broadcast by the distributor.
+pub type Topology = Vec<NodeInfo>;
+
+/// A registration packet for the distributor.
+pub fn registration_packet(registration: &Registration) -> Packet {
+    Packet::request(
+        "POST",
+        DISTRIBUTES_URI,
+        serde_json::to_value(registration).expect("a registration always serializes"),
+    )
+}
+
+/// A heartbeat packet, sent by the distributor and echoed by the node.
+pub fn heartbeat_packet() -> Packet {
+    Packet::request("GET", HEARTBEAT_URI, Value::Null)
+}

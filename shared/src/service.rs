@@ -1,0 +1,511 @@
+//! The service runtime: what turns a set of async handlers into a node of the system.
+//!
+//! A service builds a [`Router`] of handlers keyed by method and uri and calls [`serve`], which
+//! - accepts packet connections on the given listener (the gateway's, or any other node's),
+//! - dispatches each request packet to its handler on a task of its own, so one connection can
+//!   carry any number of requests in flight, and answers it with the request's key,
+//! - runs stream handlers ([`Router::stream`]) that push events until they return, and drops them
+//!   at once when the caller cancels or its connection closes,
+//! - registers the service with the distributor (urls derived from the routes) and keeps it
+//!   registered across distributor restarts.
+//!
+//! The services themselves then hold only their own logic.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    codec::{encode_frame, CodecError, PacketCodec},
+    connection::{tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
+    distributor_client::DistributorClient,
+    packet::{key_in, Registration, PROTOCOL_VERSION},
+    Packet,
+};
+
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 10_000;
+
+/// A request as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub uri: String,
+    pub method: String,
+    pub params: Value,
+    pub request_id: Option<String>,
+}
+
+impl Request {
+    /// The rest of the path after the matched route (`params.params`), e.g. `7` for
+    /// `DELETE /kv/7` routed to `DELETE/kv`.
+    pub fn path_param(&self) -> Option<&str> {
+        self.params.get("params").and_then(Value::as_str)
+    }
+
+    /// Reads the params as `T`, or a 400 response saying what is wrong with them.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Response> {
+        T::deserialize(&self.params)
+            .map_err(|err| Response::error(400, format!("invalid parameters: {err}")))
+    }
+}
+
+/// What a handler answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    pub status: u16,
+    pub params: Value,
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(params: impl Serialize) -> Response {
+        Response::with_status(200, params)
+    }
+
+    pub fn with_status(status: u16, params: impl Serialize) -> Response {
+        match serde_json::to_value(params) {
+            Ok(params) => Response {
+                status,
+                params,
+                error: None,
+            },
+            Err(err) => Response::error(500, format!("could not encode the answer: {err}")),
+        }
+    }
+
+    pub fn error(status: u16, message: impl Into<String>) -> Response {
+        Response {
+            status,
+            params: Value::Null,
+            error: Some(message.into()),
+        }
+    }
+
+    fn into_packet(self, to: &Packet) -> Packet {
+        Packet {
+            status: (self.status != 200).then_some(self.status),
+            error: self.error,
+            ..Packet::reply_to(to, self.params)
+        }
+    }
+}
+
+/// One event of a stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Event {
+    pub id: Option<Value>,
+    pub event: Option<String>,
+    pub data: Value,
+}
+
+/// Returned by [`EventSink::send`] once nobody listens to the stream any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the stream was cancelled or its connection closed")]
+pub struct SinkClosed;
+
+/// Where a stream handler pushes its events.
+///
+/// A handler first checks its request and may still answer with a plain error (by returning a
+/// `Response` with status >= 400 before sending anything). Once it accepts, it calls
+/// [`EventSink::open`] (or sends its first event), which tells the caller at once that the stream
+/// has started, even if the first real event is a long time coming.
+pub struct EventSink {
+    request: Packet,
+    outgoing: mpsc::Sender<Bytes>,
+    cancelled: CancellationToken,
+    opened: std::sync::atomic::AtomicBool,
+}
+
+impl EventSink {
+    /// Opens the stream without an event: sends an empty event (no params, id or event name),
+    /// which callers take as "the stream has started" and otherwise ignore. Does nothing once
+    /// the stream is open.
+    pub async fn open(&self) -> Result<(), SinkClosed> {
+        if self.opened.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.send(Event::default()).await
+    }
+
+    /// Sends one event, waiting while the connection's outgoing queue is full.
+    pub async fn send(&self, event: Event) -> Result<(), SinkClosed> {
+        if self.cancelled.is_cancelled() {
+            return Err(SinkClosed);
+        }
+        self.opened
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let packet = Packet {
+            stream: true,
+            id: event.id,
+            event: event.event,
+            ..Packet::reply_to(&self.request, event.data)
+        };
+        let frame = encode_frame(&packet).map_err(|_| SinkClosed)?;
+        tokio::select! {
+            _ = self.cancelled.cancelled() => Err(SinkClosed),
+            sent = self.outgoing.send(frame) => sent.map_err(|_| SinkClosed),
+        }
+    }
+
+    /// Completes when the stream is cancelled; for handlers that wait on something else.
+    pub async fn closed(&self) {
+        self.cancelled.cancelled().await
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+enum Handler {
+    Unary(Box<dyn Fn(Request) -> BoxFuture<Response> + Send + Sync>),
+    Stream(Box<dyn Fn(Request, EventSink) -> BoxFuture<Response> + Send + Sync>),
+}
+
+/// The handlers of a service, keyed by uri, then method (so a lookup borrows the packet's strings).
+#[derive(Default)]
+pub struct Router {
+    routes: HashMap<String, HashMap<String, Arc<Handler>>>,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a handler answering `method uri` with one response.
+    pub fn route<H, F>(self, method: &str, uri: &str, handler: H) -> Self
+    where
+        H: Fn(Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Response> + Send + 'static,
+    {
+        let handler = Handler::Unary(Box::new(move |request| Box::pin(handler(request))));
+        self.insert(method, uri, handler)
+    }
+
+    /// Adds a handler answering `method uri` with a stream of events. The stream ends with the
+    /// response the handler returns; the handler's future is dropped if the caller cancels first.
+    pub fn stream<H, F>(self, method: &str, uri: &str, handler: H) -> Self
+    where
+        H: Fn(Request, EventSink) -> F + Send + Sync + 'static,
+        F: Future<Output = Response> + Send + 'static,
+    {
+        let handler = Handler::Stream(Box::new(move |request, sink| {
+            Box::pin(handler(request, sink))
+        }));
+        self.insert(method, uri, handler)
+    }
+
+    fn insert(mut self, method: &str, uri: &str, handler: Handler) -> Self {
+        self.routes
+            .entry(uri.to_owned())
+            .or_default()
+            .insert(method.to_ascii_uppercase(), Arc::new(handler));
+        self
+    }
+
+    fn handler(&self, method: &str, uri: &str) -> Option<Arc<Handler>> {
+        self.routes.get(uri)?.get(method).cloned()
+    }
+
+    /// The urls to register with the distributor, e.g. `GET/kv`, sorted.
+    pub fn urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|(uri, methods)| methods.keys().map(move |method| format!("{method}{uri}")))
+            .collect();
+        urls.sort();
+        urls
+    }
+}
+
+/// How the service presents itself to the distributor.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceConfig {
+    /// The name it registers under, e.g. `kv`.
+    pub name: String,
+    /// The distributor's address; `None` serves without registering (tests, direct use).
+    pub distributor: Option<String>,
+    /// The host other nodes should connect to, when the socket's address is not it.
+    pub advertise_host: Option<String>,
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the requests in
+/// flight to finish (callers bound that wait with a timeout).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: ServiceConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    if let Some(distributor) = &config.distributor {
+        let registration = Registration {
+            port: local.port(),
+            name: config.name.clone(),
+            urls: router.urls(),
+            host: config.advertise_host.clone(),
+            protocol: Some(PROTOCOL_VERSION),
+        };
+        // The service only needs to be registered; the topology it receives is unused here.
+        let _topology =
+            DistributorClient::spawn(distributor.clone(), registration, shutdown.child_token());
+    }
+    info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
+
+    let router = Arc::new(router);
+    let connections = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    while let Some((permit, stream, peer)) = accept_within(&listener, &limit, &shutdown).await {
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(
+            async move {
+                serve_connection(stream, router, shutdown).await;
+                drop(permit);
+            }
+            .instrument(tracing::info_span!("connection", %peer)),
+        );
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Accepts the next connection while fewer than `limit`'s permits are out: waits for a free
+/// permit, then for a connection. The connection's task holds the permit and frees it when it
+/// ends. `None` once `shutdown` is cancelled. Every server of the workspace accepts this way, so
+/// none can be driven out of file descriptors by opening connections.
+pub async fn accept_within(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        (stream, peer) = accept_with_backoff(listener) => Some((permit, stream, peer)),
+    }
+}
+
+/// Accepts the next connection. Accept errors (out of file descriptors, a connection reset
+/// before it was accepted) are logged and retried with a growing pause: they never stop a server.
+async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) => {
+                warn!(%err, "accept failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Streams running on one connection, by key, so a cancel packet can find its stream. Each entry
+/// also holds a serial number, so a finished stream removes its own entry and never a newer one
+/// that reused the key.
+#[derive(Default)]
+struct Streams {
+    running: Mutex<HashMap<u64, (u64, CancellationToken)>>,
+    next_serial: std::sync::atomic::AtomicU64,
+}
+
+impl Streams {
+    fn start(&self, key: u64, token: CancellationToken) -> u64 {
+        let serial = self
+            .next_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let previous = self.running.lock().unwrap().insert(key, (serial, token));
+        if let Some((_, previous)) = previous {
+            previous.cancel();
+        }
+        serial
+    }
+
+    fn cancel(&self, key: u64) {
+        if let Some((_, token)) = self.running.lock().unwrap().remove(&key) {
+            debug!(key, "stream cancelled by the caller");
+            token.cancel();
+        }
+    }
+
+    fn finished(&self, key: u64, serial: u64) {
+        let mut running = self.running.lock().unwrap();
+        if running.get(&key).is_some_and(|(s, _)| *s == serial) {
+            running.remove(&key);
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, router: Arc<Router>, shutdown: CancellationToken) {
+    tune_socket(&stream);
+    let (read_half, write_half) = stream.into_split();
+    let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
+    let writer = tokio::spawn(write_frames(write_half, frames));
+    let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
+    let streams = Arc::new(Streams::default());
+    // Cancelled when this connection ends, which ends every stream it carries.
+    let connection_closed = CancellationToken::new();
+    let requests = TaskTracker::new();
+
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            frame = reader.next() => frame,
+        };
+        match frame {
+            None => break,
+            Some(Ok(packet)) => dispatch(
+                packet,
+                &router,
+                &outgoing,
+                &streams,
+                &connection_closed,
+                &requests,
+            ),
+            Some(Err(err)) => {
+                warn!(%err, "bad packet");
+                if let CodecError::Json { key: Some(key), .. } = &err {
+                    let answer = Packet {
+                        key: *key,
+                        status: Some(400),
+                        error: Some(err.to_string()),
+                        ..Packet::default()
+                    };
+                    send_packet(&outgoing, &answer).await;
+                }
+                if !err.is_recoverable() {
+                    break;
+                }
+            }
+        }
+    }
+
+    connection_closed.cancel();
+    requests.close();
+    requests.wait().await;
+    drop(outgoing);
+    if let Ok(Err(err)) = writer.await {
+        debug!(%err, "connection write failed");
+    }
+}
+
+fn dispatch(
+    mut packet: Packet,
+    router: &Router,
+    outgoing: &mpsc::Sender<Bytes>,
+    streams: &Arc<Streams>,
+    connection_closed: &CancellationToken,
+    requests: &TaskTracker,
+) {
+    if packet.key == 0 {
+        // An original-design caller puts the key in params.key; we answer it at the top level.
+        packet.key = key_in(&serde_json::json!({ "params": &packet.params })).unwrap_or(0);
+    }
+    if packet.cancel {
+        streams.cancel(packet.key);
+        return;
+    }
+    if packet.is_heartbeat() {
+        let outgoing = outgoing.clone();
+        tokio::spawn(async move { send_packet(&outgoing, &packet).await });
+        return;
+    }
+    let handler = router.handler(&packet.method, &packet.uri);
+    let request = Request {
+        uri: packet.uri.clone(),
+        method: packet.method.clone(),
+        params: std::mem::take(&mut packet.params),
+        request_id: packet.request_id.take(),
+    };
+    let outgoing = outgoing.clone();
+    let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
+        key = packet.key, request_id = request.request_id.as_deref());
+    let Some(handler) = handler else {
+        let answer = Response::error(
+            404,
+            format!("no handler for {} {}", packet.method, packet.uri),
+        )
+        .into_packet(&packet);
+        requests.spawn(async move { send_packet(&outgoing, &answer).await });
+        return;
+    };
+    match &*handler {
+        Handler::Unary(_) => {
+            requests.spawn(
+                async move {
+                    let Handler::Unary(handler) = &*handler else {
+                        unreachable!("matched as unary above");
+                    };
+                    let answer = handler(request).await.into_packet(&packet);
+                    send_packet(&outgoing, &answer).await;
+                }
+                .instrument(span),
+            );
+        }
+        Handler::Stream(_) => {
+            let cancelled = connection_closed.child_token();
+            let serial = streams.start(packet.key, cancelled.clone());
+            let streams = streams.clone();
+            // Streams are not tracked with the requests: shutdown cancels them rather than
+            // waiting for them, since a subscription may never end on its own.
+            tokio::spawn(
+                async move {
+                    let Handler::Stream(handler) = &*handler else {
+                        unreachable!("matched as stream above");
+                    };
+                    let sink = EventSink {
+                        request: Packet::reply_to(&packet, Value::Null),
+                        outgoing: outgoing.clone(),
+                        cancelled: cancelled.clone(),
+                        opened: Default::default(),
+                    };
+                    let end = tokio::select! {
+                        _ = cancelled.cancelled() => None,
+                        response = handler(request, sink) => Some(response),
+                    };
+                    streams.finished(packet.key, serial);
+                    if let Some(response) = end {
+                        let end = Packet {
+                            end: true,
+                            ..response.into_packet(&packet)
+                        };
+                        send_packet(&outgoing, &end).await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn send_packet(outgoing: &mpsc::Sender<Bytes>, packet: &Packet) {
+    match encode_frame(packet) {
+        // A closed channel means the connection is gone; nobody is left to answer.
+        Ok(frame) => {
+            let _ = outgoing.send(frame).await;
+        }
+        Err(err) => warn!(%err, "could not encode an answer"),
+    }
+}
