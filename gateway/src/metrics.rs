@@ -1,0 +1,170 @@
+//! The gateway's metrics, served by `GET /metrics` in the Prometheus (OpenMetrics) text format.
+//!
+//! - `gateway_requests_total{route,status}`: proxied requests by route (the registered url, e.g.
+//!   `GET/kv`, or `none` when nothing matched) and HTTP status.
+//! - `gateway_request_duration_seconds{route}`: time to the response headers (for an event
+//!   stream: until it opened).
+//! - `gateway_route_nodes{route}`: connected nodes per route, read from the route table when
+//!   scraped.
+//! - `gateway_requests_in_flight`, `gateway_open_streams`.
+//!
+//! Route labels are the registered urls, never raw request paths, so the number of series stays
+//! bounded whatever clients send.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::routes::RouteTable;
+
+/// The route label of requests that matched no route.
+pub const NO_ROUTE: &str = "none";
+
+/// A route label that shares the route's url instead of copying it for every request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct RouteName(Arc<str>);
+
+impl EncodeLabelValue for RouteName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: RouteName,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: RouteName,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    route_nodes: Family<RouteLabels, Gauge>,
+    in_flight: Gauge,
+    open_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let route_nodes = Family::<RouteLabels, Gauge>::default();
+        let in_flight = Gauge::default();
+        let open_streams = Gauge::default();
+        registry.register(
+            "requests",
+            "Proxied requests by route and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response headers",
+            latency.clone(),
+        );
+        registry.register(
+            "route_nodes",
+            "Connected nodes per route",
+            route_nodes.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Proxied requests waiting for their answer",
+            in_flight.clone(),
+        );
+        registry.register(
+            "open_streams",
+            "Event streams being relayed to clients",
+            open_streams.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            route_nodes,
+            in_flight,
+            open_streams,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one finished request.
+    pub fn record(&self, route: &Arc<str>, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: RouteName(route.clone()),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: RouteName(route.clone()),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn in_flight(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.in_flight)
+    }
+
+    /// Counts an event stream as open until the guard is dropped.
+    pub fn open_stream(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.open_streams)
+    }
+
+    /// The text exposition, with the per-route node counts read from `table` now.
+    pub fn render(&self, table: &RouteTable) -> String {
+        self.route_nodes.clear();
+        for route in table.routes() {
+            self.route_nodes
+                .get_or_create(&RouteLabels {
+                    route: RouteName(route.url.clone()),
+                })
+                .set(route.connected_nodes() as i64);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped, however the request ends.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: &Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,466 @@
+//! HTTP request → packet → HTTP response: the gateway's one real job.
+//!
+//! For every request that is not one of the gateway's own endpoints:
+//! 1. find the route (exact url, else the longest prefix; HEAD follows GET) — 404 if none;
+//! 2. read the body (413 over the limit) and build `params`: the query's fields, the JSON body's
+//!    fields (or the body as `params.body`), `params` for the rest of the path, and
+//!    `last_event_id` from a `Last-Event-ID` header;
+//! 3. send the packet to the route's next connected node (503 if there is none), retrying
+//!    idempotent requests on the next node if the connection had just dropped;
+//! 4. wait for the first answer within the request timeout (504), or fail at once with 502 if
+//!    the node's connection closes meanwhile;
+//! 5. answer: a plain packet becomes status + JSON body; a stream becomes Server-Sent Events
+//!    ([`crate::sse`]).
+//!
+//! The request id (`X-Request-Id`, generated when absent) travels in the packet, in the span of
+//! every log line about the request, and back in the response headers.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, LazyLock,
+    },
+    time::Instant,
+};
+
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+use shared::{ClientError, Dialect, Packet, ResponseStream};
+use tracing::{debug, Instrument};
+
+use crate::{
+    error::{json_error, ProxyError},
+    routes::{Node, Route},
+    sse, AppState,
+};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// Request ids longer than this are replaced by a generated one rather than echoed.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The fallback handler: every request the gateway does not answer itself.
+pub(crate) async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
+    let request_id = request_id(request.headers());
+    let span = tracing::debug_span!("request", method = %request.method(),
+        path = %request.uri().path(), request_id = %request_id);
+    let (route, mut response) = forward(&state, request, &request_id).instrument(span).await;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    state
+        .metrics
+        .record(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Routes and forwards one request; returns the route's metrics label with the response.
+async fn forward(state: &AppState, request: Request, request_id: &str) -> (Arc<str>, Response) {
+    let (parts, body) = request.into_parts();
+    // A HEAD request is answered like a GET; hyper leaves the body out.
+    let method = if parts.method == Method::HEAD {
+        Method::GET.as_str()
+    } else {
+        parts.method.as_str()
+    };
+    let table = state.routes.borrow().clone();
+    let Some(matched) = table.lookup(method, parts.uri.path()) else {
+        let error = ProxyError::NoRoute {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+        };
+        error.log(request_id);
+        return (state.no_route.clone(), error.into_response());
+    };
+    let route = matched.route;
+    let response =
+        match forward_to(state, route, matched.rest, method, &parts, body, request_id).await {
+            Ok(response) => response,
+            Err(error) => {
+                error.log(request_id);
+                error.into_response()
+            }
+        };
+    (route.url.clone(), response)
+}
+
+async fn forward_to(
+    state: &AppState,
+    route: &Route,
+    rest: Option<&str>,
+    method: &str,
+    parts: &Parts,
+    body: Body,
+    request_id: &str,
+) -> Result<Response, ProxyError> {
+    let params = request_params(parts, body, rest, state.config.max_body).await?;
+    let packet = Packet {
+        uri: route.path.clone(),
+        method: method.to_owned(),
+        params: Value::Object(params),
+        stream: accepts_event_stream(&parts.headers),
+        request_id: Some(request_id.to_owned()),
+        ..Packet::default()
+    };
+    // Only requests that may safely be sent twice are moved to another node; the request was
+    // not written at all in that case, but only these methods are documented as retried.
+    let retryable = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+    );
+    let timeout = state.config.request_timeout;
+    let answer = tokio::time::timeout(timeout, send(route, packet, retryable))
+        .await
+        .map_err(|_| ProxyError::Timeout(timeout))??;
+    match answer {
+        Answer::Plain(packet) => plain_response(packet),
+        Answer::Ended(end) if end.status() >= 400 => {
+            let message = end.error.as_deref().unwrap_or("the stream failed");
+            Ok(json_error(answer_status(end.status())?, message))
+        }
+        Answer::Ended(_) => Ok(sse::respond(None, None, state)),
+        Answer::Stream(first, answers) => Ok(sse::respond(Some(first), Some(answers), state)),
+    }
+}
+
+/// A node's first answer.
+enum Answer {
+    /// One packet, the whole answer.
+    Plain(Packet),
+    /// A stream that ended before its first event.
+    Ended(Packet),
+    /// The first event of a stream, and the rest of it.
+    Stream(Packet, ResponseStream),
+}
+
+/// Sends `packet` to the route's nodes in rotation until one takes it.
+async fn send(route: &Route, packet: Packet, retryable: bool) -> Result<Answer, ProxyError> {
+    let mut nodes = route.rotation().peekable();
+    let mut packet = Some(packet);
+    while let Some(node) = nodes.next() {
+        let another = retryable && nodes.peek().is_some();
+        // Cloning only when another node could still need the packet keeps the common case
+        // (one attempt) free of copies.
+        let attempt = if another {
+            packet.clone()
+        } else {
+            packet.take()
+        };
+        let Some(attempt) = attempt else { break };
+        match call(node, attempt).await {
+            Err(ClientError::NotConnected) if another => {
+                debug!(node = %node.addr, "connection just dropped; trying the next node");
+            }
+            Err(ClientError::NotConnected) => break,
+            Err(ClientError::ConnectionClosed) => return Err(ProxyError::ConnectionClosed),
+            Err(ClientError::Lagged) => {
+                return Err(ProxyError::BadAnswer("more answers than expected".into()))
+            }
+            Err(ClientError::Encode(err)) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "the request cannot be sent: {err}"
+                )))
+            }
+            Ok(answer) => return Ok(answer),
+        }
+    }
+    Err(ProxyError::NoNode {
+        route: route.url.to_string(),
+    })
+}
+
+/// Sends one request to one node and waits for its first answer.
+async fn call(node: &Node, packet: Packet) -> Result<Answer, ClientError> {
+    match node.dialect {
+        // Original-design nodes answer every request with one flat object; they know nothing
+        // of streams or cancel packets.
+        Dialect::Legacy => node.client.request(packet).await.map(Answer::Plain),
+        Dialect::Packet => {
+            let mut answers = node.client.call(packet).await?;
+            let first = answers
+                .next()
+                .await
+                .ok_or(ClientError::ConnectionClosed)??;
+            Ok(if first.end {
+                Answer::Ended(first)
+            } else if first.stream {
+                Answer::Stream(first, answers)
+            } else {
+                Answer::Plain(first)
+            })
+        }
+    }
+}
+
+/// A plain answer as an HTTP response: its status, and its params (or error) as JSON.
+fn plain_response(packet: Packet) -> Result<Response, ProxyError> {
+    let status = answer_status(packet.status())?;
+    if let Some(error) = &packet.error {
+        return Ok(json_error(status, error));
+    }
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(status.into_response());
+    }
+    let body =
+        serde_json::to_vec(&packet.params).map_err(|err| ProxyError::BadAnswer(err.to_string()))?;
+    Ok((
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// The HTTP status for a packet status; informational and invalid ones are the node's fault.
+fn answer_status(status: u16) -> Result<StatusCode, ProxyError> {
+    StatusCode::from_u16(status)
+        .ok()
+        .filter(|status| status.as_u16() >= 200)
+        .ok_or_else(|| ProxyError::BadAnswer(format!("status {status} is not a final HTTP status")))
+}
+
+/// The request's own id, or a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN)
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id)
+}
+
+/// A fresh id: a random prefix drawn once per process, then a counter. Unique like a random
+/// id, without asking the kernel for randomness on every request.
+fn new_request_id() -> String {
+    static PREFIX: LazyLock<u64> = LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:016x}{:016x}",
+        *PREFIX,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("text/event-stream"))
+}
+
+/// The packet's `params`: query fields, then body fields, then `params` (the rest of the path)
+/// and `last_event_id`; later sources win when names collide.
+async fn request_params(
+    parts: &Parts,
+    body: Body,
+    rest: Option<&str>,
+    max_body: usize,
+) -> Result<Map<String, Value>, ProxyError> {
+    let mut params = Map::new();
+    if let Some(query) = parts.uri.query() {
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            params.insert(name.into_owned(), Value::String(value.into_owned()));
+        }
+    }
+    let body = read_body(body, &parts.headers, max_body).await?;
+    if !body.is_empty() {
+        merge_body(&mut params, &parts.headers, &body)?;
+    }
+    if let Some(rest) = rest {
+        let rest = percent_encoding::percent_decode_str(rest)
+            .decode_utf8()
+            .map_err(|_| {
+                ProxyError::BadRequest("the path is not UTF-8 once percent-decoded".into())
+            })?;
+        params.insert("params".into(), Value::String(rest.into_owned()));
+    }
+    if let Some(last_event_id) = parts.headers.get(&LAST_EVENT_ID) {
+        let last_event_id = last_event_id.to_str().map_err(|_| {
+            ProxyError::BadRequest("the Last-Event-ID header is not plain text".into())
+        })?;
+        params.insert("last_event_id".into(), last_event_id.into());
+    }
+    Ok(params)
+}
+
+/// Reads the whole body, refusing it as soon as it is known to exceed `limit`.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let mut chunks = body.into_data_stream();
+    let mut first: Option<Bytes> = None;
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|err| {
+            ProxyError::BadRequest(format!("could not read the request body: {err}"))
+        })?;
+        let total = first.as_ref().map_or(0, Bytes::len) + collected.len() + chunk.len();
+        if total > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        // Most bodies arrive in one chunk, which is kept as it is.
+        match first.take() {
+            None if collected.is_empty() => first = Some(chunk),
+            None => collected.extend_from_slice(&chunk),
+            Some(earlier) => {
+                collected.extend_from_slice(&earlier);
+                collected.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| collected.freeze()))
+}
+
+/// How to read a body, by its Content-Type.
+enum BodyKind {
+    /// Declared JSON: it must parse.
+    Json,
+    /// No type, or curl's default for `-d`: JSON objects are taken as fields, anything else
+    /// as text.
+    Guess,
+    /// Any other type: the body is text.
+    Text,
+}
+
+fn body_kind(headers: &HeaderMap) -> BodyKind {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return BodyKind::Guess;
+    };
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || mime.ends_with("+json") {
+        BodyKind::Json
+    } else if mime.is_empty() || mime == "application/x-www-form-urlencoded" {
+        BodyKind::Guess
+    } else {
+        BodyKind::Text
+    }
+}
+
+fn merge_body(
+    params: &mut Map<String, Value>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), ProxyError> {
+    let value = match body_kind(headers) {
+        BodyKind::Json => serde_json::from_slice(body).map_err(ProxyError::BadJson)?,
+        BodyKind::Guess => match serde_json::from_slice::<Value>(body) {
+            Ok(object @ Value::Object(_)) => object,
+            _ => Value::String(body_text(body)?),
+        },
+        BodyKind::Text => Value::String(body_text(body)?),
+    };
+    match value {
+        Value::Object(fields) => params.extend(fields),
+        other => {
+            params.insert("body".into(), other);
+        }
+    }
+    Ok(())
+}
+
+fn body_text(body: &[u8]) -> Result<String, ProxyError> {
+    String::from_utf8(body.to_vec()).map_err(|_| {
+        ProxyError::BadRequest("the request body is neither JSON nor UTF-8 text".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(content_type: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(content_type) = content_type {
+            headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        }
+        headers
+    }
+
+    fn merged(content_type: Option<&str>, body: &str) -> Result<Value, ProxyError> {
+        let mut params = Map::new();
+        merge_body(&mut params, &headers(content_type), body.as_bytes())?;
+        Ok(Value::Object(params))
+    }
+
+    #[test]
+    fn json_objects_become_fields() {
+        let value = merged(Some("application/json; charset=utf-8"), r#"{"a":1}"#).unwrap();
+        assert_eq!(value, serde_json::json!({"a": 1}));
+    }
+
+    #[test]
+    fn other_json_values_become_the_body() {
+        let value = merged(Some("application/json"), "[1,2]").unwrap();
+        assert_eq!(value, serde_json::json!({"body": [1, 2]}));
+    }
+
+    #[test]
+    fn malformed_declared_json_is_refused() {
+        assert!(matches!(
+            merged(Some("application/json"), "{nope"),
+            Err(ProxyError::BadJson(_))
+        ));
+    }
+
+    #[test]
+    fn untyped_and_form_bodies_are_guessed() {
+        let value = merged(None, "hello").unwrap();
+        assert_eq!(value, serde_json::json!({"body": "hello"}));
+        let value = merged(Some("application/x-www-form-urlencoded"), r#"{"v":"x"}"#).unwrap();
+        assert_eq!(value, serde_json::json!({"v": "x"}));
+        let value = merged(None, "42").unwrap();
+        assert_eq!(value, serde_json::json!({"body": "42"}));
+    }
+
+    #[test]
+    fn text_bodies_stay_text_even_when_they_look_like_json() {
+        let value = merged(Some("text/plain"), r#"{"v":"x"}"#).unwrap();
+        assert_eq!(value, serde_json::json!({"body": r#"{"v":"x"}"#}));
+    }
+
+    #[test]
+    fn binary_bodies_are_refused() {
+        let mut params = Map::new();
+        let result = merge_body(&mut params, &headers(None), &[0xff, 0xfe, 0x00]);
+        assert!(matches!(result, Err(ProxyError::BadRequest(_))));
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_generated() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_REQUEST_ID, "abc-123".parse().unwrap());
+        assert_eq!(request_id(&headers), "abc-123");
+        let generated = request_id(&HeaderMap::new());
+        assert_eq!(generated.len(), 32);
+        assert_ne!(generated, request_id(&HeaderMap::new()));
+        headers.insert(&X_REQUEST_ID, "x".repeat(500).parse().unwrap());
+        assert_eq!(request_id(&headers).len(), 32);
+    }
+}

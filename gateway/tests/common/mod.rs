@@ -1,0 +1,347 @@
+//! The pieces the gateway tests assemble: a real distributor, real service nodes built on the
+//! shared runtime, and the gateway itself, each served in-process on a 127.0.0.1 port of its
+//! own and stopped when dropped.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use gateway::{Config, GatewayError};
+use serde_json::{json, Value};
+use shared::service::{serve, Request, Response, Router, ServiceConfig};
+use tokio::{net::TcpListener, task::JoinHandle, time::timeout};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for anything that should happen promptly; only reached when a test fails.
+pub const PROMPTLY: Duration = Duration::from_secs(15);
+
+/// A distributor served in-process; stopped when dropped.
+pub struct Distributor {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Distributor {
+    pub async fn start() -> Distributor {
+        Distributor::start_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on `addr`: a restart on the port the nodes already know.
+    pub async fn start_at(addr: SocketAddr) -> Distributor {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(distributor::run(
+            listener,
+            distributor::Config::default(),
+            shutdown.clone(),
+        ));
+        Distributor {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it; every node's connection to it closes.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            timeout(PROMPTLY, task)
+                .await
+                .expect("the distributor stops promptly")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Distributor {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A service node on the shared runtime, registered with a distributor; stopped when dropped.
+pub struct Service {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Service {
+    pub async fn start(name: &str, router: Router, distributor: SocketAddr) -> Service {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let config = ServiceConfig {
+            name: name.into(),
+            distributor: Some(distributor.to_string()),
+            advertise_host: None,
+        };
+        let task = tokio::spawn(serve(listener, router, config, shutdown.clone()));
+        Service {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it gracefully: its connections close once its requests are answered.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            timeout(PROMPTLY, task)
+                .await
+                .expect("the service stops promptly")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Answers `method uri` with everything it was sent and the name of the node that answered.
+fn echo(name: &str) -> impl Fn(Request) -> std::future::Ready<Response> + Send + Sync + 'static {
+    let name = name.to_owned();
+    move |request: Request| {
+        std::future::ready(Response::ok(json!({
+            "node": name,
+            "method": request.method,
+            "uri": request.uri,
+            "params": request.params,
+            "request_id": request.request_id,
+        })))
+    }
+}
+
+/// A router answering `/echo` and `/echo/deeper` for GET, PUT, POST and DELETE with [`echo`].
+pub fn echo_router(name: &str) -> Router {
+    let mut router = Router::new();
+    for method in ["GET", "PUT", "POST", "DELETE"] {
+        router =
+            router
+                .route(method, "/echo", echo(name))
+                .route(method, "/echo/deeper", echo(name));
+    }
+    router
+}
+
+/// The gateway served in-process; stopped when dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), GatewayError>>>,
+}
+
+impl Gateway {
+    /// A gateway on `distributor` with the default settings changed by `adjust`.
+    pub async fn start(distributor: SocketAddr, adjust: impl FnOnce(&mut Config)) -> Gateway {
+        let mut config = Config {
+            distributor: Some(distributor.to_string()),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(gateway::run(listener, config, shutdown.clone()));
+        Gateway {
+            addr,
+            http: reqwest::Client::builder()
+                .timeout(PROMPTLY)
+                .build()
+                .unwrap(),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET /_/topology`.
+    pub async fn topology(&self) -> Value {
+        self.http
+            .get(self.url("/_/topology"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// How many connected nodes the gateway has for `url` (e.g. `GET/echo`).
+    pub async fn connected_nodes(&self, url: &str) -> usize {
+        let topology = self.topology().await;
+        topology["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|route| route["url"] == url)
+            .flat_map(|route| route["nodes"].as_array().unwrap())
+            .filter(|node| node["connected"] == true)
+            .count()
+    }
+
+    /// Waits until `url` has exactly `count` connected nodes.
+    pub async fn wait_for_nodes(&self, url: &str, count: usize) {
+        let reached = timeout(PROMPTLY, async {
+            while self.connected_nodes(url).await != count {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if reached.is_err() {
+            panic!(
+                "{url} never had {count} connected nodes; topology: {:#}",
+                self.topology().await
+            );
+        }
+    }
+
+    /// `GET path` as JSON, with its status.
+    pub async fn get(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    /// The value of an unlabelled metric in `GET /metrics`, or of the first series whose line
+    /// starts with `series`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits for `run` to return.
+    pub async fn stop(&mut self) -> Result<(), GatewayError> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => timeout(PROMPTLY, task)
+                .await
+                .expect("the gateway stops promptly")
+                .unwrap(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One Server-Sent Event as a client sees it; comment lines are counted apart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads a `text/event-stream` body block by block.
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+    /// Comment lines (keep-alives) seen so far.
+    pub comments: usize,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> SseReader {
+        use futures::StreamExt;
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseReader {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+            comments: 0,
+        }
+    }
+
+    /// The next event; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                        continue;
+                    }
+                    let (field, value) = line.split_once(": ").unwrap_or((line, ""));
+                    match field {
+                        "id" => event.id = Some(value.to_owned()),
+                        "event" => event.event = Some(value.to_owned()),
+                        "data" => data.push(value.to_owned()),
+                        _ => {}
+                    }
+                }
+                if !data.is_empty() || event.event.is_some() {
+                    event.data = data.join("\n");
+                    return Some(event);
+                }
+            }
+            let chunk = self.body.next().await?.expect("reading the event stream");
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// The next event within [`PROMPTLY`].
+    pub async fn expect_event(&mut self) -> SseEvent {
+        timeout(PROMPTLY, self.next())
+            .await
+            .expect("an event arrives")
+            .expect("the stream goes on")
+    }
+
+    /// Waits for the end of the stream, returning the events before it.
+    pub async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        timeout(PROMPTLY, async {
+            while let Some(event) = self.next().await {
+                events.push(event);
+            }
+        })
+        .await
+        .expect("the stream ends");
+        events
+    }
+}

@@ -1,0 +1,274 @@
+//! Streams end to end: a stream route of a real service node, relayed by the gateway as
+//! Server-Sent Events to an HTTP client, including the ways a stream ends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use shared::service::{Event, Response, Router};
+use tokio::{sync::mpsc, time::timeout};
+
+/// Sends `what` on `tx` when dropped: tells the test that a stream handler was dropped.
+struct DropSignal {
+    tx: mpsc::UnboundedSender<&'static str>,
+    what: &'static str,
+}
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.tx.send(self.what);
+    }
+}
+
+fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
+    let forever_dropped = dropped.clone();
+    Router::new()
+        .stream("GET", "/ticks", |request, sink| async move {
+            let count: u64 = match request.params["count"].as_str().map(str::parse) {
+                Some(Ok(count)) => count,
+                _ => return Response::error(400, "count must be a number"),
+            };
+            if sink.open().await.is_err() {
+                return Response::ok(Value::Null);
+            }
+            for n in 1..=count {
+                let event = Event {
+                    id: Some(n.into()),
+                    event: Some("tick".into()),
+                    data: json!({"n": n, "last_event_id": request.params["last_event_id"]}),
+                };
+                if sink.send(event).await.is_err() {
+                    break;
+                }
+            }
+            Response::ok(Value::Null)
+        })
+        .stream("GET", "/failing", |_, sink| async move {
+            let event = Event {
+                data: json!("first"),
+                ..Event::default()
+            };
+            let _ = sink.send(event).await;
+            Response::error(500, "boom")
+        })
+        .stream("GET", "/forever", move |_, sink| {
+            let signal = DropSignal {
+                tx: forever_dropped.clone(),
+                what: "forever",
+            };
+            async move {
+                let _signal = signal;
+                let mut n = 0u64;
+                loop {
+                    n += 1;
+                    let event = Event {
+                        id: Some(json!(format!("e{n}"))),
+                        data: json!({"n": n}),
+                        ..Event::default()
+                    };
+                    if sink.send(event).await.is_err() {
+                        return Response::ok(Value::Null);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+        .stream("GET", "/flood", move |_, sink| {
+            let signal = DropSignal {
+                tx: dropped.clone(),
+                what: "flood",
+            };
+            async move {
+                let _signal = signal;
+                let payload = "x".repeat(8 * 1024);
+                loop {
+                    let event = Event {
+                        data: json!(payload),
+                        ..Event::default()
+                    };
+                    if sink.send(event).await.is_err() {
+                        return Response::ok(Value::Null);
+                    }
+                }
+            }
+        })
+        .stream("GET", "/quiet", |_, sink| async move {
+            let _ = sink.open().await;
+            sink.closed().await;
+            Response::ok(Value::Null)
+        })
+}
+
+struct Setup {
+    _distributor: Distributor,
+    _service: Service,
+    gateway: Gateway,
+    dropped: mpsc::UnboundedReceiver<&'static str>,
+}
+
+async fn setup(adjust: impl FnOnce(&mut gateway::Config)) -> Setup {
+    let distributor = Distributor::start().await;
+    let (tx, dropped) = mpsc::unbounded_channel();
+    let service = Service::start("streams", stream_router(tx), distributor.addr).await;
+    let gateway = Gateway::start(distributor.addr, adjust).await;
+    gateway.wait_for_nodes("GET/ticks", 1).await;
+    Setup {
+        _distributor: distributor,
+        _service: service,
+        gateway,
+        dropped,
+    }
+}
+
+async fn open(gateway: &Gateway, path: &str, last_event_id: Option<&str>) -> SseReader {
+    let mut request = gateway
+        .http
+        .get(gateway.url(path))
+        .header("accept", "text/event-stream")
+        .timeout(Duration::from_secs(3600));
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    SseReader::new(request.send().await.unwrap())
+}
+
+#[tokio::test]
+async fn events_are_relayed_until_the_end_packet() {
+    let setup = setup(|_| {}).await;
+    let mut stream = open(&setup.gateway, "/ticks?count=3", Some("41")).await;
+    let events = stream.rest().await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    for (i, event) in events.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(event.id.as_deref(), Some(n.to_string().as_str()));
+        assert_eq!(event.event.as_deref(), Some("tick"));
+        assert_eq!(event.json(), json!({"n": n, "last_event_id": "41"}));
+    }
+}
+
+#[tokio::test]
+async fn a_stream_route_streams_without_an_accept_header_too() {
+    let setup = setup(|_| {}).await;
+    let response = setup
+        .gateway
+        .http
+        .get(setup.gateway.url("/ticks?count=2"))
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(response).rest().await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].json()["n"], 2);
+}
+
+#[tokio::test]
+async fn a_stream_refused_before_it_opens_is_a_plain_http_error() {
+    let setup = setup(|_| {}).await;
+    let response = setup
+        .gateway
+        .http
+        .get(setup.gateway.url("/ticks?count=many"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"error": "count must be a number"}));
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_ends_with_an_error_event() {
+    let setup = setup(|_| {}).await;
+    let mut stream = open(&setup.gateway, "/failing", None).await;
+    let events = stream.rest().await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].json(), json!("first"));
+    assert_eq!(events[0].event, None);
+    assert_eq!(events[1].event.as_deref(), Some("error"));
+    assert_eq!(events[1].json(), json!({"error": "boom", "status": 500}));
+}
+
+#[tokio::test]
+async fn a_client_going_away_cancels_the_stream_at_the_node() {
+    let mut setup = setup(|_| {}).await;
+    let mut stream = open(&setup.gateway, "/forever", None).await;
+    let first = stream.expect_event().await;
+    assert_eq!(
+        first.id.as_deref(),
+        Some("e1"),
+        "string ids are sent as they are"
+    );
+    let second = stream.expect_event().await;
+    assert_eq!(second.json(), json!({"n": 2}));
+    assert_eq!(setup.gateway.metric("gateway_open_streams").await, 1.0);
+
+    drop(stream);
+    let dropped = timeout(PROMPTLY, setup.dropped.recv())
+        .await
+        .expect("the node's stream handler is dropped once the client leaves");
+    assert_eq!(dropped, Some("forever"));
+    timeout(PROMPTLY, async {
+        while setup.gateway.metric("gateway_open_streams").await != 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway forgets the stream");
+}
+
+#[tokio::test]
+async fn a_client_too_slow_for_its_stream_is_told_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut setup = setup(|_| {}).await;
+    // A client with a small receive buffer that does not read: events pile up at the gateway
+    // (a fixed buffer rather than an autotuned one keeps the pile small and the test quick).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let mut client = socket.connect(setup.gateway.addr).await.unwrap();
+    client
+        .write_all(b"GET /flood HTTP/1.1\r\nhost: gateway\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    // The gateway gives up on this client and cancels the stream at the node.
+    let dropped = timeout(PROMPTLY, setup.dropped.recv())
+        .await
+        .expect("the flood is cancelled");
+    assert_eq!(dropped, Some("flood"));
+
+    // Reading now drains what was queued, then the final error event and the end of the body.
+    let mut received = Vec::new();
+    timeout(PROMPTLY, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while !received.ends_with(b"\r\n0\r\n\r\n") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the response was cut short");
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the response ends");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{}", &text[..200]);
+    let error_event = text.find("event: error\n").expect("a final error event");
+    assert!(
+        text[error_event..].contains(r#""status":503"#)
+            && text[error_event..].contains("too slowly"),
+        "{}",
+        &text[error_event..]
+    );
+    assert_eq!(text.matches("event: error").count(), 1);
+}
+
+#[tokio::test]
+async fn idle_streams_get_keep_alive_comments() {
+    let setup = setup(|config| config.keep_alive = Duration::from_millis(50)).await;
+    let mut stream = open(&setup.gateway, "/quiet", None).await;
+    let waited = timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(waited.is_err(), "a quiet stream sends no event");
+    assert!(stream.comments > 0, "but comment lines keep it alive");
+}
