@@ -1,0 +1,25 @@
+//! What `run` needs to know, as a plain struct: main.rs fills it from flags and environment
+//! variables, tests fill it directly.
+
+pub use crate::store::StoreConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the data lives.
+    pub store: StoreConfig,
+    /// The distributor to register the REST routes with; `None` serves without registering.
+    pub distributor: Option<String>,
+    /// The host other nodes should connect to, when the socket's address is not it.
+    pub advertise_host: Option<String>,
+}
+
+impl Config {
+    /// An unregistered service over `store` (tests, the load tool).
+    pub fn standalone(store: StoreConfig) -> Config {
+        Config {
+            store,
+            distributor: None,
+            advertise_host: None,
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! kv-service: a key-value store with a version number per key, reachable through two doors
+//! that call one core, so a value put through one is read through the other:
+//! - REST routes (`GET/PUT/POST/DELETE /kv`) served as packets on shared's service runtime and
+//!   registered with the distributor as `kv`, for callers going through the gateway;
+//! - a raw TCP text protocol (`get<k>`, `put<k,v>`, `del<k>`) for clients such as `nc`.
+//!
+//! Layout:
+//! - [`config`]: the settings [`run`] takes.
+//! - [`core`]: get, put (plain, `if_version`, create-if-absent), delete and list, with the key
+//!   and value limits both doors share.
+//! - [`store`]: the store trait and its backends: memory, SQLite and PostgreSQL (sqlx, with
+//!   migrations applied at start).
+//! - [`rest`]: the REST handlers.
+//! - [`text_protocol`]: the text protocol's grammar as pure incremental codecs.
+//! - [`text_server`]: the TCP server for the text protocol.
+//!
+//! The load tool (`kv-bench`, src/bin) drives the text protocol; docs/BENCHMARKS.md has its
+//! figures.
+
+pub mod config;
+pub mod core;
+pub mod rest;
+pub mod store;
+pub mod text_protocol;
+pub mod text_server;
+
+use shared::service::ServiceConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::Config;
+use crate::{
+    core::Kv,
+    store::{Store, StoreConfig, StoreError},
+};
+
+/// The name the service registers under.
+pub const SERVICE_NAME: &str = "kv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the store {store:?}: {source}")]
+    Store {
+        store: StoreConfig,
+        source: StoreError,
+    },
+    #[error("serving failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store, then serves the REST routes on `rest_listener` and the text protocol on
+/// `text_listener` until `shutdown` is cancelled. Returns once both have stopped and pending
+/// writes are on disk.
+pub async fn run(
+    config: Config,
+    rest_listener: TcpListener,
+    text_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    tracing::info!(store = ?config.store, "opening the store");
+    let store = Store::open(&config.store)
+        .await
+        .map_err(|source| RunError::Store {
+            store: config.store.clone(),
+            source,
+        })?;
+    let kv = Kv::new(store);
+    let service = ServiceConfig {
+        name: SERVICE_NAME.to_owned(),
+        distributor: config.distributor,
+        advertise_host: config.advertise_host,
+    };
+    let rest = shared::service::serve(
+        rest_listener,
+        rest::router(kv.clone()),
+        service,
+        shutdown.clone(),
+    );
+    let text = text_server::serve(text_listener, kv.clone(), shutdown);
+    let (served, ()) = tokio::join!(rest, text);
+    kv.close().await;
+    served?;
+    Ok(())
+}

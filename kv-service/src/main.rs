@@ -1,0 +1,66 @@
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use kv_service::config::{Config, StoreConfig};
+use tokio_util::sync::CancellationToken;
+
+/// A versioned key-value store served as REST routes (through the gateway) and as a raw TCP
+/// text protocol.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to accept packet connections (the REST routes) on.
+    #[arg(long, env = "KV_LISTEN", default_value = "0.0.0.0:9010")]
+    listen: String,
+    /// Address to accept text protocol connections on.
+    #[arg(long, env = "KV_TEXT_LISTEN", default_value = "0.0.0.0:8395")]
+    text_listen: String,
+    /// The distributor to register with; an empty value serves without registering.
+    #[arg(long, env = "KV_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
+    distributor: String,
+    /// Where the data lives: `mem`, `sqlite:PATH`, `postgres://USER@HOST/DB`, or `rdb`
+    /// (= sqlite:kv.db).
+    #[arg(long, env = "KV_STORE", default_value = "sqlite:kv.db")]
+    store: StoreConfig,
+    /// The host other nodes should connect to, when it differs from the socket's address.
+    #[arg(long, env = "KV_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    shared::telemetry::init_tracing();
+    let rest_listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let text_listener = tokio::net::TcpListener::bind(&args.text_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.text_listen))?;
+    let config = Config {
+        store: args.store,
+        distributor: Some(args.distributor).filter(|d| !d.is_empty()),
+        advertise_host: args.advertise_host,
+    };
+    let shutdown = CancellationToken::new();
+    let mut server = tokio::spawn(kv_service::run(
+        config,
+        rest_listener,
+        text_listener,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = shared::shutdown::shutdown_signal() => {}
+        // A failure at start (store unreachable) ends the process without waiting for a signal.
+        finished = &mut server => {
+            finished.context("the server task panicked")??;
+            return Ok(());
+        }
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .context("shutdown took too long")???;
+    Ok(())
+}

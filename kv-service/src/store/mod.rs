@@ -1,0 +1,340 @@
+//! Where the data lives: the [`KvStore`] trait and its three backends.
+//!
+//! The trait is the whole contract the core relies on, and every backend keeps it the same way
+//! (tests/store_contract.rs runs one suite against all three):
+//! - each key carries a version: 1 when it is created, plus one on every replace. A put is one
+//!   atomic step (a locked map, or a single `INSERT ... ON CONFLICT ... RETURNING` statement), so
+//!   concurrent puts on one key never lose an increment;
+//! - conditional puts ([`Condition`]) check and write in that same step;
+//! - keys are listed in byte order, which for UTF-8 is code point order;
+//! - with SQLite and PostgreSQL, a put has been committed to disk when it returns.
+//!
+//! [`Store`] picks a backend at run time from the `--store` flag, as an enum rather than a boxed
+//! trait object, so the in-memory hot path costs no allocation or indirect call.
+
+mod memory;
+mod postgres;
+mod sqlite;
+
+use std::{fmt, future::Future, path::PathBuf, str::FromStr};
+
+pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A stored value and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: String,
+    pub version: i64,
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Item {
+    pub key: String,
+    pub value: String,
+    pub version: i64,
+}
+
+/// When a put may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Insert or replace.
+    Always,
+    /// Replace only if the key exists with this version.
+    IfVersion(i64),
+    /// Insert only if the key does not exist.
+    IfAbsent,
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The value was written and has this version now.
+    Written { version: i64 },
+    /// The condition did not hold; `current` is the key's version (`None`: absent).
+    Conflict { current: Option<i64> },
+}
+
+/// One write of a batch (see [`KvStore::write_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put {
+        key: String,
+        value: String,
+        condition: Condition,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// What one write of a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Put(PutOutcome),
+    /// Whether the key existed.
+    Delete(bool),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is not valid UTF-8")]
+    Corrupt,
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// The operations the core needs from a backend. See the module docs for the guarantees.
+pub trait KvStore: Send + Sync {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Versioned>, StoreError>> + Send;
+
+    fn put(
+        &self,
+        key: &str,
+        value: String,
+        condition: Condition,
+    ) -> impl Future<Output = Result<PutOutcome, StoreError>> + Send;
+
+    /// Removes the key; false when it was absent.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Up to `limit` entries whose key starts with `prefix` and sorts after `after`, in key order.
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Item>, StoreError>> + Send;
+
+    /// Applies writes as if one after the other, in order, with one result each. A store that
+    /// queues its writes (SQLite) takes them all at once, so they share a commit.
+    fn write_batch(
+        &self,
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Vec<Result<WriteOutcome, StoreError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(writes.len());
+            for write in writes {
+                results.push(match write {
+                    Write::Put {
+                        key,
+                        value,
+                        condition,
+                    } => self
+                        .put(&key, value, condition)
+                        .await
+                        .map(WriteOutcome::Put),
+                    Write::Delete { key } => self.delete(&key).await.map(WriteOutcome::Delete),
+                });
+            }
+            results
+        }
+    }
+}
+
+/// The `--store` flag: `mem`, `sqlite:PATH`, a `postgres://` URL, or the original design's
+/// words `mem` and `rdb` (`rdb` = `sqlite:kv.db`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Memory,
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl FromStr for StoreConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        match spec {
+            "mem" | "memory" => return Ok(StoreConfig::Memory),
+            "rdb" => return Ok(StoreConfig::Sqlite(PathBuf::from("kv.db"))),
+            _ => {}
+        }
+        if let Some(path) = spec.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("the sqlite store needs a path, e.g. sqlite:kv.db".into());
+            }
+            Ok(StoreConfig::Sqlite(PathBuf::from(path)))
+        } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            Ok(StoreConfig::Postgres(spec.to_owned()))
+        } else {
+            Err(format!(
+                "unknown store {spec:?}: expected mem, rdb, sqlite:PATH or postgres://..."
+            ))
+        }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    // A PostgreSQL URL may hold a password; logs show only the kind of store.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::Memory => f.write_str("mem"),
+            StoreConfig::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            StoreConfig::Postgres(_) => f.write_str("postgres://..."),
+        }
+    }
+}
+
+/// The backend chosen by `--store`.
+pub enum Store {
+    Memory(MemoryStore),
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Store {
+    /// Opens (or creates) the store and applies its migrations.
+    pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        Ok(match config {
+            StoreConfig::Memory => Store::Memory(MemoryStore::new()),
+            StoreConfig::Sqlite(path) => Store::Sqlite(SqliteStore::open(path).await?),
+            StoreConfig::Postgres(url) => Store::Postgres(PostgresStore::open(url).await?),
+        })
+    }
+
+    /// Whether [`KvStore::write_batch`] is worth calling: the store queues writes, so a batch
+    /// shares one commit instead of waiting for one commit per write.
+    pub fn queues_writes(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    /// Finishes pending writes and closes database connections.
+    pub async fn close(&self) {
+        match self {
+            Store::Memory(_) => {}
+            Store::Sqlite(store) => store.close().await,
+            Store::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+impl KvStore for Store {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        match self {
+            Store::Memory(store) => store.get(key).await,
+            Store::Sqlite(store) => store.get(key).await,
+            Store::Postgres(store) => store.get(key).await,
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: String,
+        condition: Condition,
+    ) -> Result<PutOutcome, StoreError> {
+        match self {
+            Store::Memory(store) => store.put(key, value, condition).await,
+            Store::Sqlite(store) => store.put(key, value, condition).await,
+            Store::Postgres(store) => store.put(key, value, condition).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(store) => store.delete(key).await,
+            Store::Sqlite(store) => store.delete(key).await,
+            Store::Postgres(store) => store.delete(key).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Item>, StoreError> {
+        match self {
+            Store::Memory(store) => store.list(prefix, after, limit).await,
+            Store::Sqlite(store) => store.list(prefix, after, limit).await,
+            Store::Postgres(store) => store.list(prefix, after, limit).await,
+        }
+    }
+
+    async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
+        match self {
+            Store::Memory(store) => store.write_batch(writes).await,
+            Store::Sqlite(store) => store.write_batch(writes).await,
+            Store::Postgres(store) => store.write_batch(writes).await,
+        }
+    }
+}
+
+/// The smallest byte string greater than every string starting with `prefix`, or `None` when
+/// there is none (empty prefix, or only 0xFF bytes, which UTF-8 never contains). SQL stores scan
+/// the key range `[prefix, upper)`, which is exactly the keys with that prefix.
+fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < u8::MAX {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+/// Turns a stored byte column back into a string.
+fn utf8(bytes: Vec<u8>) -> Result<String, StoreError> {
+    String::from_utf8(bytes).map_err(|_| StoreError::Corrupt)
+}
+
+/// The lowest key a listing may return: past `after`, and at or past the prefix.
+fn lower_bound<'a>(prefix: &'a str, after: Option<&'a str>) -> (&'a [u8], bool) {
+    match after {
+        // Strictly after `after`, which also covers the prefix when `after` sorts above it.
+        Some(after) if after >= prefix => (after.as_bytes(), false),
+        _ => (prefix.as_bytes(), true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_bound_of_a_prefix() {
+        assert_eq!(prefix_upper_bound(b""), None);
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+    }
+
+    #[test]
+    fn store_flag_values() {
+        assert!(matches!("mem".parse(), Ok(StoreConfig::Memory)));
+        assert_eq!(
+            "rdb".parse::<StoreConfig>().unwrap(),
+            StoreConfig::Sqlite("kv.db".into())
+        );
+        assert_eq!(
+            "sqlite:/tmp/x.db".parse::<StoreConfig>().unwrap(),
+            StoreConfig::Sqlite("/tmp/x.db".into())
+        );
+        assert_eq!(
+            "sqlite:///tmp/x.db".parse::<StoreConfig>().unwrap(),
+            StoreConfig::Sqlite("/tmp/x.db".into())
+        );
+        assert!(matches!(
+            "postgres://u@h/db".parse(),
+            Ok(StoreConfig::Postgres(url)) if url == "postgres://u@h/db"
+        ));
+        assert!("sqlite:".parse::<StoreConfig>().is_err());
+        assert!("redis://x".parse::<StoreConfig>().is_err());
+        assert_eq!(
+            format!(
+                "{:?}",
+                "postgres://u:secret@h/db".parse::<StoreConfig>().unwrap()
+            ),
+            "postgres://..."
+        );
+    }
+}

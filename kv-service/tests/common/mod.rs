@@ -1,0 +1,193 @@
+//! Helpers shared by the integration tests: store fixtures for the three backends, an
+//! in-process service on port 0, and small clients for both doors.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use kv_service::{
+    config::{Config, StoreConfig},
+    text_protocol::{OwnedReply, ReplyCodec},
+};
+use serde_json::Value;
+use shared::{testing::TestPostgres, Dialect, Packet, PacketClient};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{codec::Framed, sync::CancellationToken};
+
+/// Bound on every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// A store configuration plus whatever keeps its data alive (a temp dir, a PostgreSQL server).
+pub struct StoreFixture {
+    pub config: StoreConfig,
+    _dir: Option<tempfile::TempDir>,
+    pub postgres: Option<TestPostgres>,
+}
+
+impl StoreFixture {
+    /// `None` only when PostgreSQL cannot be started outside CI (TestPostgres says why).
+    pub async fn new(backend: Backend) -> Option<StoreFixture> {
+        Some(match backend {
+            Backend::Memory => StoreFixture {
+                config: StoreConfig::Memory,
+                _dir: None,
+                postgres: None,
+            },
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                StoreFixture {
+                    config: StoreConfig::Sqlite(dir.path().join("kv.db")),
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            Backend::Postgres => {
+                let postgres =
+                    tokio::time::timeout(Duration::from_secs(180), TestPostgres::start())
+                        .await
+                        .expect("PostgreSQL did not start in time")?;
+                let url = postgres.create_database("kv").await;
+                StoreFixture {
+                    config: StoreConfig::Postgres(url),
+                    _dir: None,
+                    postgres: Some(postgres),
+                }
+            }
+        })
+    }
+}
+
+/// A kv-service running in this process on two port-0 listeners.
+pub struct Service {
+    pub rest_addr: SocketAddr,
+    pub text_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), kv_service::RunError>>>,
+}
+
+impl Service {
+    pub async fn start(store: StoreConfig) -> Service {
+        Self::start_with(Config::standalone(store)).await
+    }
+
+    pub async fn start_with(config: Config) -> Service {
+        let rest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let text = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rest_addr = rest.local_addr().unwrap();
+        let text_addr = text.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kv_service::run(config, rest, text, shutdown.clone()));
+        Service {
+            rest_addr,
+            text_addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Shuts the service down and waits (bounded) until `run` has returned.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("run did not return after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub async fn text(&self) -> TextClient {
+        TextClient::connect(self.text_addr).await
+    }
+
+    pub async fn rest(&self) -> PacketClient {
+        let client = PacketClient::connect(self.rest_addr.to_string(), Dialect::Packet);
+        tokio::time::timeout(WAIT, client.connected())
+            .await
+            .expect("the REST door did not accept a connection");
+        client
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A text protocol client: writes raw bytes, reads decoded answers.
+pub struct TextClient {
+    framed: Framed<tokio::net::TcpStream, ReplyCodec>,
+}
+
+impl TextClient {
+    pub async fn connect(addr: SocketAddr) -> TextClient {
+        let stream = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        TextClient {
+            framed: Framed::new(stream, ReplyCodec::new()),
+        }
+    }
+
+    /// The socket itself, for tests that read raw bytes or half-close. Only safe while the
+    /// framed reader has nothing buffered.
+    pub fn stream_mut(&mut self) -> &mut tokio::net::TcpStream {
+        self.framed.get_mut()
+    }
+
+    pub async fn send(&mut self, raw: impl AsRef<[u8]>) {
+        use tokio::io::AsyncWriteExt;
+        let stream = self.framed.get_mut();
+        tokio::time::timeout(WAIT, stream.write_all(raw.as_ref()))
+            .await
+            .expect("write timed out")
+            .expect("write failed");
+    }
+
+    pub async fn reply(&mut self) -> OwnedReply {
+        self.try_reply().await.expect("the connection closed")
+    }
+
+    /// The next answer, or `None` once the server closed the connection.
+    pub async fn try_reply(&mut self) -> Option<OwnedReply> {
+        tokio::time::timeout(WAIT, self.framed.next())
+            .await
+            .expect("no answer in time")
+            .map(|reply| reply.expect("a well-formed answer"))
+    }
+
+    pub async fn call(&mut self, raw: impl AsRef<[u8]>) -> OwnedReply {
+        self.send(raw).await;
+        self.reply().await
+    }
+
+    pub async fn request(&mut self, request: &kv_service::text_protocol::Request) -> OwnedReply {
+        tokio::time::timeout(WAIT, self.framed.send(request))
+            .await
+            .expect("write timed out")
+            .expect("write failed");
+        self.reply().await
+    }
+}
+
+/// Sends one REST-style request packet and returns (status, params, error).
+pub async fn call(
+    client: &PacketClient,
+    method: &str,
+    params: Value,
+) -> anyhow::Result<(u16, Value, Option<String>)> {
+    let answer = tokio::time::timeout(WAIT, client.request(Packet::request(method, "/kv", params)))
+        .await
+        .context("no answer in time")??;
+    Ok((answer.status(), answer.params, answer.error))
+}

@@ -1,0 +1,268 @@
+//! Durability with the real binary: every answered put survives `kill -9` of the process, with
+//! SQLite and with PostgreSQL. Also the binary's flags and its refusal of bad ones.
+
+mod common;
+
+use std::{net::SocketAddr, process::Stdio};
+
+use common::{call, Backend, StoreFixture, TextClient, WAIT};
+use kv_service::{config::StoreConfig, text_protocol::OwnedReply};
+use serde_json::json;
+use shared::{Dialect, PacketClient};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+
+/// The kv-service binary, running; killed on drop.
+struct Process {
+    child: Child,
+    rest_addr: SocketAddr,
+    text_addr: SocketAddr,
+}
+
+fn store_flag(config: &StoreConfig) -> String {
+    match config {
+        StoreConfig::Memory => "mem".into(),
+        StoreConfig::Sqlite(path) => format!("sqlite:{}", path.display()),
+        StoreConfig::Postgres(url) => url.clone(),
+    }
+}
+
+/// The value of `addr=` on a log line, without colour codes.
+fn addr_in(line: &str) -> Option<SocketAddr> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let start = plain.find("addr=")? + "addr=".len();
+    plain[start..].split_whitespace().next()?.parse().ok()
+}
+
+impl Process {
+    async fn start(store: &StoreConfig) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kv-service"))
+            .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
+            .args(["--distributor", ""])
+            .args(["--store", &store_flag(store)])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (found, addrs) = oneshot::channel();
+        // Reads the log until both doors are up, then keeps draining it so the child never
+        // blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let (mut rest, mut text) = (None, None);
+            let mut found = Some(found);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("serving the text protocol") {
+                    text = addr_in(&line);
+                } else if line.contains("serving") && line.contains("name=kv") {
+                    rest = addr_in(&line);
+                }
+                if let (Some(rest), Some(text)) = (rest, text) {
+                    if let Some(found) = found.take() {
+                        let _ = found.send((rest, text));
+                    }
+                }
+            }
+        });
+        let (rest_addr, text_addr) = tokio::time::timeout(WAIT, addrs)
+            .await
+            .expect("the service logged its addresses in time")
+            .expect("the service exited before serving");
+        Process {
+            child,
+            rest_addr,
+            text_addr,
+        }
+    }
+
+    /// `kill -9`, and wait until the process is gone.
+    async fn kill_9(mut self) {
+        self.child.start_kill().unwrap();
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+    }
+}
+
+async fn answered_puts_survive_kill_9(backend: Backend) {
+    let Some(fixture) = StoreFixture::new(backend).await else {
+        return;
+    };
+    let first = Process::start(&fixture.config).await;
+
+    // Pipelined puts on several connections; every answered one must survive.
+    let mut tasks = Vec::new();
+    for connection in 0..4 {
+        let addr = first.text_addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = TextClient::connect(addr).await;
+            let mut batch = String::new();
+            for i in 0..100 {
+                batch.push_str(&format!("put<c{connection}/{i},value {i}>"));
+            }
+            client.send(batch).await;
+            for i in 0..100 {
+                assert_eq!(
+                    client.reply().await,
+                    OwnedReply::Ok(format!("c{connection}/{i}"))
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    }
+    let rest = PacketClient::connect(first.rest_addr.to_string(), Dialect::Packet);
+    tokio::time::timeout(WAIT, rest.connected()).await.unwrap();
+    for version in 1..=3 {
+        let (status, body, _) = call(
+            &rest,
+            "PUT",
+            json!({"params": "versioned", "value": format!("v{version}")}),
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, body["version"].as_i64()), (200, Some(version)));
+    }
+    // The last answered put goes out right before the kill.
+    let mut client = TextClient::connect(first.text_addr).await;
+    assert_eq!(
+        client.call("put<last,word>").await,
+        OwnedReply::Ok("last".into())
+    );
+    first.kill_9().await;
+    drop(rest);
+
+    let second = Process::start(&fixture.config).await;
+    let mut client = TextClient::connect(second.text_addr).await;
+    for connection in 0..4 {
+        let mut batch = String::new();
+        for i in 0..100 {
+            batch.push_str(&format!("get<c{connection}/{i}>"));
+        }
+        client.send(batch).await;
+        for i in 0..100 {
+            assert_eq!(
+                client.reply().await,
+                OwnedReply::Value(format!("value {i}"))
+            );
+        }
+    }
+    assert_eq!(
+        client.call("get<last>").await,
+        OwnedReply::Value("word".into())
+    );
+    let rest = PacketClient::connect(second.rest_addr.to_string(), Dialect::Packet);
+    tokio::time::timeout(WAIT, rest.connected()).await.unwrap();
+    let (status, body, _) = call(&rest, "GET", json!({"params": "versioned"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({"key": "versioned", "value": "v3", "version": 3})
+    );
+    second.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_answered_puts_survive_kill_9() {
+    answered_puts_survive_kill_9(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_answered_puts_survive_kill_9() {
+    answered_puts_survive_kill_9(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_bad_store_flag_exits_with_one_clear_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kv-service"))
+        .args([
+            "--store",
+            "redis://nope",
+            "--listen",
+            "127.0.0.1:0",
+            "--text-listen",
+            "127.0.0.1:0",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output).await.unwrap().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unknown store \"redis://nope\""),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn flags_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    // An unwritable SQLite path makes start-up fail, which shows the variable was read.
+    let output = Command::new(env!("CARGO_BIN_EXE_kv-service"))
+        .env(
+            "KV_STORE",
+            format!("sqlite:{}/missing-dir/kv.db", dir.path().display()),
+        )
+        .env("KV_LISTEN", "127.0.0.1:0")
+        .env("KV_TEXT_LISTEN", "127.0.0.1:0")
+        .env("KV_DISTRIBUTOR", "")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output).await.unwrap().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+    assert!(stderr.contains("missing-dir"), "{stderr}");
+}
+
+#[tokio::test]
+async fn help_lists_every_flag() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kv-service"))
+        .arg("--help")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output).await.unwrap().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--text-listen",
+        "--distributor",
+        "--store",
+        "--advertise-host",
+        "[env: KV_LISTEN=]",
+        "[env: KV_STORE=]",
+        "[default: 0.0.0.0:9010]",
+        "[default: 0.0.0.0:8395]",
+        "[default: 127.0.0.1:9000]",
+        "[default: sqlite:kv.db]",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}

@@ -1,0 +1,373 @@
+//! The REST door, spoken to as the gateway does: packets over TCP to the real service, with
+//! params built the gateway's way (query fields as strings, body fields, `params` for the rest
+//! of the path, `body` for a plain text body).
+
+mod common;
+
+use common::{call, Backend, Service, StoreFixture, WAIT};
+use kv_service::{config::StoreConfig, text_protocol::OwnedReply};
+use serde_json::{json, Value};
+use shared::PacketClient;
+
+async fn service() -> (Service, PacketClient) {
+    let service = Service::start(StoreConfig::Memory).await;
+    let client = service.rest().await;
+    (service, client)
+}
+
+async fn ok(client: &PacketClient, method: &str, params: Value) -> Value {
+    let (status, body, error) = call(client, method, params.clone()).await.unwrap();
+    assert!(
+        status == 200 || status == 201,
+        "{method} {params} answered {status} {error:?}"
+    );
+    body
+}
+
+async fn failed(client: &PacketClient, method: &str, params: Value) -> (u16, String) {
+    let (status, body, error) = call(client, method, params.clone()).await.unwrap();
+    assert_eq!(body, Value::Null, "an error carries no params");
+    (
+        status,
+        error.unwrap_or_else(|| panic!("{method} {params}: no error message")),
+    )
+}
+
+#[tokio::test]
+async fn put_then_get_with_versions() {
+    let (_service, client) = service().await;
+    assert_eq!(
+        ok(&client, "PUT", json!({"params": "a", "value": "1"})).await,
+        json!({"key": "a", "value": "1", "version": 1})
+    );
+    assert_eq!(
+        ok(&client, "PUT", json!({"params": "a", "value": "2"})).await,
+        json!({"key": "a", "value": "2", "version": 2})
+    );
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "a"})).await,
+        json!({"key": "a", "value": "2", "version": 2})
+    );
+}
+
+#[tokio::test]
+async fn put_with_a_plain_text_body() {
+    let (_service, client) = service().await;
+    assert_eq!(
+        ok(
+            &client,
+            "PUT",
+            json!({"params": "t", "body": "hello\nworld"})
+        )
+        .await,
+        json!({"key": "t", "value": "hello\nworld", "version": 1})
+    );
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "t"})).await["value"],
+        "hello\nworld"
+    );
+}
+
+#[tokio::test]
+async fn put_with_if_version() {
+    let (_service, client) = service().await;
+    let (status, error) = failed(
+        &client,
+        "PUT",
+        json!({"params": "a", "value": "x", "if_version": 1}),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        error,
+        "version mismatch for a: expected 1, the key does not exist"
+    );
+
+    ok(&client, "PUT", json!({"params": "a", "value": "1"})).await;
+    assert_eq!(
+        ok(
+            &client,
+            "PUT",
+            json!({"params": "a", "value": "2", "if_version": 1})
+        )
+        .await,
+        json!({"key": "a", "value": "2", "version": 2})
+    );
+    let (status, error) = failed(
+        &client,
+        "PUT",
+        json!({"params": "a", "value": "3", "if_version": 1}),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        error,
+        "version mismatch for a: expected 1, current version is 2"
+    );
+    // From a query string the version is a string.
+    assert_eq!(
+        ok(
+            &client,
+            "PUT",
+            json!({"params": "a", "value": "3", "if_version": "2"})
+        )
+        .await["version"],
+        3
+    );
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "a"})).await["value"],
+        "3"
+    );
+}
+
+#[tokio::test]
+async fn post_creates_or_conflicts() {
+    let (_service, client) = service().await;
+    let (status, body, _) = call(&client, "POST", json!({"key": "n", "value": "first"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(body, json!({"key": "n", "value": "first", "version": 1}));
+    let (status, error) = failed(&client, "POST", json!({"key": "n", "value": "second"})).await;
+    assert_eq!(status, 409);
+    assert_eq!(error, "key already exists: n");
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "n"})).await["value"],
+        "first"
+    );
+}
+
+#[tokio::test]
+async fn get_and_delete_of_missing_keys_are_404() {
+    let (_service, client) = service().await;
+    assert_eq!(
+        failed(&client, "GET", json!({"params": "nope"})).await,
+        (404, "no such key: nope".to_owned())
+    );
+    assert_eq!(
+        failed(&client, "DELETE", json!({"params": "nope"})).await,
+        (404, "no such key: nope".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn delete_removes() {
+    let (_service, client) = service().await;
+    ok(&client, "PUT", json!({"params": "d", "value": "1"})).await;
+    assert_eq!(
+        ok(&client, "DELETE", json!({"params": "d"})).await,
+        json!({"key": "d", "deleted": true})
+    );
+    assert_eq!(failed(&client, "GET", json!({"params": "d"})).await.0, 404);
+}
+
+#[tokio::test]
+async fn list_pages_through_keys_in_order() {
+    let (_service, client) = service().await;
+    for key in ["user/3", "user/1", "user/2", "other", "user/10"] {
+        ok(&client, "PUT", json!({"params": key, "value": key})).await;
+    }
+    let page = ok(&client, "GET", json!({"prefix": "user/", "limit": "2"})).await;
+    assert_eq!(
+        page,
+        json!({"items": [
+            {"key": "user/1", "value": "user/1", "version": 1},
+            {"key": "user/10", "value": "user/10", "version": 1},
+        ], "next": "user/10"})
+    );
+    let page = ok(
+        &client,
+        "GET",
+        json!({"prefix": "user/", "limit": "2", "after": "user/10"}),
+    )
+    .await;
+    let keys: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["user/2", "user/3"]);
+    assert_eq!(page["next"], Value::Null);
+
+    // No params at all: everything, default limit.
+    let page = ok(&client, "GET", Value::Null).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 5);
+    assert_eq!(page["next"], Value::Null);
+}
+
+#[tokio::test]
+async fn list_default_limit_is_100_and_max_1000() {
+    let (_service, client) = service().await;
+    for i in 0..150 {
+        ok(
+            &client,
+            "PUT",
+            json!({"params": format!("k{i:03}"), "value": "v"}),
+        )
+        .await;
+    }
+    let page = ok(&client, "GET", json!({})).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 100);
+    assert_eq!(page["next"], "k099");
+    let page = ok(&client, "GET", json!({"limit": 1000})).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 150);
+    for bad in [json!(0), json!(1001), json!("-1"), json!("ten"), json!(1.5)] {
+        let (status, error) = failed(&client, "GET", json!({"limit": bad})).await;
+        assert_eq!(status, 400, "limit {bad}");
+        assert!(error.contains("limit"), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_with_a_clear_message() {
+    let (_service, client) = service().await;
+    let long_key = "k".repeat(1025);
+    let cases = [
+        ("PUT", json!({"params": "a"}), "missing value"),
+        ("PUT", json!({"value": "v"}), "missing key"),
+        (
+            "PUT",
+            json!({"params": "a", "value": 5}),
+            "value must be a string",
+        ),
+        (
+            "PUT",
+            json!({"params": "a", "value": "v", "if_version": "x"}),
+            "if_version must be a whole number",
+        ),
+        (
+            "PUT",
+            json!({"params": long_key, "value": "v"}),
+            "key must be 1 to 1024 bytes",
+        ),
+        (
+            "PUT",
+            json!({"params": "a", "value": "v".repeat(1024 * 1024 + 1)}),
+            "value must be at most 1048576 bytes",
+        ),
+        ("POST", json!({"value": "v"}), "missing key"),
+        (
+            "POST",
+            json!({"key": "", "value": "v"}),
+            "key must be 1 to 1024 bytes",
+        ),
+        (
+            "POST",
+            json!({"key": 7, "value": "v"}),
+            "key must be a string",
+        ),
+        ("DELETE", json!({}), "missing key"),
+        (
+            "GET",
+            json!({"params": long_key}),
+            "key must be 1 to 1024 bytes",
+        ),
+        ("GET", json!({"prefix": 3}), "prefix must be a string"),
+        ("GET", json!([1, 2]), "params must be a JSON object"),
+    ];
+    for (method, params, message) in cases {
+        let (status, error) = failed(&client, method, params.clone()).await;
+        assert_eq!(status, 400, "{method} {params}");
+        assert!(
+            error.contains(message),
+            "{method}: {error:?} should say {message:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_and_values_may_hold_any_utf8() {
+    let (_service, client) = service().await;
+    for (key, value) in [
+        ("¶<>,\"'", "¶ va<l>ue, \"quoted\"\n"),
+        ("a/b/c", "🦀"),
+        ("sp ace", ""),
+    ] {
+        ok(&client, "PUT", json!({"params": key, "value": value})).await;
+        assert_eq!(
+            ok(&client, "GET", json!({"params": key})).await,
+            json!({"key": key, "value": value, "version": 1})
+        );
+    }
+}
+
+#[tokio::test]
+async fn both_doors_share_one_core() {
+    let (service, client) = service().await;
+    let mut text = service.text().await;
+
+    ok(
+        &client,
+        "PUT",
+        json!({"params": "shared,key", "value": "from <rest>"}),
+    )
+    .await;
+    assert_eq!(
+        text.call("get<shared\\,key>").await,
+        OwnedReply::Value("from <rest>".into())
+    );
+
+    assert_eq!(
+        text.call("put<t,from text>").await,
+        OwnedReply::Ok("t".into())
+    );
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "t"})).await,
+        json!({"key": "t", "value": "from text", "version": 1})
+    );
+    // Versions count writes through either door.
+    assert_eq!(
+        ok(&client, "PUT", json!({"params": "t", "value": "2"})).await["version"],
+        2
+    );
+    assert_eq!(text.call("put<t,3>").await, OwnedReply::Ok("t".into()));
+    assert_eq!(
+        ok(&client, "GET", json!({"params": "t"})).await["version"],
+        3
+    );
+
+    assert_eq!(text.call("del<t>").await, OwnedReply::Ok("t".into()));
+    assert_eq!(failed(&client, "GET", json!({"params": "t"})).await.0, 404);
+}
+
+#[tokio::test]
+async fn routes_register_as_the_issue_names_them() {
+    let store = kv_service::store::Store::Memory(kv_service::store::MemoryStore::new());
+    let router = kv_service::rest::router(kv_service::core::Kv::new(store));
+    assert_eq!(router.urls(), ["DELETE/kv", "GET/kv", "POST/kv", "PUT/kv"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rest_puts_on_each_store_never_lose_a_version() {
+    for backend in [Backend::Memory, Backend::Sqlite, Backend::Postgres] {
+        let Some(fixture) = StoreFixture::new(backend).await else {
+            continue;
+        };
+        let service = Service::start(fixture.config.clone()).await;
+        let client = service.rest().await;
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let (status, body, _) = call(
+                    &client,
+                    "PUT",
+                    json!({"params": "hot", "value": i.to_string()}),
+                )
+                .await
+                .unwrap();
+                assert_eq!(status, 200);
+                body["version"].as_i64().unwrap()
+            }));
+        }
+        let mut versions = Vec::new();
+        for task in tasks {
+            versions.push(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
+        }
+        versions.sort();
+        assert_eq!(versions, (1..=100).collect::<Vec<i64>>(), "{backend:?}");
+        drop(client);
+        service.stop().await;
+    }
+}
