@@ -1,0 +1,75 @@
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use notice_service::store::{Retention, StoreSpec};
+use tokio_util::sync::CancellationToken;
+
+/// Real-time notices pushed to subscribers: topics, whispers, schedules, presence and replay.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to accept packet connections on.
+    #[arg(long, env = "NOTICE_LISTEN", default_value = "0.0.0.0:9020")]
+    listen: String,
+    /// The distributor to register with; an empty value serves without registering.
+    #[arg(long, env = "NOTICE_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
+    distributor: String,
+    /// Where notices live: `mem`, `sqlite:PATH` or `postgres://USER@HOST/DB`.
+    #[arg(long, env = "NOTICE_STORE", default_value = "sqlite:notices.db")]
+    store: StoreSpec,
+    /// The host other nodes should connect to, when it differs from the socket's address.
+    #[arg(long, env = "NOTICE_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Keep at most this many notices (the newest); 0 keeps any number.
+    #[arg(long, env = "NOTICE_RETAIN_COUNT", default_value_t = 100_000)]
+    retain_count: u64,
+    /// Delete notices older than this (e.g. `7d`, `12h`); 0s keeps them regardless of age.
+    #[arg(long, env = "NOTICE_RETAIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    retain_age: Duration,
+    /// Notices queued per subscriber before it is cut off as too slow.
+    #[arg(long, env = "NOTICE_SUBSCRIBER_BUFFER", default_value_t = 1024)]
+    subscriber_buffer: usize,
+    /// Live subscriptions accepted at once; more are refused with 503.
+    #[arg(long, env = "NOTICE_MAX_SUBSCRIBERS", default_value_t = 100_000)]
+    max_subscribers: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    shared::telemetry::init_tracing();
+    anyhow::ensure!(
+        args.subscriber_buffer > 0,
+        "--subscriber-buffer must be at least 1"
+    );
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config = notice_service::Config {
+        store: args.store,
+        distributor: Some(args.distributor).filter(|d| !d.is_empty()),
+        advertise_host: args.advertise_host,
+        retention: Retention {
+            max_count: Some(args.retain_count).filter(|n| *n > 0),
+            max_age: Some(args.retain_age).filter(|age| !age.is_zero()),
+        },
+        subscriber_buffer: args.subscriber_buffer,
+        max_subscribers: args.max_subscribers,
+    };
+    let shutdown = CancellationToken::new();
+    let mut server = tokio::spawn(notice_service::run(listener, config, shutdown.clone()));
+    tokio::select! {
+        _ = shared::shutdown::shutdown_signal() => {}
+        // A failure at start (store unreachable) ends the process without waiting for a signal.
+        finished = &mut server => {
+            finished.context("the server task panicked")??;
+            return Ok(());
+        }
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .context("shutdown took too long")???;
+    Ok(())
+}

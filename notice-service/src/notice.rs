@@ -1,0 +1,203 @@
+//! The notice itself: what a publisher asks for, what gets stored and pushed, and which
+//! subscribers are entitled to it. Validation lives here so that every store and every entry
+//! point (packet route, scheduler) agrees on what a valid notice is.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The largest message accepted, so that one notice can never blow up every subscriber's buffer.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The longest topic or subscriber name accepted.
+pub const MAX_LABEL_BYTES: usize = 128;
+/// The most topics one subscription may name.
+pub const MAX_TOPICS: usize = 100;
+
+/// A published notice, as stored and as pushed to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub id: i64,
+    pub message: String,
+    pub topic: Option<String>,
+    pub to: Option<String>,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl Notice {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a notice always serializes")
+    }
+}
+
+/// A notice before it has an id: validated, waiting to be stored now or at its scheduled time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNotice {
+    pub message: String,
+    pub topic: Option<String>,
+    pub to: Option<String>,
+}
+
+impl NewNotice {
+    /// Checks a publisher's fields; the error is meant to be shown to the caller as is.
+    pub fn new(
+        message: Option<String>,
+        topic: Option<String>,
+        to: Option<String>,
+    ) -> Result<NewNotice, String> {
+        let message = message.ok_or("message is required")?;
+        if message.is_empty() {
+            return Err("message must not be empty".into());
+        }
+        if message.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "message is {} bytes, the limit is {MAX_MESSAGE_BYTES}",
+                message.len()
+            ));
+        }
+        if let Some(topic) = &topic {
+            validate_label("topic", topic)?;
+        }
+        if let Some(to) = &to {
+            validate_label("to", to)?;
+        }
+        Ok(NewNotice { message, topic, to })
+    }
+
+    /// The notice as stored, with its id. Timestamps keep millisecond precision, the same
+    /// on every store.
+    pub fn stored(self, id: i64, created_at: DateTime<Utc>) -> Notice {
+        Notice {
+            id,
+            message: self.message,
+            topic: self.topic,
+            to: self.to,
+            created_at: from_millis(created_at.timestamp_millis()),
+        }
+    }
+}
+
+/// Topics and names travel comma-separated in query strings, so a comma or a control character
+/// in one would make it impossible to subscribe to.
+pub fn validate_label(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if value.len() > MAX_LABEL_BYTES {
+        return Err(format!(
+            "{field} is {} bytes, the limit is {MAX_LABEL_BYTES}",
+            value.len()
+        ));
+    }
+    if value.chars().any(|c| c == ',' || c.is_control()) {
+        return Err(format!(
+            "{field} must not contain commas or control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// What one subscriber wants to receive.
+///
+/// A notice with `to` is a whisper: only subscribers with that name get it, whatever its topic
+/// (a topic on a whisper is a label, it does not widen the audience). A notice with a topic and
+/// no `to` goes to the subscribers of that topic. A notice with neither is a broadcast.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interest {
+    pub name: Option<String>,
+    pub topics: BTreeSet<String>,
+}
+
+impl Interest {
+    pub fn wants(&self, notice: &Notice) -> bool {
+        match (&notice.to, &notice.topic) {
+            (Some(to), _) => self.name.as_deref() == Some(to.as_str()),
+            (None, Some(topic)) => self.topics.contains(topic),
+            (None, None) => true,
+        }
+    }
+}
+
+/// Notices are shown with millisecond RFC 3339 timestamps in UTC, the same on every store.
+pub fn format_time(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn rfc3339_millis<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format_time(time))
+}
+
+/// Stores keep timestamps as Unix milliseconds: cheap to compare for schedules and retention.
+pub fn from_millis(millis: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(topic: Option<&str>, to: Option<&str>) -> Notice {
+        NewNotice {
+            message: "hi".into(),
+            topic: topic.map(Into::into),
+            to: to.map(Into::into),
+        }
+        .stored(1, Utc::now())
+    }
+
+    fn interest(name: Option<&str>, topics: &[&str]) -> Interest {
+        Interest {
+            name: name.map(Into::into),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn broadcast_reaches_everyone() {
+        assert!(interest(None, &[]).wants(&notice(None, None)));
+        assert!(interest(Some("alice"), &["a"]).wants(&notice(None, None)));
+    }
+
+    #[test]
+    fn topic_reaches_only_its_subscribers() {
+        assert!(interest(None, &["a", "b"]).wants(&notice(Some("b"), None)));
+        assert!(!interest(Some("alice"), &["a"]).wants(&notice(Some("c"), None)));
+    }
+
+    #[test]
+    fn whisper_reaches_only_its_name() {
+        assert!(interest(Some("alice"), &[]).wants(&notice(None, Some("alice"))));
+        assert!(!interest(Some("bob"), &[]).wants(&notice(None, Some("alice"))));
+        assert!(!interest(None, &[]).wants(&notice(None, Some("alice"))));
+        // A whisper tagged with a topic stays private to its recipient.
+        assert!(!interest(Some("bob"), &["room"]).wants(&notice(Some("room"), Some("alice"))));
+        assert!(interest(Some("alice"), &[]).wants(&notice(Some("room"), Some("alice"))));
+    }
+
+    #[test]
+    fn bad_fields_are_rejected_with_a_reason() {
+        assert_eq!(
+            NewNotice::new(None, None, None).unwrap_err(),
+            "message is required"
+        );
+        assert!(NewNotice::new(Some(String::new()), None, None).is_err());
+        assert!(NewNotice::new(Some("x".repeat(MAX_MESSAGE_BYTES + 1)), None, None).is_err());
+        assert!(NewNotice::new(Some("x".into()), Some("a,b".into()), None)
+            .unwrap_err()
+            .contains("commas"));
+        assert!(NewNotice::new(Some("x".into()), None, Some(String::new())).is_err());
+        assert!(NewNotice::new(Some("x".into()), Some("room".into()), Some("al".into())).is_ok());
+    }
+
+    #[test]
+    fn notice_json_has_the_documented_fields() {
+        let mut n = notice(Some("t"), None);
+        n.created_at = from_millis(1_700_000_000_123);
+        assert_eq!(
+            n.to_json(),
+            serde_json::json!({"id": 1, "message": "hi", "topic": "t", "to": null,
+                "created_at": "2023-11-14T22:13:20.123Z"})
+        );
+    }
+}

@@ -1,0 +1,393 @@
+//! The packet routes: parsing and checking each request's params, calling the service, and
+//! turning the outcome into the statuses the API promises. docs/HTTP.md describes
+//! them from the client's side.
+//!
+//! Through the gateway, query-string values arrive as strings, so numeric params accept both
+//! `5` and `"5"`; an empty query value (`?topic=`) counts as absent.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::service::{Event, EventSink, Request, Response, Router};
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::{
+    feed::FeedEnd,
+    hub::SubscribeError,
+    notice::{format_time, validate_label, Interest, NewNotice, MAX_TOPICS},
+    service::{NoticeService, Published},
+    store::{NoticeQuery, Selector, StoreError},
+};
+
+/// The default and largest page of `GET /notices`.
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+/// `streams` tracks the running subscriptions, so shutdown can wait for their final events.
+pub fn router(service: NoticeService, streams: TaskTracker) -> Router {
+    let publish = service.clone();
+    let list = service.clone();
+    let stream = service.clone();
+    let presence = service.clone();
+    let kick = service;
+    Router::new()
+        .route("POST", "/notices", move |request| {
+            publish_notice(publish.clone(), request)
+        })
+        .route("GET", "/notices", move |request| {
+            list_notices(list.clone(), request)
+        })
+        .stream("GET", "/notices/stream", move |request, sink| {
+            streams.track_future(stream_notices(stream.clone(), request, sink))
+        })
+        .route("GET", "/notices/subscribers", move |request| {
+            list_subscribers(presence.clone(), request)
+        })
+        .route("DELETE", "/notices/subscribers", move |request| {
+            kick_subscribers(kick.clone(), request)
+        })
+}
+
+/// The store's details stay in the logs; the caller learns only that it failed.
+fn store_failure(err: StoreError) -> Response {
+    match err {
+        StoreError::Full(reason) => Response::error(503, reason),
+        err => {
+            warn!(%err, "notice store failed");
+            Response::error(500, "the notice store is unavailable, try again later")
+        }
+    }
+}
+
+/// A route registered as `METHOD/notices` also receives `METHOD /notices/anything` (the
+/// gateway's prefix routing); those paths do not exist.
+fn no_extra_path(request: &Request) -> Result<(), Response> {
+    match request.path_param() {
+        Some(rest) if !rest.is_empty() => Err(Response::error(
+            404,
+            format!("no such resource: {}/{rest}", request.uri),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// A non-negative integer param given as a number or a numeric string.
+fn integer_param(field: &str, value: Option<&Value>) -> Result<Option<i64>, Response> {
+    let parsed = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.is_empty() => return Ok(None),
+        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(_) => None,
+    };
+    match parsed {
+        Some(n) if n >= 0 => Ok(Some(n)),
+        _ => Err(Response::error(
+            400,
+            format!("{field} must be a non-negative integer"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct PublishParams {
+    message: Option<String>,
+    topic: Option<String>,
+    to: Option<String>,
+    at: Option<String>,
+    /// Set by the gateway when the body was not JSON.
+    body: Option<Value>,
+}
+
+async fn publish_notice(service: NoticeService, request: Request) -> Response {
+    if let Err(response) = no_extra_path(&request) {
+        return response;
+    }
+    let params: PublishParams = match request.parse() {
+        Ok(params) => params,
+        Err(response) => return response,
+    };
+    if params.message.is_none() && params.body.is_some() {
+        return Response::error(
+            400,
+            "message is required: send a JSON body like {\"message\": \"hello\"}",
+        );
+    }
+    let notice = match NewNotice::new(params.message, params.topic, params.to) {
+        Ok(notice) => notice,
+        Err(reason) => return Response::error(400, reason),
+    };
+    let at = match non_empty(params.at).map(|at| DateTime::parse_from_rfc3339(&at)) {
+        None => None,
+        Some(Ok(at)) => Some(at.with_timezone(&Utc)),
+        Some(Err(err)) => {
+            return Response::error(
+                400,
+                format!("at must be an RFC 3339 time like 2030-01-01T12:00:00Z ({err})"),
+            )
+        }
+    };
+    match service.publish(notice, at).await {
+        Ok(Published::Stored(notice)) => Response::with_status(201, notice),
+        Ok(Published::Scheduled(at)) => {
+            Response::with_status(202, json!({"scheduled": true, "at": format_time(&at)}))
+        }
+        Err(err) => store_failure(err),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    topic: Option<String>,
+    after: Option<Value>,
+    limit: Option<Value>,
+}
+
+async fn list_notices(service: NoticeService, request: Request) -> Response {
+    let query = match list_query(&request) {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
+    match service.list(&query).await {
+        Ok(items) => Response::ok(json!({ "items": items })),
+        Err(err) => store_failure(err),
+    }
+}
+
+fn list_query(request: &Request) -> Result<NoticeQuery, Response> {
+    no_extra_path(request)?;
+    let params: ListParams = request.parse()?;
+    let after = integer_param("after", params.after.as_ref())?.unwrap_or(0);
+    let limit = match integer_param("limit", params.limit.as_ref())? {
+        None => DEFAULT_LIMIT,
+        Some(limit) if (1..=i64::from(MAX_LIMIT)).contains(&limit) => limit as u32,
+        Some(_) => {
+            return Err(Response::error(
+                400,
+                format!("limit must be between 1 and {MAX_LIMIT}"),
+            ))
+        }
+    };
+    let selector = match non_empty(params.topic) {
+        Some(topic) => Selector::Topic(topic),
+        None => Selector::All,
+    };
+    Ok(NoticeQuery {
+        after,
+        limit,
+        selector,
+    })
+}
+
+#[derive(Deserialize)]
+struct StreamParams {
+    topics: Option<Value>,
+    name: Option<String>,
+    after: Option<Value>,
+    /// The gateway passes the `Last-Event-ID` header here.
+    last_event_id: Option<Value>,
+}
+
+/// Who subscribes and from which id to replay (`None`: live notices only).
+fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> {
+    let params: StreamParams = request.parse()?;
+    let topics: Vec<String> = match &params.topics {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(list)) => list.split(',').map(|t| t.trim().to_string()).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| Response::error(400, "topics must be strings"))?,
+        Some(_) => {
+            return Err(Response::error(
+                400,
+                "topics must be a comma-separated string or a list of strings",
+            ))
+        }
+    };
+    let topics: std::collections::BTreeSet<String> =
+        topics.into_iter().filter(|t| !t.is_empty()).collect();
+    if topics.len() > MAX_TOPICS {
+        return Err(Response::error(
+            400,
+            format!("at most {MAX_TOPICS} topics per subscription"),
+        ));
+    }
+    for topic in &topics {
+        validate_label("topic", topic).map_err(|reason| Response::error(400, reason))?;
+    }
+    let name = non_empty(params.name);
+    if let Some(name) = &name {
+        validate_label("name", name).map_err(|reason| Response::error(400, reason))?;
+    }
+    // A reconnecting EventSource sends Last-Event-ID with its original URL: the header wins.
+    let after = match integer_param("last_event_id", params.last_event_id.as_ref())? {
+        Some(last) => Some(last),
+        None => integer_param("after", params.after.as_ref())?,
+    };
+    Ok((Interest { name, topics }, after))
+}
+
+async fn stream_notices(service: NoticeService, request: Request, sink: EventSink) -> Response {
+    let (interest, after) = match no_extra_path(&request).and_then(|()| subscription(&request)) {
+        Ok(subscription) => subscription,
+        Err(response) => return response,
+    };
+    let mut feed = match service.subscribe(interest, after) {
+        Ok(feed) => feed,
+        Err(err @ (SubscribeError::Full(_) | SubscribeError::ShuttingDown)) => {
+            return Response::error(503, err.to_string())
+        }
+    };
+    // Accepted: tell the caller now (the gateway then sends its HTTP headers), not only when
+    // the first notice comes.
+    if sink.open().await.is_err() {
+        return Response::ok(Value::Null);
+    }
+    loop {
+        match feed.next().await {
+            Ok(notice) => {
+                let event = Event {
+                    id: Some(notice.id.into()),
+                    event: Some("notice".into()),
+                    data: notice.to_json(),
+                };
+                if sink.send(event).await.is_err() {
+                    // The caller is gone; dropping the feed frees the subscription.
+                    return Response::ok(Value::Null);
+                }
+            }
+            Err(FeedEnd::Ended(reason)) => {
+                let name = reason.event_name();
+                let event = Event {
+                    id: None,
+                    event: Some(name.into()),
+                    data: json!({"reason": name, "last_event_id": feed.last_sent()}),
+                };
+                drop(feed);
+                let _ = sink.send(event).await;
+                return Response::ok(json!({ "ended": name }));
+            }
+            Err(FeedEnd::Store(err)) => return store_failure(err),
+        }
+    }
+}
+
+async fn list_subscribers(service: NoticeService, request: Request) -> Response {
+    if let Err(response) = no_extra_path(&request) {
+        return response;
+    }
+    match service.presence().await {
+        Ok(items) => Response::ok(json!({ "items": items })),
+        Err(err) => store_failure(err),
+    }
+}
+
+async fn kick_subscribers(service: NoticeService, request: Request) -> Response {
+    let name = non_empty(request.path_param().map(str::to_string)).or_else(|| {
+        non_empty(
+            request
+                .params
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        )
+    });
+    let Some(name) = name else {
+        return Response::error(400, "name is required: DELETE /notices/subscribers/{name}");
+    };
+    match service.kick(&name).await {
+        Ok(0) => Response::error(404, format!("no subscriber named {name:?}")),
+        Ok(kicked) => Response::ok(json!({ "kicked": kicked })),
+        Err(err) => store_failure(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(params: Value) -> Request {
+        Request {
+            uri: "/notices/stream".into(),
+            method: "GET".into(),
+            params,
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn stream_params_accept_gateway_and_packet_shapes() {
+        let (interest, after) = subscription(&request(
+            json!({"topics": "a, b,", "name": "alice", "after": "7"}),
+        ))
+        .unwrap();
+        assert_eq!(interest.name.as_deref(), Some("alice"));
+        assert_eq!(interest.topics.iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(after, Some(7));
+        let (interest, after) = subscription(&request(
+            json!({"topics": ["x"], "after": 3, "last_event_id": "9"}),
+        ))
+        .unwrap();
+        assert_eq!(interest.name, None);
+        assert_eq!(after, Some(9), "Last-Event-ID wins over after");
+        let (_, after) = subscription(&request(json!({}))).unwrap();
+        assert_eq!(after, None);
+    }
+
+    #[test]
+    fn bad_stream_params_get_a_400_with_the_reason() {
+        for (params, reason) in [
+            (json!({"after": "x"}), "after must be"),
+            (json!({"last_event_id": -1}), "last_event_id must be"),
+            (json!({"topics": 5}), "topics must be"),
+            (json!({"topics": [1]}), "topics must be"),
+            (json!({"name": "a\nb"}), "name must not"),
+            (json!("oops"), "invalid parameters"),
+        ] {
+            let response = subscription(&request(params)).unwrap_err();
+            assert_eq!(response.status, 400);
+            assert!(
+                response.error.as_deref().unwrap().contains(reason),
+                "{response:?} should say {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_routes_register_the_documented_urls() {
+        let service = NoticeService::new(
+            std::sync::Arc::new(crate::store::MemoryStore::default()),
+            crate::hub::Hub::new(8, 8, None),
+            None,
+            Default::default(),
+        );
+        assert_eq!(
+            router(service, TaskTracker::new()).urls(),
+            [
+                "DELETE/notices/subscribers",
+                "GET/notices",
+                "GET/notices/stream",
+                "GET/notices/subscribers",
+                "POST/notices",
+            ]
+        );
+    }
+
+    #[test]
+    fn list_params_are_checked() {
+        let query = list_query(&request(json!({"topic": "", "after": "", "limit": "5"}))).unwrap();
+        assert!(matches!(query.selector, Selector::All));
+        assert_eq!((query.after, query.limit), (0, 5));
+        let bad = list_query(&request(json!({"limit": "0"}))).unwrap_err();
+        assert_eq!(bad.status, 400);
+        let extra = list_query(&request(json!({"params": "7"}))).unwrap_err();
+        assert_eq!(extra.status, 404);
+    }
+}

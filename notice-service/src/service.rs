@@ -1,0 +1,343 @@
+//! The notice service's operations, independent of the wire: publish (now or scheduled),
+//! list, subscribe with replay, presence and kick. The routes translate packets into these
+//! calls; the background tasks (scheduler, retention, cluster) call them too.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, Notify};
+
+use crate::{
+    cluster::Cluster,
+    feed::Feed,
+    hub::{Hub, SubscribeError, SubscriberInfo},
+    notice::{Interest, NewNotice, Notice},
+    store::{NoticeQuery, Retention, Store, StoreError},
+};
+
+/// How many due scheduled notices one scheduler round publishes at most.
+const CLAIM_BATCH: u32 = 200;
+
+/// The outcome of a publish request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    Stored(Notice),
+    Scheduled(DateTime<Utc>),
+}
+
+/// A cheap-to-clone handle over the service's shared state.
+#[derive(Clone)]
+pub struct NoticeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    hub: Hub,
+    /// Single instance: held while a notice is stored and handed to the hub, so ids reach the
+    /// hub in increasing order (the replay logic relies on it). With a cluster the store's
+    /// publish lock and NOTIFY order do that job instead.
+    publish_lock: Mutex<()>,
+    cluster: Option<Cluster>,
+    schedule_changed: Notify,
+    retention: Retention,
+}
+
+impl NoticeService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Hub,
+        cluster: Option<Cluster>,
+        retention: Retention,
+    ) -> NoticeService {
+        NoticeService {
+            inner: Arc::new(Inner {
+                store,
+                hub,
+                publish_lock: Mutex::new(()),
+                cluster,
+                schedule_changed: Notify::new(),
+                retention,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.inner.retention
+    }
+
+    /// Stores a notice and fans it out, or keeps it for later when `at` is in the future.
+    /// Returns only once the notice (or the schedule) is stored.
+    pub async fn publish(
+        &self,
+        notice: NewNotice,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<Published, StoreError> {
+        let now = Utc::now();
+        if let Some(at) = at.filter(|at| *at > now) {
+            self.inner.store.schedule(notice, at).await?;
+            self.inner.schedule_changed.notify_one();
+            return Ok(Published::Scheduled(at));
+        }
+        let store = &self.inner.store;
+        let stored = self
+            .fan_out_in_order(|| async { Ok(vec![store.insert(notice, now).await?]) })
+            .await?;
+        Ok(Published::Stored(stored.into_iter().next().expect("one")))
+    }
+
+    /// Publishes the scheduled notices that are due; returns how many.
+    pub async fn publish_due(&self) -> Result<usize, StoreError> {
+        let store = &self.inner.store;
+        let claimed = self
+            .fan_out_in_order(|| store.claim_due(Utc::now(), CLAIM_BATCH))
+            .await?;
+        Ok(claimed.len())
+    }
+
+    async fn fan_out_in_order<F, Fut>(&self, store_them: F) -> Result<Vec<Notice>, StoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<Notice>, StoreError>>,
+    {
+        if self.inner.cluster.is_some() {
+            // Every instance, this one included, fans out from the NOTIFY (see `cluster`).
+            return store_them().await;
+        }
+        let _in_order = self.inner.publish_lock.lock().await;
+        let notices = store_them().await?;
+        for notice in &notices {
+            self.inner.hub.publish(Arc::new(notice.clone()));
+        }
+        Ok(notices)
+    }
+
+    /// Wakes the scheduler when a new schedule arrived.
+    pub async fn schedule_changed(&self) {
+        self.inner.schedule_changed.notified().await
+    }
+
+    pub async fn list(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
+        self.inner.store.query(query).await
+    }
+
+    /// Subscribes to live notices first, then (with `after`) replays the stored ones.
+    pub fn subscribe(
+        &self,
+        interest: Interest,
+        after: Option<i64>,
+    ) -> Result<Feed, SubscribeError> {
+        let subscription = self.inner.hub.subscribe(interest)?;
+        Ok(Feed::new(subscription, self.inner.store.clone(), after))
+    }
+
+    /// Everyone subscribed now, on this instance and (with a cluster) on the others.
+    pub async fn presence(&self) -> Result<Vec<SubscriberInfo>, StoreError> {
+        let mut all: Vec<SubscriberInfo> = self
+            .inner
+            .hub
+            .presence()
+            .into_iter()
+            .map(|(_, info)| info)
+            .collect();
+        if let Some(cluster) = &self.inner.cluster {
+            all.extend(cluster.remote_presence().await?);
+        }
+        all.sort_by(|a, b| a.since.cmp(&b.since).then_with(|| a.name.cmp(&b.name)));
+        Ok(all)
+    }
+
+    /// Ends the subscriptions of `name` everywhere; returns how many there were.
+    pub async fn kick(&self, name: &str) -> Result<usize, StoreError> {
+        let remote = match &self.inner.cluster {
+            Some(cluster) => cluster.kick_remote(name).await?,
+            None => 0,
+        };
+        Ok(self.inner.hub.kick(name) + remote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{feed::FeedEnd, hub::EndReason, store::MemoryStore};
+
+    fn service(buffer: usize) -> NoticeService {
+        NoticeService::new(
+            Arc::new(MemoryStore::default()),
+            Hub::new(buffer, 10_000, None),
+            None,
+            Retention::default(),
+        )
+    }
+
+    fn new(message: &str, topic: Option<&str>, to: Option<&str>) -> NewNotice {
+        NewNotice::new(
+            Some(message.into()),
+            topic.map(Into::into),
+            to.map(Into::into),
+        )
+        .unwrap()
+    }
+
+    fn everyone() -> Interest {
+        Interest::default()
+    }
+
+    async fn publish(service: &NoticeService, message: &str) -> Notice {
+        match service
+            .publish(new(message, None, None), None)
+            .await
+            .unwrap()
+        {
+            Published::Stored(notice) => notice,
+            other => panic!("expected a stored notice, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_while_publishing_has_no_gap_and_no_duplicate() {
+        const BEFORE: i64 = 1_200;
+        const DURING: i64 = 1_500;
+        let service = service(100_000);
+        for i in 0..BEFORE {
+            publish(&service, &format!("before {i}")).await;
+        }
+        let resume_from = 150;
+        let publisher = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                for i in 0..DURING {
+                    publish(&service, &format!("during {i}")).await;
+                }
+            })
+        };
+        // Subscribers join and replay at different moments while the publisher runs.
+        let mut subscribers = Vec::new();
+        for delay in 0..4 {
+            let service = service.clone();
+            subscribers.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay * 2)).await;
+                let mut feed = service.subscribe(everyone(), Some(resume_from)).unwrap();
+                let mut received = Vec::new();
+                while received.last() != Some(&(BEFORE + DURING)) {
+                    let notice = tokio::time::timeout(Duration::from_secs(10), feed.next())
+                        .await
+                        .expect("no notice may be missing")
+                        .unwrap();
+                    received.push(notice.id);
+                }
+                received
+            }));
+        }
+        tokio::time::timeout(Duration::from_secs(30), publisher)
+            .await
+            .unwrap()
+            .unwrap();
+        let expected: Vec<i64> = (resume_from + 1..=BEFORE + DURING).collect();
+        for subscriber in subscribers {
+            let received = tokio::time::timeout(Duration::from_secs(30), subscriber)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(received, expected, "in order, no gap, no duplicate");
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_delivers_only_what_the_subscriber_is_entitled_to() {
+        let service = service(64);
+        let broadcast = publish(&service, "all").await;
+        service
+            .publish(new("room", Some("room"), None), None)
+            .await
+            .unwrap();
+        service
+            .publish(new("psst", None, Some("bob")), None)
+            .await
+            .unwrap();
+        let to_alice = service
+            .publish(new("hi", None, Some("alice")), None)
+            .await
+            .unwrap();
+        let Published::Stored(to_alice) = to_alice else {
+            panic!("stored")
+        };
+        let alice = Interest {
+            name: Some("alice".into()),
+            topics: Default::default(),
+        };
+        let mut feed = service.subscribe(alice, Some(0)).unwrap();
+        assert_eq!(feed.next().await.unwrap().id, broadcast.id);
+        assert_eq!(feed.next().await.unwrap().id, to_alice.id);
+        let live = publish(&service, "live").await;
+        assert_eq!(feed.next().await.unwrap().id, live.id);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_without_replay_gets_only_new_notices() {
+        let service = service(64);
+        publish(&service, "old").await;
+        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let fresh = publish(&service, "new").await;
+        assert_eq!(feed.next().await.unwrap().id, fresh.id);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_feed_ends_after_its_buffer_and_resumes_exactly() {
+        let service = service(4);
+        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let mut published = Vec::new();
+        for i in 0..10 {
+            published.push(publish(&service, &format!("n{i}")).await.id);
+        }
+        let mut received = Vec::new();
+        let reason = loop {
+            match feed.next().await {
+                Ok(notice) => received.push(notice.id),
+                Err(FeedEnd::Ended(reason)) => break reason,
+                Err(other) => panic!("{other}"),
+            }
+        };
+        assert_eq!(reason, EndReason::Lagged);
+        assert_eq!(received, published[..4]);
+        // Resuming from the last id received gets the rest.
+        let mut resumed = service
+            .subscribe(everyone(), Some(feed.last_sent()))
+            .unwrap();
+        for id in &published[4..] {
+            assert_eq!(resumed.next().await.unwrap().id, *id);
+        }
+    }
+
+    #[tokio::test]
+    async fn scheduled_notices_wait_for_their_time() {
+        let service = service(64);
+        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let at = Utc::now() + chrono::Duration::milliseconds(300);
+        let published = service
+            .publish(new("later", None, None), Some(at))
+            .await
+            .unwrap();
+        assert_eq!(published, Published::Scheduled(at));
+        assert_eq!(service.publish_due().await.unwrap(), 0, "not due yet");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(service.publish_due().await.unwrap(), 1);
+        assert_eq!(feed.next().await.unwrap().message, "later");
+        assert_eq!(service.publish_due().await.unwrap(), 0, "published once");
+    }
+}

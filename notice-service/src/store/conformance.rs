@@ -1,0 +1,178 @@
+//! One behavioural test suite that every store backend must pass, so memory, SQLite and
+//! PostgreSQL cannot drift apart. Each backend's test module calls [`run_all`] on a fresh store.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::{NoticeQuery, Retention, Selector, Store};
+use crate::notice::{Interest, NewNotice};
+
+fn new(message: &str, topic: Option<&str>, to: Option<&str>) -> NewNotice {
+    NewNotice::new(
+        Some(message.into()),
+        topic.map(Into::into),
+        to.map(Into::into),
+    )
+    .unwrap()
+}
+
+fn all_after(after: i64) -> NoticeQuery {
+    NoticeQuery {
+        after,
+        limit: 1000,
+        selector: Selector::All,
+    }
+}
+
+pub async fn run_all(store: &dyn Store) {
+    ids_increase_and_queries_filter(store).await;
+    schedules_are_claimed_once_in_due_order(store).await;
+    retention_caps_count_and_age_without_reusing_ids(store).await;
+}
+
+async fn ids_increase_and_queries_filter(store: &dyn Store) {
+    assert_eq!(store.last_id().await.unwrap(), 0);
+    let now = Utc::now();
+    let a = store.insert(new("one", None, None), now).await.unwrap();
+    let b = store
+        .insert(new("two", Some("room"), None), now)
+        .await
+        .unwrap();
+    let c = store
+        .insert(new("three", Some("room"), Some("alice")), now)
+        .await
+        .unwrap();
+    let d = store
+        .insert(new("four", Some("other"), None), now)
+        .await
+        .unwrap();
+    assert!(a.id < b.id && b.id < c.id && c.id < d.id, "ids increase");
+    assert_eq!(b.topic.as_deref(), Some("room"));
+    assert_eq!(c.to.as_deref(), Some("alice"));
+    assert_eq!(store.last_id().await.unwrap(), d.id);
+    // Timestamps round-trip at millisecond precision.
+    assert_eq!(a.created_at.timestamp_millis(), now.timestamp_millis());
+
+    let everything = store.query(&all_after(0)).await.unwrap();
+    assert_eq!(everything, vec![a.clone(), b.clone(), c.clone(), d.clone()]);
+    let after_b = store.query(&all_after(b.id)).await.unwrap();
+    assert_eq!(after_b, vec![c.clone(), d.clone()]);
+    let limited = store
+        .query(&NoticeQuery {
+            limit: 2,
+            ..all_after(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited, vec![a.clone(), b.clone()]);
+
+    let room = store
+        .query(&NoticeQuery {
+            selector: Selector::Topic("room".into()),
+            ..all_after(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(room, vec![b.clone(), c.clone()]);
+
+    let replay = |name: Option<&str>, topics: &[&str]| NoticeQuery {
+        selector: Selector::Interest(Interest {
+            name: name.map(Into::into),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        }),
+        ..all_after(0)
+    };
+    let bob_in_room = store.query(&replay(Some("bob"), &["room"])).await.unwrap();
+    assert_eq!(bob_in_room, vec![a.clone(), b.clone()]);
+    let alice = store.query(&replay(Some("alice"), &[])).await.unwrap();
+    assert_eq!(alice, vec![a.clone(), c.clone()]);
+    let anonymous_two_topics = store
+        .query(&replay(None, &["room", "other"]))
+        .await
+        .unwrap();
+    assert_eq!(anonymous_two_topics, vec![a.clone(), b.clone(), d.clone()]);
+}
+
+async fn schedules_are_claimed_once_in_due_order(store: &dyn Store) {
+    let now = Utc::now();
+    let last = store.last_id().await.unwrap();
+    assert_eq!(store.next_due().await.unwrap(), None);
+    let later = now + chrono::Duration::seconds(2);
+    let much_later = now + chrono::Duration::hours(1);
+    store
+        .schedule(new("late", None, None), much_later)
+        .await
+        .unwrap();
+    store
+        .schedule(new("second", Some("t"), None), later)
+        .await
+        .unwrap();
+    store
+        .schedule(new("first", None, None), now + chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+    let due = store.next_due().await.unwrap().unwrap();
+    assert_eq!(
+        due.timestamp_millis(),
+        (now + chrono::Duration::seconds(1)).timestamp_millis()
+    );
+
+    assert!(
+        store.claim_due(now, 100).await.unwrap().is_empty(),
+        "nothing due yet"
+    );
+    let claimed = store.claim_due(later, 100).await.unwrap();
+    let messages: Vec<_> = claimed.iter().map(|n| n.message.as_str()).collect();
+    assert_eq!(messages, ["first", "second"]);
+    assert!(claimed[0].id > last && claimed[1].id > claimed[0].id);
+    assert_eq!(claimed[1].topic.as_deref(), Some("t"));
+    assert!(
+        store.claim_due(later, 100).await.unwrap().is_empty(),
+        "claimed once"
+    );
+    // Claimed notices are ordinary stored notices now.
+    let stored = store.query(&all_after(last)).await.unwrap();
+    assert_eq!(stored, claimed);
+
+    let rest = store.claim_due(much_later, 100).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(store.next_due().await.unwrap(), None);
+}
+
+async fn retention_caps_count_and_age_without_reusing_ids(store: &dyn Store) {
+    let now = Utc::now();
+    for i in 0..5 {
+        store
+            .insert(new(&format!("r{i}"), None, None), now)
+            .await
+            .unwrap();
+    }
+    let count_cap = Retention {
+        max_count: Some(3),
+        max_age: None,
+    };
+    store.prune(&count_cap, now).await.unwrap();
+    let left = store.query(&all_after(0)).await.unwrap();
+    let messages: Vec<_> = left.iter().map(|n| n.message.as_str()).collect();
+    assert_eq!(messages, ["r2", "r3", "r4"]);
+
+    let age_cap = Retention {
+        max_count: None,
+        max_age: Some(Duration::from_secs(60)),
+    };
+    assert_eq!(store.prune(&age_cap, now).await.unwrap(), 0, "all recent");
+    let last = left.last().unwrap().id;
+    let pruned = store
+        .prune(&age_cap, now + chrono::Duration::seconds(61))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3);
+    assert!(store.query(&all_after(0)).await.unwrap().is_empty());
+
+    let fresh = store
+        .insert(new("after prune", None, None), now)
+        .await
+        .unwrap();
+    assert!(fresh.id > last, "ids are never reused");
+}
