@@ -1,0 +1,441 @@
+//! A harness for end-to-end tests: it runs the real binaries as separate processes on loopback
+//! ports and talks to them only the way users do, over HTTP, raw TCP and Server-Sent Events.
+//!
+//! Layout:
+//! - [`Process`]: one child process, killed when dropped, with the signals the tests send
+//!   (SIGKILL, SIGSTOP/SIGCONT, SIGTERM).
+//! - [`Stack`]: distributor, gateway, kv-service replicas and a notice-service, started on free
+//!   ports with their data in a temporary directory.
+//! - [`sse`]: a reader for `text/event-stream` responses, as a browser's EventSource sees them.
+//! - [`Checks`]: prints each check as it passes and a summary line.
+//!
+//! The binaries are taken from the target directory this test was built into; build them with
+//! `cargo build --workspace` (the workspace test command does) before running these tests alone.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+pub mod browser;
+pub mod sse;
+
+/// How long the harness waits for anything to come up before failing the test.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The directory holding the workspace's binaries (`target/debug` for a debug test build).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/debug/deps/e2e-<hash> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// One child process of the stack. Dropping it kills it.
+pub struct Process {
+    pub name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(name: &str, program: &str, args: &[String]) -> Process {
+        let program = binary(program);
+        let child = start(&program, args);
+        Process {
+            name: name.to_owned(),
+            program,
+            args: args.to_vec(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("the process is running") as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid(), signal)
+            .unwrap_or_else(|err| panic!("sending {signal} to {}: {err}", self.name));
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub async fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then waits for the process to exit on its own; returns its exit code.
+    pub async fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        self.signal(Signal::SIGTERM);
+        let status = tokio::time::timeout(READY_TIMEOUT, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit after SIGTERM", self.name))??;
+        Ok(status.code())
+    }
+
+    /// Starts the same program with the same arguments again (after it exited or was killed).
+    pub fn restart(&mut self) {
+        self.child = start(&self.program, &self.args);
+    }
+}
+
+fn start(program: &Path, args: &[String]) -> Child {
+    Command::new(program)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("starting {}: {err}", program.display()))
+}
+
+/// Where the stack keeps its data.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// SQLite files in the stack's temporary directory (one per kv replica).
+    Sqlite,
+    /// One PostgreSQL database shared by every replica.
+    Postgres { kv_url: String, notice_url: String },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub kv_replicas: usize,
+    pub notice: bool,
+    pub storage: Storage,
+    /// Distributor heartbeat interval and timeout.
+    pub heartbeat: (Duration, Duration),
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            kv_replicas: 1,
+            notice: true,
+            storage: Storage::Sqlite,
+            heartbeat: (Duration::from_millis(500), Duration::from_secs(3)),
+        }
+    }
+}
+
+/// A kv-service replica and its ports.
+pub struct KvReplica {
+    pub process: Process,
+    pub port: u16,
+    pub text_port: u16,
+}
+
+/// The whole system, running.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub distributor: Process,
+    pub distributor_port: u16,
+    pub gateway: Process,
+    pub gateway_port: u16,
+    pub kv: Vec<KvReplica>,
+    pub notice: Option<Process>,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let distributor_port = free_port();
+        let distributor_addr = format!("127.0.0.1:{distributor_port}");
+        let (interval, timeout) = options.heartbeat;
+        let distributor = Process::spawn(
+            "distributor",
+            "distributor",
+            &[
+                "--listen".into(),
+                distributor_addr.clone(),
+                "--heartbeat-interval".into(),
+                format!("{}ms", interval.as_millis()),
+                "--heartbeat-timeout".into(),
+                format!("{}ms", timeout.as_millis()),
+            ],
+        );
+        wait_for_port(distributor_port).await;
+
+        let kv = (0..options.kv_replicas)
+            .map(|replica| {
+                let store = match &options.storage {
+                    Storage::Sqlite => format!(
+                        "sqlite:{}",
+                        dir.path().join(format!("kv-{replica}.db")).display()
+                    ),
+                    Storage::Postgres { kv_url, .. } => kv_url.clone(),
+                };
+                let (port, text_port) = (free_port(), free_port());
+                let process = Process::spawn(
+                    &format!("kv-{replica}"),
+                    "kv-service",
+                    &[
+                        "--listen".into(),
+                        format!("127.0.0.1:{port}"),
+                        "--text-listen".into(),
+                        format!("127.0.0.1:{text_port}"),
+                        "--distributor".into(),
+                        distributor_addr.clone(),
+                        "--store".into(),
+                        store,
+                    ],
+                );
+                KvReplica {
+                    process,
+                    port,
+                    text_port,
+                }
+            })
+            .collect();
+
+        let notice = options.notice.then(|| {
+            let store = match &options.storage {
+                Storage::Sqlite => format!("sqlite:{}", dir.path().join("notices.db").display()),
+                Storage::Postgres { notice_url, .. } => notice_url.clone(),
+            };
+            Process::spawn(
+                "notice",
+                "notice-service",
+                &[
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", free_port()),
+                    "--distributor".into(),
+                    distributor_addr.clone(),
+                    "--store".into(),
+                    store,
+                ],
+            )
+        });
+
+        let gateway_port = free_port();
+        let gateway = Process::spawn(
+            "gateway",
+            "gateway",
+            &[
+                "--listen".into(),
+                format!("127.0.0.1:{gateway_port}"),
+                "--distributor".into(),
+                distributor_addr,
+                "--request-timeout".into(),
+                "5s".into(),
+            ],
+        );
+
+        let stack = Stack {
+            dir,
+            distributor,
+            distributor_port,
+            gateway,
+            gateway_port,
+            kv,
+            notice,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client"),
+        };
+        stack
+            .wait_until_routed(options.kv_replicas, options.notice)
+            .await;
+        stack
+    }
+
+    /// `http://127.0.0.1:PORT/path` on the gateway.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.gateway_port)
+    }
+
+    /// Waits until the gateway routes to `kv_replicas` connected kv nodes (and a notice node).
+    pub async fn wait_until_routed(&self, kv_replicas: usize, notice: bool) {
+        let wanted = [
+            ("GET/kv", kv_replicas),
+            ("GET/notices", usize::from(notice)),
+        ];
+        let result = tokio::time::timeout(READY_TIMEOUT, async {
+            loop {
+                if let Ok(topology) = self.topology().await {
+                    if wanted
+                        .iter()
+                        .all(|(url, n)| connected_nodes(&topology, url) == *n)
+                    {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        if result.is_err() {
+            let topology = self.topology().await.unwrap_or(Value::Null);
+            panic!("the gateway never routed {wanted:?}; topology: {topology:#}");
+        }
+    }
+
+    /// The gateway's own view: `GET /_/topology`.
+    pub async fn topology(&self) -> anyhow::Result<Value> {
+        let response = self.http.get(self.url("/_/topology")).send().await?;
+        if !response.status().is_success() {
+            bail!("GET /_/topology: {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+}
+
+/// How many connected nodes serve `url` (e.g. `GET/kv`) in a `GET /_/topology` answer:
+/// `{"routes": [{"url": "GET/kv", "nodes": [{"addr", "name", "connected": bool}, ...]}], ...}`.
+pub fn connected_nodes(topology: &Value, url: &str) -> usize {
+    topology["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|route| route["url"] == url)
+        .flat_map(|route| route["nodes"].as_array().into_iter().flatten())
+        .filter(|node| node["connected"] == true)
+        .count()
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub async fn wait_for_port(port: u16) {
+    let result = tokio::time::timeout(READY_TIMEOUT, async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "nothing listens on port {port}");
+}
+
+/// Prints each check as it completes and a closing summary line.
+pub struct Checks {
+    suite: String,
+    passed: usize,
+}
+
+impl Checks {
+    pub fn new(suite: &str) -> Checks {
+        println!("== {suite}");
+        Checks {
+            suite: suite.to_owned(),
+            passed: 0,
+        }
+    }
+
+    /// Records a check that held (a failing one panics through its assertion before this).
+    pub fn pass(&mut self, what: impl std::fmt::Display) {
+        self.passed += 1;
+        println!("  ok   {what}");
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        let failed = usize::from(std::thread::panicking());
+        println!("{}: {} passed, {failed} failed", self.suite, self.passed);
+    }
+}
+
+/// Escapes a key or value for the kv text protocol (`\` before `<`, `>`, `,` and `\`).
+pub fn text_escape(raw: &str) -> String {
+    let mut escaped = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if matches!(c, '<' | '>' | ',' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// Reads text-protocol answers (`word<escaped>`) from a raw socket until `count` have arrived.
+pub async fn read_text_answers(
+    stream: &mut tokio::net::TcpStream,
+    count: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    use tokio::io::AsyncReadExt;
+    let mut answers = Vec::new();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(READY_TIMEOUT, async {
+        while answers.len() < count {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                bail!("connection closed after {} answers", answers.len());
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            while let Some((answer, used)) = parse_text_answer(&bytes)? {
+                answers.push(answer);
+                bytes.drain(..used);
+            }
+        }
+        Ok(())
+    })
+    .await
+    .context("timed out waiting for text-protocol answers")??;
+    Ok(answers)
+}
+
+/// One answer off the front of `bytes`, with the number of bytes it used, if it is complete.
+fn parse_text_answer(bytes: &[u8]) -> anyhow::Result<Option<((String, String), usize)>> {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let Some(open) = bytes[start..].iter().position(|b| *b == b'<') else {
+        return Ok(None);
+    };
+    let word = std::str::from_utf8(&bytes[start..start + open])?.to_owned();
+    let mut body = Vec::new();
+    let mut i = start + open + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if i + 1 < bytes.len() => {
+                body.push(bytes[i + 1]);
+                i += 2;
+            }
+            b'\\' => return Ok(None),
+            b'>' => return Ok(Some(((word, String::from_utf8(body)?), i + 1))),
+            other => {
+                body.push(other);
+                i += 1;
+            }
+        }
+    }
+    Ok(None)
+}
