@@ -11,19 +11,16 @@
 //!
 //! docs/PROTOCOL.md describes the packets.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 mod node;
 pub mod registry;
 
 pub use registry::Registry;
-
-/// Connections served at once; further ones wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 10_000;
 
 /// The distributor's settings.
 #[derive(Debug, Clone)]
@@ -68,32 +65,20 @@ pub async fn run_with_registry(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     info!(addr = %listener.local_addr()?, "distributor listening");
-    let connections = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut next_id = 0;
-    while let Some((permit, stream, peer)) =
-        shared::service::accept_within(&listener, &limit, &shutdown).await
-    {
+    shared::service::serve_connections(listener, &shutdown, |stream, peer| {
         next_id += 1;
-        let task = node::serve_node(
+        node::serve_node(
             stream,
             peer,
             next_id,
             registry.clone(),
             config.clone(),
             shutdown.clone(),
-        );
-        connections.spawn(
-            async move {
-                task.await;
-                drop(permit);
-            }
-            .instrument(tracing::info_span!("node", %peer)),
-        );
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
+        )
+        .instrument(tracing::info_span!("node", %peer))
+    })
+    .await;
     info!("distributor stopped");
     Ok(())
 }

@@ -25,6 +25,9 @@ struct Args {
     max_frame_length: usize,
 }
 
+/// How long shutdown waits for the work in flight to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -43,11 +46,7 @@ async fn main() -> anyhow::Result<()> {
         max_frame_length: args.max_frame_length,
     };
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(distributor::run(listener, config, shutdown.clone()));
-    shared::shutdown::shutdown_signal().await;
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .context("shutdown took too long")???;
+    let server = distributor::run(listener, config, shutdown.clone());
+    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())
 }

@@ -61,17 +61,7 @@ async fn main() -> anyhow::Result<()> {
         departure_grace: args.departure_grace,
     };
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(gateway::run(listener, config, shutdown.clone()));
-    tokio::select! {
-        _ = shared::shutdown::shutdown_signal() => {}
-        finished = &mut server => {
-            finished.context("the server task panicked")??;
-            return Ok(());
-        }
-    }
-    shutdown.cancel();
-    tokio::time::timeout(args.shutdown_timeout, server)
-        .await
-        .context("requests were still in flight when the shutdown timeout ran out")???;
+    let server = gateway::run(listener, config, shutdown.clone());
+    shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await?;
     Ok(())
 }

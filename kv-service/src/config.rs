@@ -14,7 +14,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// An unregistered service over `store` (tests, the load tool).
+    /// An unregistered service over `store` (tests).
     pub fn standalone(store: StoreConfig) -> Config {
         Config {
             store,

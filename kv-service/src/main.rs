@@ -28,6 +28,9 @@ struct Args {
     advertise_host: Option<String>,
 }
 
+/// How long shutdown waits for the work in flight to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -44,23 +47,7 @@ async fn main() -> anyhow::Result<()> {
         advertise_host: args.advertise_host,
     };
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(kv_service::run(
-        config,
-        rest_listener,
-        text_listener,
-        shutdown.clone(),
-    ));
-    tokio::select! {
-        _ = shared::shutdown::shutdown_signal() => {}
-        // A failure at start (store unreachable) ends the process without waiting for a signal.
-        finished = &mut server => {
-            finished.context("the server task panicked")??;
-            return Ok(());
-        }
-    }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .context("shutdown took too long")???;
+    let server = kv_service::run(config, rest_listener, text_listener, shutdown.clone());
+    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use shared::service::{Request, Response, Router};
 use tracing::warn;
 
 use crate::{
-    core::{Kv, KvError, DEFAULT_LIST_LIMIT},
+    core::{Kv, KvError, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT},
     store::Condition,
 };
 
@@ -73,7 +73,7 @@ async fn list(kv: &Kv, params: &Params<'_>) -> Response {
     let Ok(limit) = usize::try_from(limit) else {
         return Response::error(
             400,
-            format!("limit must be between 1 and 1000 (got {limit})"),
+            format!("limit must be between 1 and {MAX_LIST_LIMIT} (got {limit})"),
         );
     };
     match kv.list(prefix, after, limit).await {

@@ -177,11 +177,6 @@ impl RequestCodec {
         }
     }
 
-    /// Whether a request has begun but not ended.
-    pub fn in_request(&self) -> bool {
-        !matches!(self.state, State::Idle)
-    }
-
     /// Scans `src` from the start; returns how many bytes it consumed and the frame completed
     /// by the last of them, if any.
     fn scan(&mut self, src: &[u8]) -> Result<(usize, Option<Frame>), DecodeError> {

@@ -11,22 +11,20 @@
 //! connection only. The number of connections is capped by a semaphore; further clients wait in
 //! the listen backlog.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use shared::{
     connection::{tune_socket, WRITE_TIMEOUT},
-    service::accept_within,
+    service::serve_connections,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_util::{
     codec::{Decoder, Encoder},
     sync::CancellationToken,
-    task::TaskTracker,
 };
 use tracing::{debug, info, warn, Instrument};
 
@@ -35,9 +33,6 @@ use crate::{
     store::{Condition, Write, WriteOutcome},
     text_protocol::{DecodeError, Frame, Reply, Request, RequestCodec},
 };
-
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// Room made in the input buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -66,25 +61,18 @@ pub async fn serve(listener: TcpListener, kv: Kv, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving the text protocol");
     }
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let connections = TaskTracker::new();
-    while let Some((permit, stream, peer)) = accept_within(&listener, &limit, &shutdown).await {
+    serve_connections(listener, &shutdown, |stream, peer| {
         let kv = kv.clone();
         let shutdown = shutdown.clone();
-        connections.spawn(
-            async move {
-                match serve_connection(stream, &kv, &shutdown).await {
-                    Ok(()) => debug!("connection closed"),
-                    Err(err) => debug!(%err, "connection failed"),
-                }
-                drop(permit);
+        async move {
+            match serve_connection(stream, &kv, &shutdown).await {
+                Ok(()) => debug!("connection closed"),
+                Err(err) => debug!(%err, "connection failed"),
             }
-            .instrument(tracing::debug_span!("text_connection", %peer)),
-        );
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
+        }
+        .instrument(tracing::debug_span!("text_connection", %peer))
+    })
+    .await;
 }
 
 async fn serve_connection(

@@ -71,10 +71,6 @@ impl Cluster {
         Ok((cluster, ClusterListener { listener }))
     }
 
-    pub fn instance_id(&self) -> &str {
-        &self.instance_id
-    }
-
     /// Subscribers of the other live instances.
     pub async fn remote_presence(&self) -> Result<Vec<SubscriberInfo>, StoreError> {
         let rows: Vec<(Option<String>, String, i64)> = sqlx::query_as(

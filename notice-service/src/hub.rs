@@ -302,12 +302,9 @@ impl Hub {
         all
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.shared.state.lock().unwrap().subscribers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn unsubscribe(&self, id: u64) {
@@ -463,7 +460,7 @@ mod tests {
         let sub = hub.subscribe(interest(Some("alice"), &["t"])).unwrap();
         assert_eq!(hub.len(), 1);
         drop(sub);
-        assert!(hub.is_empty());
+        assert_eq!(hub.len(), 0);
         let state = hub.shared.state.lock().unwrap();
         assert!(state.by_topic.is_empty() && state.by_name.is_empty());
         drop(state);

@@ -35,6 +35,9 @@ struct Args {
     max_subscribers: usize,
 }
 
+/// How long shutdown waits for the work in flight to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -58,18 +61,7 @@ async fn main() -> anyhow::Result<()> {
         max_subscribers: args.max_subscribers,
     };
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(notice_service::run(listener, config, shutdown.clone()));
-    tokio::select! {
-        _ = shared::shutdown::shutdown_signal() => {}
-        // A failure at start (store unreachable) ends the process without waiting for a signal.
-        finished = &mut server => {
-            finished.context("the server task panicked")??;
-            return Ok(());
-        }
-    }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .context("shutdown took too long")???;
+    let server = notice_service::run(listener, config, shutdown.clone());
+    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())
 }

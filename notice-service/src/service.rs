@@ -70,10 +70,6 @@ impl NoticeService {
         &self.inner.hub
     }
 
-    pub fn cluster(&self) -> Option<&Cluster> {
-        self.inner.cluster.as_ref()
-    }
-
     pub fn retention(&self) -> &Retention {
         &self.inner.retention
     }

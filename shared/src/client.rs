@@ -135,10 +135,6 @@ impl PacketClient {
         }
     }
 
-    pub fn addr(&self) -> &str {
-        &self.handle.shared.addr
-    }
-
     pub fn is_connected(&self) -> bool {
         matches!(*self.shared().state.lock().unwrap(), State::Connected(_))
     }

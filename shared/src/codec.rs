@@ -79,10 +79,6 @@ impl<T> PacketCodec<T> {
         }
     }
 
-    pub fn max_frame_length(&self) -> usize {
-        self.max_frame_length
-    }
-
     /// Finds the next complete frame in `buf` and splits it off, delimiter included.
     /// Returns the frame's length without the delimiter.
     fn next_frame(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, CodecError> {

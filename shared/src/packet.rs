@@ -40,7 +40,8 @@ pub struct Packet {
     pub status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// On a request: the caller wants a stream of events rather than one answer.
+    /// On a request: the caller accepts a stream of events rather than one answer. On a
+    /// response: this packet is one event of a stream.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stream: bool,
     /// On a response: the last packet of a stream.
@@ -97,7 +98,7 @@ impl Packet {
             && self.event.is_none()
     }
 
-    /// True for the packets a node exchanges with the distributor on key 0.
+    /// True for a heartbeat packet (key 0, uri `/heartbeat`).
     pub fn is_heartbeat(&self) -> bool {
         self.key == 0 && self.uri == HEARTBEAT_URI
     }

@@ -39,7 +39,7 @@ use crate::{
 };
 
 /// Connections served at once; further ones wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 10_000;
+pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
@@ -268,30 +268,45 @@ pub async fn serve(
     info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
 
     let router = Arc::new(router);
-    let connections = TaskTracker::new();
+    serve_connections(listener, &shutdown, |stream, peer| {
+        serve_connection(stream, router.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("connection", %peer))
+    })
+    .await;
+    Ok(())
+}
+
+/// Accepts connections on `listener` until `shutdown` is cancelled and runs `handle(stream,
+/// peer)` for each as a task of its own; returns once every one of those tasks has ended (they
+/// watch `shutdown` themselves). At most [`MAX_CONNECTIONS`] are served at once, so no server
+/// can be driven out of file descriptors by opening connections. The packet servers (services,
+/// distributor) and the kv text server all accept this way.
+pub async fn serve_connections<F, Fut>(
+    listener: TcpListener,
+    shutdown: &CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    while let Some((permit, stream, peer)) = accept_within(&listener, &limit, &shutdown).await {
-        let router = router.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(
-            async move {
-                serve_connection(stream, router, shutdown).await;
-                drop(permit);
-            }
-            .instrument(tracing::info_span!("connection", %peer)),
-        );
+    let connections = TaskTracker::new();
+    while let Some((permit, stream, peer)) = accept_within(&listener, &limit, shutdown).await {
+        let connection = handle(stream, peer);
+        connections.spawn(async move {
+            connection.await;
+            drop(permit);
+        });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
-    Ok(())
 }
 
 /// Accepts the next connection while fewer than `limit`'s permits are out: waits for a free
 /// permit, then for a connection. The connection's task holds the permit and frees it when it
-/// ends. `None` once `shutdown` is cancelled. Every server of the workspace accepts this way, so
-/// none can be driven out of file descriptors by opening connections.
-pub async fn accept_within(
+/// ends. `None` once `shutdown` is cancelled.
+async fn accept_within(
     listener: &TcpListener,
     limit: &Arc<Semaphore>,
     shutdown: &CancellationToken,

@@ -1,5 +1,6 @@
 //! The in-memory store (`--store mem`): for development and tests. Nothing survives a restart,
-//! and its memory is bounded by the retention cap plus a fixed cap on pending schedules.
+//! and its memory is bounded by the retention caps when they are set, plus a fixed cap on
+//! pending schedules.
 
 use std::{
     collections::{BTreeMap, VecDeque},
