@@ -1,12 +1,12 @@
 //! What `run` needs to know, as a plain struct: main.rs fills it from flags and environment
 //! variables, tests fill it directly.
 
-pub use crate::store::StoreConfig;
+pub use crate::store::StoreSpec;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where the data lives.
-    pub store: StoreConfig,
+    pub store: StoreSpec,
     /// The distributor to register the REST routes with; `None` serves without registering.
     pub distributor: Option<String>,
     /// The host other nodes should connect to, when the socket's address is not it.
@@ -15,7 +15,7 @@ pub struct Config {
 
 impl Config {
     /// An unregistered service over `store` (tests).
-    pub fn standalone(store: StoreConfig) -> Config {
+    pub fn standalone(store: StoreSpec) -> Config {
         Config {
             store,
             distributor: None,

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::Config;
 use crate::{
     core::Kv,
-    store::{Store, StoreConfig, StoreError},
+    store::{Store, StoreError, StoreSpec},
 };
 
 /// The name the service registers under.
@@ -41,7 +41,7 @@ pub const SERVICE_NAME: &str = "kv";
 pub enum RunError {
     #[error("cannot open the store {store:?}: {source}")]
     Store {
-        store: StoreConfig,
+        store: StoreSpec,
         source: StoreError,
     },
     #[error("serving failed: {0}")]

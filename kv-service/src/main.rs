@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kv_service::config::{Config, StoreConfig};
+use kv_service::config::{Config, StoreSpec};
 use tokio_util::sync::CancellationToken;
 
 /// A versioned key-value store served as REST routes (through the gateway) and as a raw TCP
@@ -21,8 +21,8 @@ struct Args {
     distributor: String,
     /// Where the data lives: `mem`, `sqlite:PATH`, `postgres://USER@HOST/DB`, or `rdb`
     /// (= sqlite:kv.db).
-    #[arg(long, env = "KV_STORE", default_value = "sqlite:kv.db")]
-    store: StoreConfig,
+    #[arg(long, env = "KV_STORE", default_value = "sqlite:kv.db", value_parser = kv_service::store::parse_store_flag)]
+    store: StoreSpec,
     /// The host other nodes should connect to, when it differs from the socket's address.
     #[arg(long, env = "KV_ADVERTISE_HOST")]
     advertise_host: Option<String>,

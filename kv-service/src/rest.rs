@@ -13,6 +13,7 @@
 //! | `DELETE /kv/{key}`  | 200 `{key,deleted:true}`; 404                                     |
 //! | `GET /kv?prefix=&after=&limit=` | 200 `{items:[{key,value,version}],next}`              |
 
+use futures::{future::UnwrapOrElse, TryFuture, TryFutureExt};
 use serde_json::{json, Map, Value};
 use shared::service::{Request, Response, Router};
 use tracing::warn;
@@ -31,22 +32,27 @@ pub fn router(kv: Kv) -> Router {
         .route("DELETE", "/kv", handler(kv, delete))
 }
 
-fn handler<F, Fut>(kv: Kv, f: F) -> impl Fn(Request) -> Fut + Send + Sync + 'static
+/// A handler answers `Err` with the 400 for a malformed parameter, so it can stop at the first
+/// one with `?`; the route answers either way.
+type Answer = Result<Response, Response>;
+
+fn handler<F, Fut>(
+    kv: Kv,
+    f: F,
+) -> impl Fn(Request) -> UnwrapOrElse<Fut, fn(Response) -> Response> + Send + Sync + 'static
 where
     F: Fn(Kv, Request) -> Fut + Send + Sync + 'static,
+    Fut: TryFuture<Ok = Response, Error = Response>,
 {
-    move |request| f(kv.clone(), request)
+    move |request| f(kv.clone(), request).unwrap_or_else(std::convert::identity)
 }
 
-async fn get_or_list(kv: Kv, request: Request) -> Response {
-    let params = match Params::of(&request) {
-        Ok(params) => params,
-        Err(response) => return response,
-    };
+async fn get_or_list(kv: Kv, request: Request) -> Answer {
+    let params = Params::of(&request)?;
     let Some(key) = params.path_key() else {
         return list(&kv, &params).await;
     };
-    match kv.get(key).await {
+    Ok(match kv.get(key).await {
         Ok(Some(found)) => Response::ok(json!({
             "key": key,
             "value": found.value,
@@ -54,69 +60,44 @@ async fn get_or_list(kv: Kv, request: Request) -> Response {
         })),
         Ok(None) => not_found(key),
         Err(err) => failure(err),
-    }
+    })
 }
 
-async fn list(kv: &Kv, params: &Params<'_>) -> Response {
-    let prefix = match params.string("prefix") {
-        Ok(prefix) => prefix.unwrap_or(""),
-        Err(response) => return response,
-    };
-    let after = match params.string("after") {
-        Ok(after) => after.filter(|after| !after.is_empty()),
-        Err(response) => return response,
-    };
-    let limit = match params.number("limit") {
-        Ok(limit) => limit.unwrap_or(DEFAULT_LIST_LIMIT as i64),
-        Err(response) => return response,
-    };
+async fn list(kv: &Kv, params: &Params<'_>) -> Answer {
+    let prefix = params.string("prefix")?.unwrap_or("");
+    let after = params.string("after")?.filter(|after| !after.is_empty());
+    let limit = params.number("limit")?.unwrap_or(DEFAULT_LIST_LIMIT as i64);
     let Ok(limit) = usize::try_from(limit) else {
-        return Response::error(
+        return Err(Response::error(
             400,
             format!("limit must be between 1 and {MAX_LIST_LIMIT} (got {limit})"),
-        );
+        ));
     };
-    match kv.list(prefix, after, limit).await {
+    Ok(match kv.list(prefix, after, limit).await {
         Ok(page) => Response::ok(page),
         Err(err) => failure(err),
-    }
+    })
 }
 
-async fn put(kv: Kv, request: Request) -> Response {
-    let params = match Params::of(&request) {
-        Ok(params) => params,
-        Err(response) => return response,
+async fn put(kv: Kv, request: Request) -> Answer {
+    let params = Params::of(&request)?;
+    let condition = match params.number("if_version")? {
+        Some(version) => Condition::IfVersion(version),
+        None => Condition::Always,
     };
-    let key = match params.key() {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    let value = match params.value() {
-        Ok(value) => value,
-        Err(response) => return response,
-    };
-    let condition = match params.number("if_version") {
-        Ok(Some(version)) => Condition::IfVersion(version),
-        Ok(None) => Condition::Always,
-        Err(response) => return response,
-    };
-    write(&kv, key, value, condition, 200).await
+    Ok(write(&kv, params.key()?, params.value()?, condition, 200).await)
 }
 
-async fn create(kv: Kv, request: Request) -> Response {
-    let params = match Params::of(&request) {
-        Ok(params) => params,
-        Err(response) => return response,
-    };
-    let key = match params.key() {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    let value = match params.value() {
-        Ok(value) => value,
-        Err(response) => return response,
-    };
-    write(&kv, key, value, Condition::IfAbsent, 201).await
+async fn create(kv: Kv, request: Request) -> Answer {
+    let params = Params::of(&request)?;
+    Ok(write(
+        &kv,
+        params.key()?,
+        params.value()?,
+        Condition::IfAbsent,
+        201,
+    )
+    .await)
 }
 
 async fn write(kv: &Kv, key: &str, value: &str, condition: Condition, status: u16) -> Response {
@@ -129,20 +110,14 @@ async fn write(kv: &Kv, key: &str, value: &str, condition: Condition, status: u1
     }
 }
 
-async fn delete(kv: Kv, request: Request) -> Response {
-    let params = match Params::of(&request) {
-        Ok(params) => params,
-        Err(response) => return response,
-    };
-    let key = match params.key() {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    match kv.delete(key).await {
+async fn delete(kv: Kv, request: Request) -> Answer {
+    let params = Params::of(&request)?;
+    let key = params.key()?;
+    Ok(match kv.delete(key).await {
         Ok(true) => Response::ok(json!({ "key": key, "deleted": true })),
         Ok(false) => not_found(key),
         Err(err) => failure(err),
-    }
+    })
 }
 
 fn not_found(key: &str) -> Response {

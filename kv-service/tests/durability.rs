@@ -6,7 +6,7 @@ mod common;
 use std::{net::SocketAddr, process::Stdio};
 
 use common::{call, Backend, StoreFixture, TextClient, WAIT};
-use kv_service::{config::StoreConfig, text_protocol::OwnedReply};
+use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use serde_json::json;
 use shared::{Dialect, PacketClient};
 use tokio::{
@@ -22,11 +22,11 @@ struct Process {
     text_addr: SocketAddr,
 }
 
-fn store_flag(config: &StoreConfig) -> String {
+fn store_flag(config: &StoreSpec) -> String {
     match config {
-        StoreConfig::Memory => "mem".into(),
-        StoreConfig::Sqlite(path) => format!("sqlite:{}", path.display()),
-        StoreConfig::Postgres(url) => url.clone(),
+        StoreSpec::Memory => "mem".into(),
+        StoreSpec::Sqlite(path) => format!("sqlite:{}", path.display()),
+        StoreSpec::Postgres(url) => url.clone(),
     }
 }
 
@@ -50,7 +50,7 @@ fn addr_in(line: &str) -> Option<SocketAddr> {
 }
 
 impl Process {
-    async fn start(store: &StoreConfig) -> Process {
+    async fn start(store: &StoreSpec) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kv-service"))
             .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
             .args(["--distributor", ""])

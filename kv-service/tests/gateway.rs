@@ -7,7 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::{Backend, Service, StoreFixture, WAIT};
-use kv_service::{config::StoreConfig, text_protocol::OwnedReply, Config};
+use kv_service::{config::StoreSpec, text_protocol::OwnedReply, Config};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -56,7 +56,7 @@ impl Stack {
     }
 
     /// A kv-service registered with this stack's distributor.
-    async fn kv(&self, store: StoreConfig) -> Service {
+    async fn kv(&self, store: StoreSpec) -> Service {
         Service::start_with(Config {
             store,
             distributor: Some(self.distributor.to_string()),
@@ -109,7 +109,7 @@ impl Drop for Stack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_contract_through_the_gateway() {
     let stack = Stack::start().await;
-    let kv = stack.kv(StoreConfig::Memory).await;
+    let kv = stack.kv(StoreSpec::Memory).await;
     stack.wait_for_kv_nodes(1).await;
     let http = &stack.http;
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{call, Backend, Service, StoreFixture, WAIT};
+use common::{call, concurrent_put_versions, Backend, Service, StoreFixture};
 use kv_service::text_protocol::OwnedReply;
 use serde_json::json;
 
@@ -65,30 +65,7 @@ async fn two_replicas_on_one_postgres_serve_the_same_data() {
     assert_eq!(status, 409);
 
     // Concurrent puts on one key through both replicas: every version handed out once.
-    let mut tasks = Vec::new();
-    for i in 0..100 {
-        let client = if i % 2 == 0 {
-            rest_a.clone()
-        } else {
-            rest_b.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            let (status, body, _) = call(
-                &client,
-                "PUT",
-                json!({"params": "hot", "value": i.to_string()}),
-            )
-            .await
-            .unwrap();
-            assert_eq!(status, 200);
-            body["version"].as_i64().unwrap()
-        }));
-    }
-    let mut versions = Vec::new();
-    for task in tasks {
-        versions.push(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
-    }
-    versions.sort();
+    let versions = concurrent_put_versions(&[rest_a.clone(), rest_b.clone()], 100).await;
     assert_eq!(versions, (1..=100).collect::<Vec<i64>>());
 
     drop((rest_a, rest_b));

@@ -4,13 +4,13 @@
 
 mod common;
 
-use common::{call, Backend, Service, StoreFixture, WAIT};
-use kv_service::{config::StoreConfig, text_protocol::OwnedReply};
+use common::{call, concurrent_put_versions, Backend, Service, StoreFixture};
+use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use serde_json::{json, Value};
 use shared::PacketClient;
 
 async fn service() -> (Service, PacketClient) {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let client = service.rest().await;
     (service, client)
 }
@@ -346,26 +346,7 @@ async fn concurrent_rest_puts_on_each_store_never_lose_a_version() {
         };
         let service = Service::start(fixture.config.clone()).await;
         let client = service.rest().await;
-        let mut tasks = Vec::new();
-        for i in 0..100 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let (status, body, _) = call(
-                    &client,
-                    "PUT",
-                    json!({"params": "hot", "value": i.to_string()}),
-                )
-                .await
-                .unwrap();
-                assert_eq!(status, 200);
-                body["version"].as_i64().unwrap()
-            }));
-        }
-        let mut versions = Vec::new();
-        for task in tasks {
-            versions.push(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
-        }
-        versions.sort();
+        let versions = concurrent_put_versions(std::slice::from_ref(&client), 100).await;
         assert_eq!(versions, (1..=100).collect::<Vec<i64>>(), "{backend:?}");
         drop(client);
         service.stop().await;

@@ -409,7 +409,7 @@ async fn postgres_data_survives_reopening() {
 async fn sqlite_uses_wal_with_full_sync() {
     let opened = open(Backend::Sqlite).await.unwrap();
     put(&opened.store, "k", "v").await;
-    let kv_service::config::StoreConfig::Sqlite(path) = &opened.fixture.config else {
+    let kv_service::config::StoreSpec::Sqlite(path) = &opened.fixture.config else {
         unreachable!()
     };
     let wal = path.with_file_name("kv.db-wal");

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Backend, Service, StoreFixture, TextClient, WAIT};
-use kv_service::{config::StoreConfig, text_protocol::OwnedReply};
+use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn value(text: &str) -> OwnedReply {
@@ -23,7 +23,7 @@ fn is_err(reply: &OwnedReply) -> bool {
 
 #[tokio::test]
 async fn put_get_del_over_one_connection() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     assert_eq!(client.call("get<1>").await, none("1"));
     assert_eq!(client.call("put<1,hello>").await, ok("1"));
@@ -35,7 +35,7 @@ async fn put_get_del_over_one_connection() {
 
 #[tokio::test]
 async fn glued_requests_get_their_answers_in_order() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     client
         .send("get<1>put<1,hello>get<1>put<1,again>get<1>del<1>get<1>")
@@ -60,7 +60,7 @@ async fn glued_requests_get_their_answers_in_order() {
 
 #[tokio::test]
 async fn requests_written_one_byte_at_a_time() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     for byte in b"put<k\\,1,v\\>1>\nget<k\\,1>" {
         client.send([*byte]).await;
@@ -73,7 +73,7 @@ async fn requests_written_one_byte_at_a_time() {
 
 #[tokio::test]
 async fn answers_are_escaped() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     client.send("put<a\\<b,\\<c\\,d\\>\\\\>get<a\\<b>").await;
     let mut raw = Vec::new();
@@ -96,7 +96,7 @@ async fn answers_are_escaped() {
 
 #[tokio::test]
 async fn malformed_requests_get_errors_and_the_connection_keeps_working() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     for bad in [
         "set<a,b>",
@@ -123,7 +123,7 @@ async fn malformed_requests_get_errors_and_the_connection_keeps_working() {
 
 #[tokio::test]
 async fn a_request_over_the_limit_is_answered_and_the_connection_closed() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     let mut request = b"get<".to_vec();
     request.extend(std::iter::repeat_n(b'k', 2000));
@@ -161,7 +161,7 @@ async fn a_request_over_the_limit_is_answered_and_the_connection_closed() {
 
 #[tokio::test]
 async fn an_incomplete_request_at_end_of_input_gets_an_error() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     client.send("put<a,1>get<a").await;
     client.stream_mut().shutdown().await.unwrap();
@@ -175,7 +175,7 @@ async fn an_incomplete_request_at_end_of_input_gets_an_error() {
 
 #[tokio::test]
 async fn an_idle_connection_stays_open() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     assert_eq!(client.call("put<a,1>").await, ok("a"));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -184,7 +184,7 @@ async fn an_idle_connection_stays_open() {
 
 #[tokio::test]
 async fn clients_that_vanish_or_misbehave_do_not_disturb_others() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut steady = service.text().await;
     assert_eq!(steady.call("put<a,1>").await, ok("a"));
 
@@ -213,7 +213,7 @@ async fn clients_that_vanish_or_misbehave_do_not_disturb_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_pipelining_connections_each_get_their_own_answers() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut tasks = Vec::new();
     for connection in 0..50 {
         let addr = service.text_addr;
@@ -239,7 +239,7 @@ async fn many_pipelining_connections_each_get_their_own_answers() {
 
 #[tokio::test]
 async fn shutdown_closes_idle_connections_and_run_returns() {
-    let service = Service::start(StoreConfig::Memory).await;
+    let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     assert_eq!(client.call("put<a,1>").await, ok("a"));
     service.stop().await;

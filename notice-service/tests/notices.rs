@@ -13,8 +13,7 @@ use shared::{codec::PacketCodec, connection::PacketReader, Packet};
 use tokio::io::AsyncWriteExt;
 
 fn sqlite_config(dir: &tempfile::TempDir) -> Config {
-    let path = dir.path().join("notices.db");
-    Config::new(StoreSpec::Sqlite(path.to_str().unwrap().to_string()))
+    Config::new(StoreSpec::Sqlite(dir.path().join("notices.db")))
 }
 
 /// Reads notice events until the one with `marker` as its message; returns the messages before.

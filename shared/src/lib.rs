@@ -13,6 +13,7 @@
 //!   registered with the distributor.
 //! - [`distributor_client`]: registration and topology updates, for services and the gateway.
 //! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
+//! - [`store_spec`]: the `--store` flag of the services that keep data.
 //!
 //! docs/PROTOCOL.md describes the wire format this crate implements.
 
@@ -23,6 +24,7 @@ pub mod distributor_client;
 pub mod packet;
 pub mod service;
 pub mod shutdown;
+pub mod store_spec;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -15,11 +15,45 @@ use tokio_util::sync::CancellationToken;
 /// Upper bound for anything that should happen promptly; only reached when a test fails.
 pub const PROMPTLY: Duration = Duration::from_secs(15);
 
+/// A server task of a test, cancelled when dropped.
+struct Served {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Served {
+    fn spawn(run: impl FnOnce(CancellationToken) -> JoinHandle<std::io::Result<()>>) -> Served {
+        let shutdown = CancellationToken::new();
+        let task = run(shutdown.clone());
+        Served {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Cancels it and waits until it has stopped; `what` names it in a failure.
+    async fn stop(&mut self, what: &str) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            timeout(PROMPTLY, task)
+                .await
+                .unwrap_or_else(|_| panic!("the {what} did not stop promptly"))
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 /// A distributor served in-process; stopped when dropped.
 pub struct Distributor {
     pub addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    served: Served,
 }
 
 impl Distributor {
@@ -31,79 +65,45 @@ impl Distributor {
     pub async fn start_at(addr: SocketAddr) -> Distributor {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(distributor::run(
-            listener,
-            distributor::Config::default(),
-            shutdown.clone(),
-        ));
-        Distributor {
-            addr,
-            shutdown,
-            task: Some(task),
-        }
+        let served = Served::spawn(|shutdown| {
+            tokio::spawn(distributor::run(
+                listener,
+                distributor::Config::default(),
+                shutdown,
+            ))
+        });
+        Distributor { addr, served }
     }
 
     /// Stops it; every node's connection to it closes.
     pub async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            timeout(PROMPTLY, task)
-                .await
-                .expect("the distributor stops promptly")
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for Distributor {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.served.stop("distributor").await;
     }
 }
 
 /// A service node on the shared runtime, registered with a distributor; stopped when dropped.
 pub struct Service {
     pub addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    served: Served,
 }
 
 impl Service {
     pub async fn start(name: &str, router: Router, distributor: SocketAddr) -> Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let config = ServiceConfig {
             name: name.into(),
             distributor: Some(distributor.to_string()),
             advertise_host: None,
         };
-        let task = tokio::spawn(serve(listener, router, config, shutdown.clone()));
-        Service {
-            addr,
-            shutdown,
-            task: Some(task),
-        }
+        let served =
+            Served::spawn(|shutdown| tokio::spawn(serve(listener, router, config, shutdown)));
+        Service { addr, served }
     }
 
     /// Stops it gracefully: its connections close once its requests are answered.
     pub async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            timeout(PROMPTLY, task)
-                .await
-                .expect("the service stops promptly")
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.served.stop("service").await;
     }
 }
 

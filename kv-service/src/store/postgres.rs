@@ -14,8 +14,8 @@ use sqlx::{
 };
 
 use super::{
-    lower_bound, prefix_upper_bound, utf8, Condition, Item, KvStore, PutOutcome, StoreError,
-    Versioned,
+    item_rows, lower_bound, prefix_upper_bound, versioned_row, Condition, Item, KvStore,
+    PutOutcome, StoreError, Versioned,
 };
 
 const MAX_CONNECTIONS: u32 = 16;
@@ -70,13 +70,7 @@ impl KvStore for PostgresStore {
                 .bind(key.as_bytes())
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|(value, version)| {
-            Ok(Versioned {
-                value: utf8(value)?,
-                version,
-            })
-        })
-        .transpose()
+        versioned_row(row)
     }
 
     async fn put(
@@ -148,14 +142,6 @@ impl KvStore for PostgresStore {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(|(key, value, version)| {
-                Ok(Item {
-                    key: utf8(key)?,
-                    value: utf8(value)?,
-                    version,
-                })
-            })
-            .collect()
+        item_rows(rows)
     }
 }

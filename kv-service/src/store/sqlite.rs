@@ -25,8 +25,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    lower_bound, prefix_upper_bound, utf8, Condition, Item, KvStore, PutOutcome, StoreError,
-    Versioned, Write, WriteOutcome,
+    item_rows, lower_bound, prefix_upper_bound, versioned_row, Condition, Item, KvStore,
+    PutOutcome, StoreError, Versioned, Write, WriteOutcome,
 };
 
 /// Writes applied in one transaction at most; bounds the latency a batch adds to its first write.
@@ -117,13 +117,7 @@ impl KvStore for SqliteStore {
                 .bind(key.as_bytes())
                 .fetch_optional(&self.readers)
                 .await?;
-        row.map(|(value, version)| {
-            Ok(Versioned {
-                value: utf8(value)?,
-                version,
-            })
-        })
-        .transpose()
+        versioned_row(row)
     }
 
     async fn put(
@@ -174,15 +168,7 @@ impl KvStore for SqliteStore {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.readers)
             .await?;
-        rows.into_iter()
-            .map(|(key, value, version)| {
-                Ok(Item {
-                    key: utf8(key)?,
-                    value: utf8(value)?,
-                    version,
-                })
-            })
-            .collect()
+        item_rows(rows)
     }
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {

@@ -7,10 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use kv_service::{
-    config::{Config, StoreConfig},
+    config::{Config, StoreSpec},
     text_protocol::{OwnedReply, ReplyCodec},
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use shared::{testing::TestPostgres, Dialect, Packet, PacketClient};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{codec::Framed, sync::CancellationToken};
@@ -27,7 +27,7 @@ pub enum Backend {
 
 /// A store configuration plus whatever keeps its data alive (a temp dir, a PostgreSQL server).
 pub struct StoreFixture {
-    pub config: StoreConfig,
+    pub config: StoreSpec,
     _dir: Option<tempfile::TempDir>,
     pub postgres: Option<TestPostgres>,
 }
@@ -37,14 +37,14 @@ impl StoreFixture {
     pub async fn new(backend: Backend) -> Option<StoreFixture> {
         Some(match backend {
             Backend::Memory => StoreFixture {
-                config: StoreConfig::Memory,
+                config: StoreSpec::Memory,
                 _dir: None,
                 postgres: None,
             },
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 StoreFixture {
-                    config: StoreConfig::Sqlite(dir.path().join("kv.db")),
+                    config: StoreSpec::Sqlite(dir.path().join("kv.db")),
                     _dir: Some(dir),
                     postgres: None,
                 }
@@ -56,7 +56,7 @@ impl StoreFixture {
                         .expect("PostgreSQL did not start in time")?;
                 let url = postgres.create_database("kv").await;
                 StoreFixture {
-                    config: StoreConfig::Postgres(url),
+                    config: StoreSpec::Postgres(url),
                     _dir: None,
                     postgres: Some(postgres),
                 }
@@ -74,7 +74,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub async fn start(store: StoreConfig) -> Service {
+    pub async fn start(store: StoreSpec) -> Service {
         Self::start_with(Config::standalone(store)).await
     }
 
@@ -190,4 +190,31 @@ pub async fn call(
         .await
         .context("no answer in time")??;
     Ok((answer.status(), answer.params, answer.error))
+}
+
+/// Sends `count` concurrent `PUT /kv/hot` requests spread round-robin over `clients`; each must
+/// be answered 200. Returns the versions they were given, sorted.
+pub async fn concurrent_put_versions(clients: &[PacketClient], count: usize) -> Vec<i64> {
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            tokio::spawn(async move {
+                let (status, body, _) = call(
+                    &client,
+                    "PUT",
+                    json!({"params": "hot", "value": i.to_string()}),
+                )
+                .await
+                .unwrap();
+                assert_eq!(status, 200);
+                body["version"].as_i64().unwrap()
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        versions.push(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
+    }
+    versions.sort();
+    versions
 }

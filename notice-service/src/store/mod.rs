@@ -12,7 +12,7 @@ mod memory;
 mod postgres;
 mod sqlite;
 
-use std::{fmt, str::FromStr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -94,49 +94,7 @@ pub trait Store: Send + Sync + 'static {
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
-/// The `--store` flag: `mem`, `sqlite:PATH` or `postgres://...`.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StoreSpec {
-    Memory,
-    Sqlite(String),
-    Postgres(String),
-}
-
-impl FromStr for StoreSpec {
-    type Err = String;
-
-    fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        if spec == "mem" || spec == "memory" {
-            Ok(StoreSpec::Memory)
-        } else if let Some(path) = spec.strip_prefix("sqlite:") {
-            let path = path.strip_prefix("//").unwrap_or(path);
-            if path.is_empty() {
-                return Err("sqlite store needs a path, e.g. sqlite:notices.db".into());
-            }
-            Ok(StoreSpec::Sqlite(path.to_string()))
-        } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-            Ok(StoreSpec::Postgres(spec.to_string()))
-        } else {
-            Err(format!(
-                "unknown store {spec:?}: use mem, sqlite:PATH or postgres://USER@HOST/DB"
-            ))
-        }
-    }
-}
-
-/// Hides a PostgreSQL password when the spec is logged.
-impl fmt::Debug for StoreSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreSpec::Memory => write!(f, "mem"),
-            StoreSpec::Sqlite(path) => write!(f, "sqlite:{path}"),
-            StoreSpec::Postgres(url) => match url.split_once('@') {
-                Some((_, host)) => write!(f, "postgres://…@{host}"),
-                None => write!(f, "{url}"),
-            },
-        }
-    }
-}
+pub use shared::store_spec::StoreSpec;
 
 /// An opened store; PostgreSQL also hands out its pool, which the cluster layer uses for
 /// LISTEN/NOTIFY and presence.
@@ -205,35 +163,5 @@ impl ScheduledRow {
             topic: self.topic,
             to: self.recipient,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn specs_parse() {
-        assert_eq!("mem".parse::<StoreSpec>(), Ok(StoreSpec::Memory));
-        assert_eq!(
-            "sqlite:notices.db".parse::<StoreSpec>(),
-            Ok(StoreSpec::Sqlite("notices.db".into()))
-        );
-        assert_eq!(
-            "sqlite:///tmp/n.db".parse::<StoreSpec>(),
-            Ok(StoreSpec::Sqlite("/tmp/n.db".into()))
-        );
-        assert!("postgres://u:secret@h/db".parse::<StoreSpec>().is_ok());
-        assert!("sqlite:".parse::<StoreSpec>().is_err());
-        assert!("redis://x"
-            .parse::<StoreSpec>()
-            .unwrap_err()
-            .contains("unknown store"));
-    }
-
-    #[test]
-    fn spec_debug_hides_the_password() {
-        let spec: StoreSpec = "postgres://u:secret@h/db".parse().unwrap();
-        assert!(!format!("{spec:?}").contains("secret"));
     }
 }

@@ -21,7 +21,7 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &str) -> Result<SqliteStore, StoreError> {
+    pub async fn open(path: &std::path::Path) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -201,7 +201,7 @@ mod tests {
     async fn sqlite_store_conformance() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notices.db");
-        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
         crate::store::conformance::run_all(&store).await;
     }
 
@@ -209,17 +209,16 @@ mod tests {
     async fn sqlite_keeps_notices_and_schedules_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notices.db");
-        let path = path.to_str().unwrap();
         let now = Utc::now();
         let first = {
-            let store = SqliteStore::open(path).await.unwrap();
+            let store = SqliteStore::open(&path).await.unwrap();
             let n = NewNotice::new(Some("kept".into()), None, None).unwrap();
             let first = store.insert(n.clone(), now).await.unwrap();
             store.schedule(n, now).await.unwrap();
             store.pool.close().await;
             first
         };
-        let store = SqliteStore::open(path).await.unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
         let all = store
             .query(&NoticeQuery {
                 after: 0,
