@@ -145,7 +145,36 @@ enum Answer {
 
 /// Sends `packet` to the route's nodes in rotation until one takes it.
 async fn send(route: &Route, packet: Packet, retryable: bool) -> Result<Answer, ProxyError> {
-    let mut nodes = route.rotation().peekable();
+    try_in_turn(
+        route.rotation(),
+        packet,
+        retryable,
+        |node, packet| call(node, packet),
+        |node| node.addr.clone(),
+    )
+    .await?
+    .ok_or_else(|| ProxyError::NoNode {
+        route: route.url.to_string(),
+    })
+}
+
+/// The retry rule: tries `nodes` in order with `call` until one takes the packet. Only a
+/// `retryable` request whose node was not connected (so the request was not written) moves on to
+/// the next node; any other failure is the request's answer. `None` when no node took it.
+/// `addr` names a node in the log (called only when debug logging is on).
+async fn try_in_turn<N, F, Fut>(
+    nodes: impl Iterator<Item = N>,
+    packet: Packet,
+    retryable: bool,
+    mut call: F,
+    addr: impl Fn(N) -> String,
+) -> Result<Option<Answer>, ProxyError>
+where
+    N: Copy,
+    F: FnMut(N, Packet) -> Fut,
+    Fut: std::future::Future<Output = Result<Answer, ClientError>>,
+{
+    let mut nodes = nodes.peekable();
     let mut packet = Some(packet);
     while let Some(node) = nodes.next() {
         let another = retryable && nodes.peek().is_some();
@@ -159,7 +188,10 @@ async fn send(route: &Route, packet: Packet, retryable: bool) -> Result<Answer, 
         let Some(attempt) = attempt else { break };
         match call(node, attempt).await {
             Err(ClientError::NotConnected) if another => {
-                debug!(node = %node.addr, "connection just dropped; trying the next node");
+                debug!(
+                    node = addr(node),
+                    "connection just dropped; trying the next node"
+                );
             }
             Err(ClientError::NotConnected) => break,
             Err(ClientError::ConnectionClosed) => return Err(ProxyError::ConnectionClosed),
@@ -171,12 +203,10 @@ async fn send(route: &Route, packet: Packet, retryable: bool) -> Result<Answer, 
                     "the request cannot be sent: {err}"
                 )))
             }
-            Ok(answer) => return Ok(answer),
+            Ok(answer) => return Ok(Some(answer)),
         }
     }
-    Err(ProxyError::NoNode {
-        route: route.url.to_string(),
-    })
+    Ok(None)
 }
 
 /// Sends one request to one node and waits for its first answer.
@@ -450,6 +480,69 @@ mod tests {
         let mut params = Map::new();
         let result = merge_body(&mut params, &headers(None), &[0xff, 0xfe, 0x00]);
         assert!(matches!(result, Err(ProxyError::BadRequest(_))));
+    }
+
+    /// A test node: its name, and the answer it gives.
+    type TestNode = (&'static str, fn() -> Result<Answer, ClientError>);
+
+    /// Runs the retry rule over `nodes`; returns the outcome and the nodes that were tried.
+    async fn tried(
+        nodes: &[TestNode],
+        retryable: bool,
+    ) -> (Result<Option<Answer>, ProxyError>, Vec<&'static str>) {
+        let mut tried = Vec::new();
+        let outcome = try_in_turn(
+            nodes.iter(),
+            Packet::request("PUT", "/kv", serde_json::json!({})),
+            retryable,
+            |(name, answer), _packet| {
+                tried.push(*name);
+                std::future::ready(answer())
+            },
+            |(name, _)| name.to_string(),
+        )
+        .await;
+        (outcome, tried)
+    }
+
+    fn not_connected() -> Result<Answer, ClientError> {
+        Err(ClientError::NotConnected)
+    }
+
+    fn closed() -> Result<Answer, ClientError> {
+        Err(ClientError::ConnectionClosed)
+    }
+
+    fn answered() -> Result<Answer, ClientError> {
+        Ok(Answer::Plain(Packet::default()))
+    }
+
+    #[tokio::test]
+    async fn a_retryable_request_moves_past_a_node_whose_connection_just_dropped() {
+        let (outcome, tried) = tried(&[("a", not_connected), ("b", answered)], true).await;
+        assert!(matches!(outcome, Ok(Some(Answer::Plain(_)))));
+        assert_eq!(tried, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn other_requests_stop_at_the_first_node() {
+        let (outcome, tried) = tried(&[("a", not_connected), ("b", answered)], false).await;
+        assert!(matches!(outcome, Ok(None)));
+        assert_eq!(tried, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_after_the_request_was_written_is_not_retried() {
+        let (outcome, tried) = tried(&[("a", closed), ("b", answered)], true).await;
+        assert!(matches!(outcome, Err(ProxyError::ConnectionClosed)));
+        assert_eq!(tried, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn no_node_taking_the_request_is_none() {
+        let (outcome, tried) = tried(&[("a", not_connected), ("b", not_connected)], true).await;
+        assert!(matches!(outcome, Ok(None)));
+        assert_eq!(tried, ["a", "b"]);
     }
 
     #[test]
