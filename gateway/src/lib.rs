@@ -15,13 +15,14 @@
 //! - [`sse`]: a node's stream → `text/event-stream`.
 //! - [`error`]: the gateway's own error answers (404, 503, 504, 502, 400, 413).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`http`]: serves HTTP/1.1 connections.
 //! - `endpoints`: `/healthz`, `/metrics`, `/_/topology` and the status page at `/`.
 //!
 //! docs/HTTP.md describes the behaviour from the outside.
 
 use std::sync::Arc;
 
-use axum::{routing::get, serve::ListenerExt, Router};
+use axum::{routing::get, Router};
 use shared::{
     distributor_client::DistributorClient,
     packet::{Registration, PROTOCOL_VERSION},
@@ -29,11 +30,12 @@ use shared::{
 };
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::info;
 
 pub mod config;
 mod endpoints;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
@@ -106,15 +108,7 @@ pub async fn run_with_topology(
     });
     let app = router(state);
     info!(%addr, "gateway listening");
-    let listener = listener.tap_io(|stream| {
-        // Answers are written whole; Nagle's algorithm would only delay them.
-        if let Err(err) = stream.set_nodelay(true) {
-            debug!(%err, "set_nodelay failed");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    http::serve(listener, app, shutdown).await;
     info!("gateway stopped");
     Ok(())
 }

@@ -27,8 +27,9 @@ use crate::{metrics::GaugeGuard, AppState};
 
 /// The state of one relayed stream.
 struct Relay {
-    /// The first event, already received while the request waited for its answer.
-    first: Option<Packet>,
+    /// The first event, already received while the request waited for its answer. Boxed: the
+    /// relay lives as long as the stream and this is empty after the first poll.
+    first: Option<Box<Packet>>,
     /// `None` once the stream has ended.
     answers: Option<ResponseStream>,
     shutdown: CancellationToken,
@@ -42,7 +43,7 @@ pub(crate) fn respond(
     state: &AppState,
 ) -> Response {
     let relay = Relay {
-        first,
+        first: first.map(Box::new),
         answers,
         shutdown: state.shutdown.clone(),
         _open: state.metrics.open_stream(),
@@ -56,7 +57,7 @@ pub(crate) fn respond(
 async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Relay)> {
     loop {
         let answer = match relay.first.take() {
-            Some(first) => Ok(first),
+            Some(first) => Ok(*first),
             None => {
                 let answers = relay.answers.as_mut()?;
                 tokio::select! {

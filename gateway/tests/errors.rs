@@ -13,7 +13,12 @@ use shared::{
     packet::{Registration, PROTOCOL_VERSION},
     service::{Response, Router},
 };
-use tokio::{io::AsyncReadExt, net::TcpListener, sync::oneshot, time::timeout};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::oneshot,
+    time::timeout,
+};
 use tokio_util::sync::CancellationToken;
 
 async fn error_of(response: reqwest::Response) -> (StatusCode, String) {
@@ -301,5 +306,31 @@ async fn service_errors_pass_through_with_their_status() {
     assert_eq!(
         made.json::<Value>().await.unwrap(),
         serde_json::json!({"id": 7})
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    let distributor = Distributor::start().await;
+    let gateway = Gateway::start(distributor.addr, |_| {}).await;
+    let mut socket = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed = timeout(
+        gateway::http::HEADER_READ_TIMEOUT * 2,
+        socket.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the gateway closes a connection whose request head never ends"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.contains("200 OK"),
+        "an unfinished request is not answered as if it were whole: {answer}"
     );
 }

@@ -9,7 +9,11 @@ use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::service::{Response, Router};
-use tokio::{sync::mpsc, time::timeout};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+    time::timeout,
+};
 
 fn holding_router(started: mpsc::UnboundedSender<()>) -> Router {
     Router::new()
@@ -78,4 +82,31 @@ async fn open_event_streams_end_at_shutdown() {
         stream.rest().await.is_empty(),
         "the stream ended without events"
     );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_does_not_hold_up_shutdown() {
+    let distributor = Distributor::start().await;
+    let mut gateway = Gateway::start(distributor.addr, |_| {}).await;
+    let mut socket = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0; 1024];
+    let read = timeout(PROMPTLY, socket.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]);
+    assert!(head.starts_with("HTTP/1.1 200"), "answered: {head}");
+
+    // The connection stays open (keep-alive) and idle while the gateway stops.
+    timeout(PROMPTLY, gateway.stop())
+        .await
+        .expect("an idle connection does not hold up shutdown")
+        .expect("run returns cleanly");
+    let mut rest = Vec::new();
+    let closed = timeout(PROMPTLY, socket.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the gateway closed the idle connection");
 }

@@ -55,6 +55,8 @@ impl Process {
             .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
             .args(["--distributor", ""])
             .args(["--store", &store_flag(store)])
+            // One serving thread, as kv-bench runs it: that runtime must be as durable.
+            .args(["--threads", "1"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -256,7 +258,9 @@ async fn help_lists_every_flag() {
         "--distributor",
         "--store",
         "--advertise-host",
+        "--threads",
         "[env: KV_LISTEN=]",
+        "[env: KV_THREADS=]",
         "[env: KV_STORE=]",
         "[default: 0.0.0.0:9010]",
         "[default: 0.0.0.0:8395]",

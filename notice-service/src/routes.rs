@@ -239,6 +239,8 @@ async fn stream_notices(service: NoticeService, request: Request, sink: EventSin
         Ok(subscription) => subscription,
         Err(response) => return response,
     };
+    // Not needed any more; dropped here so the subscription's future does not keep it.
+    drop(request);
     let mut feed = match service.subscribe(interest, after) {
         Ok(feed) => feed,
         Err(err @ (SubscribeError::Full(_) | SubscribeError::ShuttingDown)) => {

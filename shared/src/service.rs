@@ -125,7 +125,8 @@ pub struct SinkClosed;
 /// [`EventSink::open`] (or sends its first event), which tells the caller at once that the stream
 /// has started, even if the first real event is a long time coming.
 pub struct EventSink {
-    request: Packet,
+    /// What every event repeats of the request (uri, method, key); shared with the stream's task.
+    request: Arc<Packet>,
     outgoing: mpsc::Sender<Bytes>,
     cancelled: CancellationToken,
     opened: std::sync::atomic::AtomicBool,
@@ -149,13 +150,15 @@ impl EventSink {
         }
         self.opened
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let packet = Packet {
+        // Encoded before the wait, so the packet is not kept in the waiting future: an idle
+        // subscription's memory is mostly its futures.
+        let frame = encode_frame(&Packet {
             stream: true,
             id: event.id,
             event: event.event,
             ..Packet::reply_to(&self.request, event.data)
-        };
-        let frame = encode_frame(&packet).map_err(|_| SinkClosed)?;
+        })
+        .map_err(|_| SinkClosed)?;
         tokio::select! {
             _ = self.cancelled.cancelled() => Err(SinkClosed),
             sent = self.outgoing.send(frame) => sent.map_err(|_| SinkClosed),
@@ -483,6 +486,9 @@ fn dispatch(
             let cancelled = connection_closed.child_token();
             let serial = streams.start(packet.key, cancelled.clone());
             let streams = streams.clone();
+            // The task keeps only what answers repeat of the request, shared with the sink: it
+            // lives as long as the subscription, idle most of the time.
+            let reply = Arc::new(Packet::reply_to(&packet, Value::Null));
             // Streams are not tracked with the requests: shutdown cancels them rather than
             // waiting for them, since a subscription may never end on its own.
             tokio::spawn(
@@ -491,7 +497,7 @@ fn dispatch(
                         unreachable!("matched as stream above");
                     };
                     let sink = EventSink {
-                        request: Packet::reply_to(&packet, Value::Null),
+                        request: reply.clone(),
                         outgoing: outgoing.clone(),
                         cancelled: cancelled.clone(),
                         opened: Default::default(),
@@ -500,13 +506,17 @@ fn dispatch(
                         _ = cancelled.cancelled() => None,
                         response = handler(request, sink) => Some(response),
                     };
-                    streams.finished(packet.key, serial);
+                    streams.finished(reply.key, serial);
                     if let Some(response) = end {
-                        let end = Packet {
+                        // Encoded before the wait, like events, so that the end packet does
+                        // not size the task of every idle subscription.
+                        let end = encode_answer(&Packet {
                             end: true,
-                            ..response.into_packet(&packet)
-                        };
-                        send_packet(&outgoing, &end).await;
+                            ..response.into_packet(&reply)
+                        });
+                        if let Some(frame) = end {
+                            let _ = outgoing.send(frame).await;
+                        }
                     }
                 }
                 .instrument(span),
@@ -516,11 +526,14 @@ fn dispatch(
 }
 
 async fn send_packet(outgoing: &mpsc::Sender<Bytes>, packet: &Packet) {
-    match encode_frame(packet) {
-        // A closed channel means the connection is gone; nobody is left to answer.
-        Ok(frame) => {
-            let _ = outgoing.send(frame).await;
-        }
-        Err(err) => warn!(%err, "could not encode an answer"),
+    // A closed channel means the connection is gone; nobody is left to answer.
+    if let Some(frame) = encode_answer(packet) {
+        let _ = outgoing.send(frame).await;
     }
+}
+
+fn encode_answer(packet: &Packet) -> Option<Bytes> {
+    encode_frame(packet)
+        .inspect_err(|err| warn!(%err, "could not encode an answer"))
+        .ok()
 }

@@ -9,7 +9,8 @@
 //! space and value size, then prints both and the ratio.
 //!
 //! The client runs on one thread, as redis-benchmark does, so both loads cost the same share
-//! of the machine.
+//! of the machine; the kv-service it starts serves on one thread too (`--service-threads`), as
+//! redis-server runs its commands.
 //!
 //! ```text
 //! cargo build --release -p kv-service
@@ -87,6 +88,10 @@ struct Args {
     /// Runs of each measurement; the median is reported.
     #[arg(long, env = "KV_BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
+    /// `--threads` of the kv-service started here (0: one per core). One by default, as
+    /// redis-server runs every command on one thread.
+    #[arg(long, env = "KV_BENCH_SERVICE_THREADS", default_value_t = 1)]
+    service_threads: usize,
     /// Skip the redis baseline.
     #[arg(long, env = "KV_BENCH_NO_REDIS")]
     no_redis: bool,
@@ -157,12 +162,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
-        "kv-bench: {} connections, keyspace {}, {}-byte values, {} cores, median of {} rounds",
+        "kv-bench: {} connections, keyspace {}, {}-byte values, {} cores, median of {} rounds, \
+         kv-service --threads {}",
         args.connections,
         args.keyspace,
         args.value_size,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        args.rounds
+        args.rounds,
+        args.service_threads,
     );
     let mut redis = if args.no_redis {
         None
@@ -541,6 +548,7 @@ impl Service {
         let mut child = Command::new(&binary)
             .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
             .args(["--distributor", "", "--store", &store])
+            .args(["--threads", &args.service_threads.to_string()])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -1,32 +1,45 @@
 //! The in-memory store (`--store mem`): the fastest, and gone when the process ends.
 //!
-//! Entries live in hash maps split into shards by key, each behind its own std mutex, so gets and
-//! puts on different keys rarely wait for each other and cost one hash lookup rather than a walk
-//! down an ordered tree. A separate ordered index of the keys serves `list`; only inserting a new
-//! key or deleting one touches it. Locks are held only for the map operation itself, never across
-//! an `.await`, so plain mutexes are cheaper than async ones (see mini-redis's db.rs).
+//! Entries live in hash tables split into shards by key, each behind its own std mutex, so gets
+//! and puts on different keys rarely wait for each other and cost one hash lookup rather than a
+//! walk down an ordered tree. A key is hashed once: some bits of the hash pick the shard and the
+//! whole hash finds the entry in it. A separate ordered index of the keys serves `list`; only
+//! inserting a new key or deleting one touches it. Locks are held only for the table operation
+//! itself, never across an `.await`, so plain mutexes are cheaper than async ones (see
+//! mini-redis's db.rs).
 //!
 //! Lock order: a shard, then the index. `list` never holds both: it reads candidate keys from the
 //! index, lets it go, then looks each key up in its shard.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     hash::BuildHasher,
     ops::Bound,
     sync::{Arc, Mutex, MutexGuard},
 };
+
+use hashbrown::{hash_table::Entry as Slot, DefaultHashBuilder, HashTable};
 
 use super::{Condition, Item, KvStore, PutOutcome, StoreError, Versioned};
 
 /// Enough shards that the connections of a 2 to 16 core machine seldom meet on one lock.
 const SHARDS: usize = 16;
 
-type Shard = HashMap<Arc<str>, Versioned>;
+/// Bits 32 and up of a key's hash pick its shard: the table inside the shard uses the low bits
+/// for the bucket and the top 7 for its tags, so the shard's bits leave both evenly spread.
+const SHARD_SHIFT: u32 = 32;
+
+struct Entry {
+    key: Arc<str>,
+    versioned: Versioned,
+}
+
+type Shard = HashTable<Entry>;
 
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    /// Picks a key's shard; randomly seeded, so clients cannot aim their keys at one shard.
-    hasher: std::hash::RandomState,
+    /// Randomly seeded, so clients cannot aim their keys at one shard or one bucket.
+    hasher: DefaultHashBuilder,
     /// Every key, in byte order (the order `list` promises).
     index: Mutex<BTreeSet<Arc<str>>>,
 }
@@ -35,7 +48,7 @@ impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: std::hash::RandomState::new(),
+            hasher: DefaultHashBuilder::default(),
             index: Mutex::default(),
         }
     }
@@ -54,9 +67,22 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let shard = self.hasher.hash_one(key) as usize % SHARDS;
-        lock(&self.shards[shard])
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// `key`'s hash and its locked shard.
+    fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hash(key);
+        let shard = (hash >> SHARD_SHIFT) as usize % SHARDS;
+        (hash, lock(&self.shards[shard]))
+    }
+
+    fn get_entry(&self, key: &str) -> Option<Versioned> {
+        let (hash, shard) = self.shard(key);
+        shard
+            .find(hash, |entry| &*entry.key == key)
+            .map(|entry| entry.versioned.clone())
     }
 
     /// Up to `limit` keys in the index after `start` that begin with `prefix`.
@@ -72,7 +98,7 @@ impl MemoryStore {
 
 impl KvStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.shard(key).get(key).cloned())
+        Ok(self.get_entry(key))
     }
 
     async fn put(
@@ -81,8 +107,11 @@ impl KvStore for MemoryStore {
         value: String,
         condition: Condition,
     ) -> Result<PutOutcome, StoreError> {
-        let mut shard = self.shard(key);
-        let (version, replaced) = match (shard.get_mut(key), condition) {
+        let (hash, mut shard) = self.shard(key);
+        let found = shard
+            .find_mut(hash, |entry| &*entry.key == key)
+            .map(|entry| &mut entry.versioned);
+        let (version, replaced) = match (found, condition) {
             (Some(entry), Condition::Always) => {
                 entry.version += 1;
                 (entry.version, std::mem::replace(&mut entry.value, value))
@@ -99,7 +128,11 @@ impl KvStore for MemoryStore {
             (None, Condition::IfVersion(_)) => return Ok(PutOutcome::Conflict { current: None }),
             (None, Condition::Always | Condition::IfAbsent) => {
                 let key: Arc<str> = key.into();
-                shard.insert(key.clone(), Versioned { value, version: 1 });
+                let entry = Entry {
+                    key: key.clone(),
+                    versioned: Versioned { value, version: 1 },
+                };
+                shard.insert_unique(hash, entry, |entry| self.hash(&entry.key));
                 lock(&self.index).insert(key);
                 return Ok(PutOutcome::Written { version: 1 });
             }
@@ -111,12 +144,19 @@ impl KvStore for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let mut shard = self.shard(key);
-        if shard.remove(key).is_none() {
-            return Ok(false);
+        let (hash, mut shard) = self.shard(key);
+        match shard.entry(
+            hash,
+            |entry| &*entry.key == key,
+            |entry| self.hash(&entry.key),
+        ) {
+            Slot::Occupied(entry) => {
+                entry.remove();
+                lock(&self.index).remove(key);
+                Ok(true)
+            }
+            Slot::Vacant(_) => Ok(false),
         }
-        lock(&self.index).remove(key);
-        Ok(true)
     }
 
     async fn list(
@@ -142,10 +182,10 @@ impl KvStore for MemoryStore {
             let exhausted = candidates.len() < wanted;
             // A key deleted since the index was read is skipped; the next round fills its place.
             for key in &candidates {
-                if let Some(entry) = self.shard(key).get(key) {
+                if let Some(entry) = self.get_entry(key) {
                     items.push(Item {
                         key: key.to_string(),
-                        value: entry.value.clone(),
+                        value: entry.value,
                         version: entry.version,
                     });
                 }

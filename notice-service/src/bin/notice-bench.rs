@@ -240,7 +240,6 @@ async fn subscriber(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
     socket.write_all(request.as_bytes()).await?;
     let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut headers_done = false;
     loop {
         let read = socket.read_buf(&mut buffer).await?;
@@ -275,13 +274,12 @@ async fn subscriber(
             }
             if let Some(seq) = sequence_of(event) {
                 let sent = shared.sent_at[seq].load(Ordering::Relaxed);
-                local.saturating_record(received_at.saturating_sub(sent).max(1));
+                // Recorded straight into the shared histogram: merging a per-subscriber one
+                // after every read walks all of its buckets, which cost more than the reading.
+                let latency = received_at.saturating_sub(sent).max(1);
+                histogram.lock().unwrap().saturating_record(latency);
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        if !local.is_empty() {
-            histogram.lock().unwrap().add(&local)?;
-            local.reset();
         }
     }
 }
