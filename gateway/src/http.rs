@@ -14,6 +14,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use shared::connection::tune_socket;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -25,7 +26,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting, lets every
 /// connection finish the request it is answering, and returns when all of them have closed.
 pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
-    shared::service::serve_connections(listener, &shutdown.clone(), |stream, peer| {
+    shared::service::serve_connections(listener, &shutdown, |stream, peer| {
         serve_connection(stream, peer, app.clone(), shutdown.clone())
     })
     .await;
@@ -37,10 +38,7 @@ async fn serve_connection(
     app: Router,
     shutdown: CancellationToken,
 ) {
-    // Answers are written whole; Nagle's algorithm would only delay them.
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "set_nodelay failed");
-    }
+    tune_socket(&stream);
     let service = TowerToHyperService::new(app);
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -15,12 +15,7 @@ async fn requests_alternate_between_two_nodes() {
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 2).await;
 
-    let mut answered_by = Vec::new();
-    for _ in 0..10 {
-        let (status, body) = gateway.get("/echo").await;
-        assert_eq!(status, StatusCode::OK);
-        answered_by.push(body["node"].as_str().unwrap().to_owned());
-    }
+    let answered_by = gateway.answering_nodes("/echo", 10).await;
     for pair in answered_by.windows(2) {
         assert_ne!(pair[0], pair[1], "round-robin alternates: {answered_by:?}");
     }
@@ -37,20 +32,17 @@ async fn a_node_that_goes_away_leaves_the_rotation_and_one_that_comes_back_rejoi
 
     b.stop().await;
     gateway.wait_for_nodes("GET/echo", 1).await;
-    for _ in 0..6 {
-        let (status, body) = gateway.get("/echo").await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["node"], "a");
-    }
+    let nodes = gateway.answering_nodes("/echo", 6).await;
+    assert!(
+        nodes.iter().all(|node| node == "a"),
+        "only a is left in rotation: {nodes:?}"
+    );
 
     let _b = Service::start("b", echo_router("b"), distributor.addr).await;
     gateway.wait_for_nodes("GET/echo", 2).await;
-    let mut nodes = Vec::new();
-    for _ in 0..4 {
-        nodes.push(gateway.get("/echo").await.1["node"].clone());
-    }
+    let nodes = gateway.answering_nodes("/echo", 4).await;
     assert!(
-        nodes.contains(&json!("b")),
+        nodes.iter().any(|node| node == "b"),
         "b is back in rotation: {nodes:?}"
     );
 }

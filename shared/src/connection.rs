@@ -96,9 +96,10 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-/// Sets the socket options every packet connection wants: no Nagle delay (requests and answers
-/// are small and latency-bound), and TCP keepalive so a vanished peer is eventually noticed even
-/// on a connection that is otherwise idle.
+/// Sets the socket options every connection of the workspace wants (packet, text protocol and
+/// the gateway's HTTP): no Nagle delay (requests and answers are small and latency-bound), and
+/// TCP keepalive so a vanished peer is eventually noticed even on a connection that is otherwise
+/// idle, such as an event stream waiting for its next event.
 pub fn tune_socket(stream: &TcpStream) {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(%err, "set_nodelay failed");

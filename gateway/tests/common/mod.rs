@@ -216,6 +216,23 @@ impl Gateway {
         (status, response.json().await.unwrap())
     }
 
+    /// The node that answered each of `times` requests `GET path`, every one of them a 200 from
+    /// the echo router.
+    pub async fn answering_nodes(&self, path: &str, times: usize) -> Vec<String> {
+        let mut nodes = Vec::new();
+        for _ in 0..times {
+            let (status, body) = self.get(path).await;
+            assert_eq!(status, reqwest::StatusCode::OK, "GET {path}: {body}");
+            nodes.push(
+                body["node"]
+                    .as_str()
+                    .expect("an echo answer names its node")
+                    .to_owned(),
+            );
+        }
+        nodes
+    }
+
     /// The value of an unlabelled metric in `GET /metrics`, or of the first series whose line
     /// starts with `series`.
     pub async fn metric(&self, series: &str) -> f64 {
