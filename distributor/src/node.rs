@@ -252,7 +252,7 @@ impl NodeConnection {
         warn!(peer = %self.peer, %err, "bad packet");
         match &err {
             CodecError::Json { key: Some(key), .. } => {
-                let answer = Packet {
+                let answer: Packet = Packet {
                     key: *key,
                     status: Some(400),
                     error: Some(err.to_string()),

@@ -40,11 +40,12 @@ async fn serve_connection(
 ) {
     tune_socket(&stream);
     let service = TowerToHyperService::new(app);
-    let connection = http1::Builder::new()
+    // Pinned where it is built: binding it first and pinning it after would keep room for two
+    // connections in this future, which lives as long as the connection does.
+    let mut connection = std::pin::pin!(http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
+        .serve_connection(TokioIo::new(stream), service));
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = shutdown.cancelled() => {

@@ -32,7 +32,7 @@ use axum::{
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::{Map, Value};
-use shared::{ClientError, Dialect, Packet, ResponseStream};
+use shared::{ClientError, Dialect, Packet, RawParams, ResponseStream};
 use tracing::{debug, Instrument};
 
 use crate::{
@@ -136,11 +136,11 @@ async fn forward_to(
 /// A node's first answer.
 enum Answer {
     /// One packet, the whole answer.
-    Plain(Packet),
+    Plain(Packet<RawParams>),
     /// A stream that ended before its first event.
-    Ended(Packet),
+    Ended(Packet<RawParams>),
     /// The first event of a stream, and the rest of it.
-    Stream(Packet, ResponseStream),
+    Stream(Packet<RawParams>, ResponseStream<RawParams>),
 }
 
 /// Sends `packet` to the route's nodes in rotation until one takes it.
@@ -233,7 +233,7 @@ async fn call(node: &Node, packet: Packet) -> Result<Answer, ClientError> {
 }
 
 /// A plain answer as an HTTP response: its status, and its params (or error) as JSON.
-fn plain_response(packet: Packet) -> Result<Response, ProxyError> {
+fn plain_response(packet: Packet<RawParams>) -> Result<Response, ProxyError> {
     let status = answer_status(packet.status())?;
     if let Some(error) = &packet.error {
         return Ok(json_error(status, error));
@@ -241,8 +241,8 @@ fn plain_response(packet: Packet) -> Result<Response, ProxyError> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(status.into_response());
     }
-    let body =
-        serde_json::to_vec(&packet.params).map_err(|err| ProxyError::BadAnswer(err.to_string()))?;
+    // The node's JSON text as it is: no parse, no rebuild, no copy.
+    let body = packet.params.into_string();
     Ok((
         status,
         [(

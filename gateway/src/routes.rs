@@ -14,7 +14,11 @@ use std::{
 };
 
 use serde::Serialize;
-use shared::{Dialect, PacketClient};
+use shared::{Dialect, PacketClient, RawParams};
+
+/// The gateway's connection to a node. Answers' params are relayed to HTTP clients as the node
+/// wrote them: checked to be JSON, never parsed into values and written out again.
+pub type NodeClient = PacketClient<RawParams>;
 
 /// One service node, with the connection the gateway keeps to it.
 pub struct Node {
@@ -26,7 +30,7 @@ pub struct Node {
     /// True while the node is kept in rotation after leaving the topology
     /// (see [`crate::Config::departure_grace`]).
     pub leaving: bool,
-    pub client: PacketClient,
+    pub client: NodeClient,
 }
 
 impl Node {
@@ -243,7 +247,7 @@ mod tests {
                     dialect: Dialect::Packet,
                     urls: urls.iter().map(|u| u.to_string()).collect(),
                     leaving: false,
-                    client: PacketClient::connect("127.0.0.1:9", Dialect::Packet),
+                    client: NodeClient::connect_as("127.0.0.1:9", Dialect::Packet),
                 })
             })
             .collect();

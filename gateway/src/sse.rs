@@ -1,8 +1,9 @@
 //! Relaying a node's stream to the HTTP client as Server-Sent Events.
 //!
 //! Each event packet becomes one event: `id:` from the packet's `id`, `event:` from its `event`,
-//! `data:` its `params` as one line of JSON. Empty events (the packet a node sends to say the
-//! stream has started) are not forwarded. The end packet closes the response; if it carries an
+//! `data:` its `params`, the JSON text as the node wrote it (params are [`RawParams`], never
+//! parsed here), written again on one line only if the node spread them over several. Empty
+//! events (the packet a node sends to say the stream has started) are not forwarded. The end packet closes the response; if it carries an
 //! error, or the node's connection drops, or the client reads too slowly to keep up, a final
 //! `event: error` with `{"error", "status"}` says why before it closes.
 //!
@@ -19,7 +20,7 @@ use axum::response::{
     IntoResponse, Response,
 };
 use serde_json::{json, Value};
-use shared::{ClientError, Packet, ResponseStream};
+use shared::{ClientError, Packet, RawParams, ResponseStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -29,17 +30,17 @@ use crate::{metrics::GaugeGuard, AppState};
 struct Relay {
     /// The first event, already received while the request waited for its answer. Boxed: the
     /// relay lives as long as the stream and this is empty after the first poll.
-    first: Option<Box<Packet>>,
+    first: Option<Box<Packet<RawParams>>>,
     /// `None` once the stream has ended.
-    answers: Option<ResponseStream>,
+    answers: Option<ResponseStream<RawParams>>,
     shutdown: CancellationToken,
     _open: GaugeGuard,
 }
 
 /// The `text/event-stream` response relaying `answers`, starting with `first`.
 pub(crate) fn respond(
-    first: Option<Packet>,
-    answers: Option<ResponseStream>,
+    first: Option<Packet<RawParams>>,
+    answers: Option<ResponseStream<RawParams>>,
     state: &AppState,
 ) -> Response {
     let relay = Relay {
@@ -65,6 +66,7 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Rela
                         debug!("closing an event stream for shutdown");
                         return None;
                     }
+
                     answer = answers.next() => answer?,
                 }
             }
@@ -99,7 +101,7 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Rela
 }
 
 /// One event packet as an SSE event.
-fn to_event(packet: Packet) -> Event {
+fn to_event(packet: Packet<RawParams>) -> Event {
     // Fields are written in the order they are set: `id` and `event` first, as people expect.
     let mut event = Event::default();
     if let Some(id) = packet.id {
@@ -124,9 +126,15 @@ fn to_event(packet: Packet) -> Event {
             );
         }
     }
-    event
-        .json_data(&packet.params)
-        .expect("a JSON value always serializes")
+    let data = packet.params.get();
+    if data.contains(['\n', '\r']) {
+        // A node that pretty-printed its params: written out again on one line, as documented.
+        return event
+            .json_data(packet.params.to_value())
+            .expect("a JSON value always serializes");
+    }
+    // The node's JSON text as it is, without parsing it into values and writing it out again.
+    event.data(data)
 }
 
 fn error_event(message: &str, status: u16) -> Event {

@@ -2,7 +2,7 @@
 //!
 //! One task watches the topology the distributor client publishes and rebuilds the
 //! [`RouteTable`] whenever it changes. It owns the pool of node connections: one
-//! [`PacketClient`] per node (by address and dialect), kept across topology changes so that a
+//! [`NodeClient`] per node (by address and dialect), kept across topology changes so that a
 //! change elsewhere never drops a working connection, and dropped when the node leaves, which
 //! closes it. A client that loses its connection reconnects by itself every 3 s for as long as
 //! the node is expected.
@@ -14,12 +14,12 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use shared::{Dialect, NodeInfo, PacketClient, Topology};
+use shared::{Dialect, NodeInfo, Topology};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::routes::{Node, RouteTable};
+use crate::routes::{Node, NodeClient, RouteTable};
 
 /// How the gateway tells the nodes apart: the same address may come back speaking another
 /// dialect (an original-design node replaced by one of ours), which needs a new client.
@@ -37,7 +37,7 @@ struct Departed {
 
 /// The task's state: the connections, and the nodes on their way out.
 struct Pool {
-    clients: HashMap<NodeKey, PacketClient>,
+    clients: HashMap<NodeKey, NodeClient>,
     departed: HashMap<NodeKey, Departed>,
     current: HashMap<NodeKey, NodeInfo>,
     grace: Duration,
@@ -65,10 +65,7 @@ impl Pool {
             if incoming.contains_key(&key) {
                 continue;
             }
-            let connected = self
-                .clients
-                .get(&key)
-                .is_some_and(PacketClient::is_connected);
+            let connected = self.clients.get(&key).is_some_and(NodeClient::is_connected);
             if connected && !self.grace.is_zero() {
                 info!(addr = %key.0, name = %info.name, grace = ?self.grace,
                     "node left the topology; kept in rotation for the grace period");
@@ -134,7 +131,7 @@ impl Pool {
                 Some(client) => client,
                 None => {
                     info!(addr = %key.0, name = %info.name, ?dialect, urls = ?info.urls, "connecting to node");
-                    PacketClient::connect(key.0.clone(), dialect)
+                    NodeClient::connect_as(key.0.clone(), dialect)
                 }
             };
             clients.insert(key.clone(), client.clone());

@@ -1,5 +1,6 @@
 //! The gateway and the distributor: serving on while the distributor is away, learning new nodes
-//! when it is back, riding out its restart, and routing to a node of the original design.
+//! when it is back, riding out its restart, and routing to nodes written with nothing but a
+//! socket: one of the original design, and one of ours whose answers' text must arrive as is.
 
 mod common;
 
@@ -169,28 +170,40 @@ async fn original_design_node(distributor: std::net::SocketAddr) -> tokio::task:
     tokio::spawn(async move {
         // Keep reading the distributor's broadcasts, as a registered node must.
         tokio::spawn(async move { while registry.next().await.is_some() {} });
-        loop {
-            let (socket, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (read, mut write) = socket.into_split();
-                let mut requests = RawFrames::new(read);
-                while let Some(request) = requests.next().await {
-                    let params = &request["params"];
-                    let answer = if request["method"] == "PUT" {
-                        json!({"key": params["key"], "errorcode": 1,
-                            "errormessage": "read-only", "uri": request["uri"]})
-                    } else {
-                        json!({"key": params["key"], "errorcode": 0, "errormessage": "",
-                            "uri": request["uri"], "got": params["params"]})
-                    };
-                    let frame = format!("{answer}{DELIMITER}");
-                    if write.write_all(frame.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
+        answer_each_request(listener, |request| {
+            let params = &request["params"];
+            let answer = if request["method"] == "PUT" {
+                json!({"key": params["key"], "errorcode": 1,
+                    "errormessage": "read-only", "uri": request["uri"]})
+            } else {
+                json!({"key": params["key"], "errorcode": 0, "errormessage": "",
+                    "uri": request["uri"], "got": params["params"]})
+            };
+            Some(answer.to_string())
+        })
+        .await
     })
+}
+
+/// Serves the connections `listener` accepts: every request frame gets the frame `answer` writes
+/// for it, if any.
+async fn answer_each_request(listener: TcpListener, answer: fn(&Value) -> Option<String>) {
+    loop {
+        let (socket, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let (read, mut write) = socket.into_split();
+            let mut requests = RawFrames::new(read);
+            while let Some(request) = requests.next().await {
+                let Some(frame) = answer(&request) else {
+                    continue;
+                };
+                let frame = format!("{frame}{DELIMITER}");
+                if write.write_all(frame.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 #[tokio::test]
@@ -234,5 +247,66 @@ async fn an_original_design_node_is_served_through_the_gateway() {
     let body: Value = failed.json().await.unwrap();
     assert_eq!(body["errorcode"], 1);
     assert_eq!(body["errormessage"], "read-only");
+    node.abort();
+}
+
+/// The params every answer of [`hand_written_node`] carries, spacing and key order included.
+const PARAMS_TEXT: &str = r#"{"zeta": 1,  "alpha": [true, null], "nested": {"b": "x", "a": 2.50}}"#;
+
+/// A node of our protocol written with nothing but a socket: it registers with `"protocol": 2`,
+/// echoes the distributor's heartbeats, and answers every request with [`PARAMS_TEXT`].
+async fn hand_written_node(distributor: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (registry_read, mut registry_write) =
+        TcpStream::connect(distributor).await.unwrap().into_split();
+    let register = json!({"uri": "/distributes", "method": "POST", "key": 0,
+        "params": {"port": port, "name": "handmade", "urls": ["GET/handmade"], "protocol": 2}});
+    registry_write
+        .write_all(format!("{register}{DELIMITER}").as_bytes())
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::spawn(async move {
+            let mut registry = RawFrames::new(registry_read);
+            while let Some(packet) = registry.next().await {
+                if packet["uri"] == "/heartbeat" {
+                    let echo = format!("{packet}{DELIMITER}");
+                    if registry_write.write_all(echo.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        answer_each_request(listener, |request| {
+            if request["uri"] == "/heartbeat" || request["cancel"] == true {
+                return None;
+            }
+            Some(format!(
+                r#"{{"uri":{},"method":{},"key":{},"params":{PARAMS_TEXT}}}"#,
+                request["uri"], request["method"], request["key"]
+            ))
+        })
+        .await
+    })
+}
+
+#[tokio::test]
+async fn a_plain_answer_is_relayed_as_the_json_text_the_node_wrote() {
+    let distributor = Distributor::start().await;
+    let node = hand_written_node(distributor.addr).await;
+    let gateway = Gateway::start(distributor.addr, |_| {}).await;
+    gateway.wait_for_nodes("GET/handmade", 1).await;
+    let response = gateway
+        .http
+        .get(gateway.url("/handmade"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    // Not parsed and written out again, which would sort the keys, drop the spaces and turn
+    // 2.50 into 2.5.
+    assert_eq!(response.text().await.unwrap(), PARAMS_TEXT);
     node.abort();
 }

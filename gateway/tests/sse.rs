@@ -8,13 +8,25 @@ use std::time::Duration;
 use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shared::service::{Event, Response, Router};
+use shared::{
+    service::{Event, Response, Router},
+    RawParams,
+};
 use tokio::{sync::mpsc, time::timeout};
 
 /// Sends `what` on `tx` when dropped: tells the test that a stream handler was dropped.
 struct DropSignal {
     tx: mpsc::UnboundedSender<&'static str>,
     what: &'static str,
+}
+
+impl DropSignal {
+    fn new(tx: &mpsc::UnboundedSender<&'static str>, what: &'static str) -> DropSignal {
+        DropSignal {
+            tx: tx.clone(),
+            what,
+        }
+    }
 }
 
 impl Drop for DropSignal {
@@ -25,6 +37,7 @@ impl Drop for DropSignal {
 
 fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
     let forever_dropped = dropped.clone();
+    let quiet_dropped = dropped.clone();
     Router::new()
         .stream("GET", "/ticks", |request, sink| async move {
             let count: u64 = match request.params["count"].as_str().map(str::parse) {
@@ -46,6 +59,23 @@ fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
             }
             Response::ok(Value::Null)
         })
+        .stream("GET", "/verbatim", |_, sink| async move {
+            // Params exactly as a node might write them: odd spacing, then pretty-printed.
+            for text in [
+                "{\"b\": 1,  \"a\": [true]}",
+                "{\n  \"a\": 1,\n  \"b\": \"x\\ny\"\n}",
+            ] {
+                let event = Event {
+                    data: RawParams::from_text(text.into()).unwrap(),
+                    id: None,
+                    event: None,
+                };
+                if sink.send(event).await.is_err() {
+                    break;
+                }
+            }
+            Response::ok(Value::Null)
+        })
         .stream("GET", "/failing", |_, sink| async move {
             let event = Event {
                 data: json!("first"),
@@ -55,10 +85,7 @@ fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
             Response::error(500, "boom")
         })
         .stream("GET", "/forever", move |_, sink| {
-            let signal = DropSignal {
-                tx: forever_dropped.clone(),
-                what: "forever",
-            };
+            let signal = DropSignal::new(&forever_dropped, "forever");
             async move {
                 let _signal = signal;
                 let mut n = 0u64;
@@ -77,10 +104,7 @@ fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
             }
         })
         .stream("GET", "/flood", move |_, sink| {
-            let signal = DropSignal {
-                tx: dropped.clone(),
-                what: "flood",
-            };
+            let signal = DropSignal::new(&dropped, "flood");
             async move {
                 let _signal = signal;
                 let payload = "x".repeat(8 * 1024);
@@ -95,10 +119,14 @@ fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
                 }
             }
         })
-        .stream("GET", "/quiet", |_, sink| async move {
-            let _ = sink.open().await;
-            sink.closed().await;
-            Response::ok(Value::Null)
+        .stream("GET", "/quiet", move |_, sink| {
+            let signal = DropSignal::new(&quiet_dropped, "quiet");
+            async move {
+                let _signal = signal;
+                let _ = sink.open().await;
+                sink.closed().await;
+                Response::ok(Value::Null)
+            }
         })
 }
 
@@ -147,6 +175,15 @@ async fn events_are_relayed_until_the_end_packet() {
         assert_eq!(event.event.as_deref(), Some("tick"));
         assert_eq!(event.json(), json!({"n": n, "last_event_id": "41"}));
     }
+}
+
+#[tokio::test]
+async fn event_data_is_the_nodes_json_text_on_one_line() {
+    let setup = setup(|_| {}).await;
+    let events = open(&setup.gateway, "/verbatim", None).await.rest().await;
+    let data: Vec<&str> = events.iter().map(|event| event.data.as_str()).collect();
+    // Relayed as written; a pretty-printed one is written again on one `data:` line.
+    assert_eq!(data, [r#"{"b": 1,  "a": [true]}"#, r#"{"a":1,"b":"x\ny"}"#]);
 }
 
 #[tokio::test]
@@ -218,6 +255,20 @@ async fn a_client_going_away_cancels_the_stream_at_the_node() {
     })
     .await
     .expect("the gateway forgets the stream");
+}
+
+#[tokio::test]
+async fn a_client_leaving_an_idle_stream_cancels_it_at_the_node_at_once() {
+    // No event and no keep-alive comment is written that could reveal the departure: the
+    // gateway must notice the connection closing.
+    let mut setup = setup(|config| config.keep_alive = Duration::from_secs(3600)).await;
+    let stream = open(&setup.gateway, "/quiet", None).await;
+    assert_eq!(setup.gateway.metric("gateway_open_streams").await, 1.0);
+    drop(stream);
+    let dropped = timeout(PROMPTLY, setup.dropped.recv())
+        .await
+        .expect("the node's stream handler is dropped once the client leaves");
+    assert_eq!(dropped, Some("quiet"));
 }
 
 #[tokio::test]

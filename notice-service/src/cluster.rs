@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     hub::{Hub, PresenceChange, SubscriberInfo},
-    notice::from_millis,
+    notice::{from_millis, OutgoingNotice},
     store::{NoticeQuery, Selector, Store, StoreError, PUBLISHED_CHANNEL},
 };
 
@@ -291,7 +291,7 @@ async fn catch_up(store: &dyn Store, hub: &Hub, last: &mut i64) -> Result<(), St
         let full = notices.len() == FAN_OUT_BATCH as usize;
         for notice in notices {
             *last = notice.id;
-            hub.publish(Arc::new(notice));
+            hub.publish(OutgoingNotice::new(notice));
         }
         if !full {
             return Ok(());

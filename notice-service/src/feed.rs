@@ -10,7 +10,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use crate::{
     hub::{EndReason, Subscription},
-    notice::Notice,
+    notice::{Notice, OutgoingNotice},
     store::{NoticeQuery, Selector, Store, StoreError},
 };
 
@@ -56,7 +56,7 @@ impl Feed {
         self.last_sent
     }
 
-    pub async fn next(&mut self) -> Result<Arc<Notice>, FeedEnd> {
+    pub async fn next(&mut self) -> Result<Arc<OutgoingNotice>, FeedEnd> {
         loop {
             if let Some(reason @ (EndReason::Kicked | EndReason::Shutdown)) =
                 self.subscription.end_reason()
@@ -65,7 +65,7 @@ impl Feed {
             }
             if let Some(notice) = self.page.pop_front() {
                 self.last_sent = notice.id;
-                return Ok(Arc::new(notice));
+                return Ok(OutgoingNotice::new(notice));
             }
             if let Some(after) = self.replay_after {
                 let page = self

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::notice::{format_time, Interest, Notice};
+use crate::notice::{format_time, Interest, OutgoingNotice};
 
 /// Why a subscription ended from the service's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl Ending {
 
 struct Entry {
     info: SubscriberInfo,
-    sender: mpsc::Sender<Arc<Notice>>,
+    sender: mpsc::Sender<Arc<OutgoingNotice>>,
     ending: Arc<Ending>,
 }
 
@@ -169,7 +169,7 @@ impl Hub {
         let ending = Arc::new(Ending::default());
         let info = SubscriberInfo {
             name: interest.name.clone(),
-            topics: interest.topics.iter().cloned().collect(),
+            topics: interest.topics.clone(),
             since: Utc::now(),
         };
         let id = {
@@ -207,7 +207,7 @@ impl Hub {
     }
 
     /// Hands a notice to every subscriber entitled to it, in the order notices are published.
-    pub fn publish(&self, notice: Arc<Notice>) -> Delivery {
+    pub fn publish(&self, notice: Arc<OutgoingNotice>) -> Delivery {
         let mut delivery = Delivery::default();
         let mut lagged = Vec::new();
         {
@@ -320,7 +320,7 @@ impl Hub {
 pub struct Subscription {
     id: u64,
     hub: Hub,
-    receiver: mpsc::Receiver<Arc<Notice>>,
+    receiver: mpsc::Receiver<Arc<OutgoingNotice>>,
     ending: Arc<Ending>,
     interest: Interest,
 }
@@ -343,7 +343,7 @@ impl Subscription {
 
     /// The next live notice. A kicked or shut-down subscription stops at once; a lagged one
     /// first hands out what its buffer still holds, so the client resumes from a later id.
-    pub async fn recv(&mut self) -> Result<Arc<Notice>, EndReason> {
+    pub async fn recv(&mut self) -> Result<Arc<OutgoingNotice>, EndReason> {
         if let Some(reason @ (EndReason::Kicked | EndReason::Shutdown)) = self.end_reason() {
             return Err(reason);
         }
@@ -365,8 +365,8 @@ mod tests {
     use super::*;
     use crate::notice::NewNotice;
 
-    fn notice(id: i64, topic: Option<&str>, to: Option<&str>) -> Arc<Notice> {
-        Arc::new(
+    fn notice(id: i64, topic: Option<&str>, to: Option<&str>) -> Arc<OutgoingNotice> {
+        OutgoingNotice::new(
             NewNotice {
                 message: format!("n{id}"),
                 topic: topic.map(Into::into),

@@ -2,10 +2,11 @@
 //! subscribers are entitled to it. Validation lives here so that every store and every entry
 //! point (packet route, scheduler) agrees on what a valid notice is.
 
-use std::collections::BTreeSet;
+use std::{ops::Deref, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
+use shared::RawParams;
 
 /// The largest message accepted, so that one notice can never blow up every subscriber's buffer.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -25,9 +26,27 @@ pub struct Notice {
     pub created_at: DateTime<Utc>,
 }
 
-impl Notice {
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("a notice always serializes")
+/// A notice on its way to subscribers, with its JSON written once: a broadcast to a thousand
+/// subscribers is serialized once, not a thousand times.
+#[derive(Debug)]
+pub struct OutgoingNotice {
+    notice: Notice,
+    /// What every subscriber's event carries as its data.
+    pub json: RawParams,
+}
+
+impl OutgoingNotice {
+    pub fn new(notice: Notice) -> Arc<OutgoingNotice> {
+        let json = RawParams::to_raw(&notice).expect("a notice always serializes");
+        Arc::new(OutgoingNotice { notice, json })
+    }
+}
+
+impl Deref for OutgoingNotice {
+    type Target = Notice;
+
+    fn deref(&self) -> &Notice {
+        &self.notice
     }
 }
 
@@ -106,7 +125,9 @@ pub fn validate_label(field: &str, value: &str) -> Result<(), String> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interest {
     pub name: Option<String>,
-    pub topics: BTreeSet<String>,
+    /// Distinct topics, in order. A plain vector: most subscribers name one or two topics, and
+    /// every open subscription keeps its interest.
+    pub topics: Vec<String>,
 }
 
 impl Interest {
@@ -194,10 +215,11 @@ mod tests {
     fn notice_json_has_the_documented_fields() {
         let mut n = notice(Some("t"), None);
         n.created_at = from_millis(1_700_000_000_123);
-        assert_eq!(
-            n.to_json(),
-            serde_json::json!({"id": 1, "message": "hi", "topic": "t", "to": null,
-                "created_at": "2023-11-14T22:13:20.123Z"})
-        );
+        let expected = serde_json::json!({"id": 1, "message": "hi", "topic": "t", "to": null,
+            "created_at": "2023-11-14T22:13:20.123Z"});
+        assert_eq!(serde_json::to_value(&n).unwrap(), expected);
+        // Subscribers get the same JSON, written once per notice.
+        let outgoing = OutgoingNotice::new(n);
+        assert_eq!(outgoing.json.to_value(), expected);
     }
 }

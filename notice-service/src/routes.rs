@@ -5,7 +5,10 @@
 //! Through the gateway, query-string values arrive as strings, so numeric params accept both
 //! `5` and `"5"`; an empty query value (`?topic=`) counts as absent.
 
+use std::future::Future;
+
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::service::{Event, EventSink, Request, Response, Router};
@@ -211,8 +214,9 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
             ))
         }
     };
-    let topics: std::collections::BTreeSet<String> =
-        topics.into_iter().filter(|t| !t.is_empty()).collect();
+    let mut topics: Vec<String> = topics.into_iter().filter(|t| !t.is_empty()).collect();
+    topics.sort();
+    topics.dedup();
     if topics.len() > MAX_TOPICS {
         return Err(Response::error(
             400,
@@ -234,13 +238,25 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
     Ok((Interest { name, topics }, after))
 }
 
-async fn stream_notices(service: NoticeService, request: Request, sink: EventSink) -> Response {
-    let (interest, after) = match no_extra_path(&request).and_then(|()| subscription(&request)) {
-        Ok(subscription) => subscription,
-        Err(response) => return response,
-    };
-    // Not needed any more; dropped here so the subscription's future does not keep it.
-    drop(request);
+/// Checks the request now, so that the future that lives as long as the subscription holds
+/// only what the subscription needs, not the request.
+fn stream_notices(
+    service: NoticeService,
+    request: Request,
+    sink: EventSink,
+) -> impl Future<Output = Response> {
+    match no_extra_path(&request).and_then(|()| subscription(&request)) {
+        Ok((interest, after)) => send_notices(service, interest, after, sink).left_future(),
+        Err(response) => std::future::ready(response).right_future(),
+    }
+}
+
+async fn send_notices(
+    service: NoticeService,
+    interest: Interest,
+    after: Option<i64>,
+    sink: EventSink,
+) -> Response {
     let mut feed = match service.subscribe(interest, after) {
         Ok(feed) => feed,
         Err(err @ (SubscribeError::Full(_) | SubscribeError::ShuttingDown)) => {
@@ -258,7 +274,7 @@ async fn stream_notices(service: NoticeService, request: Request, sink: EventSin
                 let event = Event {
                     id: Some(notice.id.into()),
                     event: Some("notice".into()),
-                    data: notice.to_json(),
+                    data: &notice.json,
                 };
                 if sink.send(event).await.is_err() {
                     // The caller is gone; dropping the feed frees the subscription.
@@ -341,6 +357,9 @@ mod tests {
         assert_eq!(after, Some(9), "Last-Event-ID wins over after");
         let (_, after) = subscription(&request(json!({}))).unwrap();
         assert_eq!(after, None);
+        // Topics are kept distinct and in order, however they were listed.
+        let (interest, _) = subscription(&request(json!({"topics": "b,a,b, a"}))).unwrap();
+        assert_eq!(interest.topics, ["a", "b"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::{
     cluster::Cluster,
     feed::Feed,
     hub::{Hub, SubscribeError, SubscriberInfo},
-    notice::{Interest, NewNotice, Notice},
+    notice::{Interest, NewNotice, Notice, OutgoingNotice},
     store::{NoticeQuery, Retention, Store, StoreError},
 };
 
@@ -115,7 +115,7 @@ impl NoticeService {
         let _in_order = self.inner.publish_lock.lock().await;
         let notices = store_them().await?;
         for notice in &notices {
-            self.inner.hub.publish(Arc::new(notice.clone()));
+            self.inner.hub.publish(OutgoingNotice::new(notice.clone()));
         }
         Ok(notices)
     }

@@ -33,8 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     codec::{encode_frame, CodecError, PacketCodec},
-    connection::{tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
-    packet::key_in,
+    connection::{queue_frame, tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
+    packet::{key_in, Params},
     Packet,
 };
 
@@ -71,53 +71,72 @@ pub enum ClientError {
 }
 
 /// Handle to a reconnecting connection; see the module docs.
-#[derive(Clone)]
-pub struct PacketClient {
-    handle: Arc<Handle>,
+///
+/// Requests are sent with [`Value`] params; answers arrive with params of type `P`: a parsed
+/// [`Value`] by default, or [`crate::RawParams`] for a caller that passes them on unread.
+pub struct PacketClient<P = Value> {
+    handle: Arc<Handle<P>>,
 }
 
-struct Handle {
-    shared: Arc<Shared>,
+impl<P> Clone for PacketClient<P> {
+    fn clone(&self) -> Self {
+        PacketClient {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+struct Handle<P> {
+    shared: Arc<Shared<P>>,
     /// Stops the supervisor when the last handle goes away.
     _close: DropGuard,
 }
 
-struct Shared {
+struct Shared<P> {
     addr: String,
     dialect: Dialect,
-    state: Mutex<State>,
+    state: Mutex<State<P>>,
     /// Tells `connected()` callers when a connection comes up.
     connected: watch::Sender<bool>,
     next_key: AtomicU64,
 }
 
 /// The supervisor's view of the connection.
-enum State {
+enum State<P> {
     Disconnected,
     Connecting,
-    Connected(Arc<Link>),
+    Connected(Arc<Link<P>>),
 }
 
 /// One live connection: where to send frames and who waits for which key.
-struct Link {
+struct Link<P> {
     outgoing: mpsc::Sender<Bytes>,
     /// `None` once the connection is gone, so that no waiter can be added after the final drain.
-    waiters: Mutex<Option<HashMap<u64, Waiter>>>,
+    waiters: Mutex<Option<HashMap<u64, Waiter<P>>>>,
 }
 
-enum Waiter {
-    Once(oneshot::Sender<Packet>),
+enum Waiter<P> {
+    Once(oneshot::Sender<Packet<P>>),
     Stream {
         /// Boxed: the channel allocates its slots in blocks, and a block of pointers is a small
         /// fraction of a block of packets, which matters with thousands of idle streams.
-        events: mpsc::Sender<Box<Packet>>,
+        events: mpsc::Sender<Box<Packet<P>>>,
         lagged: Arc<AtomicBool>,
     },
 }
 
 impl PacketClient {
-    /// Starts connecting to `addr` in the background and returns at once.
+    /// Starts connecting to `addr` in the background and returns at once. Answers' params are
+    /// parsed into [`Value`]s; [`PacketClient::connect_as`] chooses another type.
     pub fn connect(addr: impl Into<String>, dialect: Dialect) -> PacketClient {
+        PacketClient::connect_as(addr, dialect)
+    }
+}
+
+impl<P: Params> PacketClient<P> {
+    /// Starts connecting to `addr` in the background and returns at once; answers' params
+    /// arrive as `P`.
+    pub fn connect_as(addr: impl Into<String>, dialect: Dialect) -> PacketClient<P> {
         let close = CancellationToken::new();
         let shared = Arc::new(Shared {
             addr: addr.into(),
@@ -140,7 +159,7 @@ impl PacketClient {
     }
 
     /// Waits until the connection is up. Use under a timeout: it waits for as long as it takes.
-    pub async fn connected(&self) -> &PacketClient {
+    pub async fn connected(&self) -> &PacketClient<P> {
         let mut connected = self.shared().connected.subscribe();
         // The sender lives in `Shared`, which we hold, so this cannot fail.
         let _ = connected.wait_for(|up| *up).await;
@@ -149,7 +168,7 @@ impl PacketClient {
 
     /// Sends `packet` as a request (its key is assigned here) and waits for the answer.
     /// If the node answers with a stream, the first event is returned and the rest is cancelled.
-    pub async fn request(&self, packet: Packet) -> Result<Packet, ClientError> {
+    pub async fn request(&self, packet: Packet) -> Result<Packet<P>, ClientError> {
         let (tx, rx) = oneshot::channel();
         let pending = self.send(packet, Waiter::Once(tx)).await?;
         let answer = rx.await.map_err(|_| ClientError::ConnectionClosed);
@@ -159,7 +178,7 @@ impl PacketClient {
 
     /// Sends `packet` as a stream request and returns the stream of answers. A node may also
     /// answer with one plain packet, which the stream then yields as its only item.
-    pub async fn stream(&self, mut packet: Packet) -> Result<ResponseStream, ClientError> {
+    pub async fn stream(&self, mut packet: Packet) -> Result<ResponseStream<P>, ClientError> {
         packet.stream = true;
         self.call(packet).await
     }
@@ -168,7 +187,7 @@ impl PacketClient {
     /// plain packet, or a stream's events up to its end. For callers that must take whatever the
     /// node answers, such as the gateway, which turns a stream into Server-Sent Events even when
     /// the request did not ask for one.
-    pub async fn call(&self, packet: Packet) -> Result<ResponseStream, ClientError> {
+    pub async fn call(&self, packet: Packet) -> Result<ResponseStream<P>, ClientError> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let lagged = Arc::new(AtomicBool::new(false));
         let waiter = Waiter::Stream {
@@ -184,11 +203,11 @@ impl PacketClient {
         })
     }
 
-    fn shared(&self) -> &Shared {
+    fn shared(&self) -> &Shared<P> {
         &self.handle.shared
     }
 
-    async fn send(&self, mut packet: Packet, waiter: Waiter) -> Result<Pending, ClientError> {
+    async fn send(&self, mut packet: Packet, waiter: Waiter<P>) -> Result<Pending<P>, ClientError> {
         let link = match &*self.shared().state.lock().unwrap() {
             State::Connected(link) => link.clone(),
             State::Disconnected | State::Connecting => return Err(ClientError::NotConnected),
@@ -222,34 +241,23 @@ impl PacketClient {
 }
 
 /// A request in flight: removes its waiter when dropped, whatever happened to the request.
-struct Pending {
-    link: Arc<Link>,
+struct Pending<P> {
+    link: Arc<Link<P>>,
     key: u64,
     method: String,
     uri: String,
 }
 
-impl Pending {
+impl<P> Pending<P> {
     /// Tells the node we no longer want the stream with this key.
     fn cancel(&self) {
-        let cancel = Packet {
-            uri: self.uri.clone(),
-            method: self.method.clone(),
-            key: self.key,
-            cancel: true,
-            ..Packet::default()
-        };
-        let Ok(frame) = encode_frame(&cancel) else {
-            return;
-        };
-        if let Err(mpsc::error::TrySendError::Full(frame)) = self.link.outgoing.try_send(frame) {
-            let outgoing = self.link.outgoing.clone();
-            tokio::spawn(async move { outgoing.send(frame).await });
+        if let Some(frame) = cancel_frame(&self.uri, &self.method, self.key) {
+            queue_frame(&self.link.outgoing, frame);
         }
     }
 }
 
-impl Drop for Pending {
+impl<P> Drop for Pending<P> {
     fn drop(&mut self) {
         if let Some(waiters) = self.link.waiters.lock().unwrap().as_mut() {
             waiters.remove(&self.key);
@@ -258,17 +266,17 @@ impl Drop for Pending {
 }
 
 /// The answers to a stream request, in order. Dropping it before the end cancels the stream.
-pub struct ResponseStream {
-    pending: Option<Pending>,
-    events: mpsc::Receiver<Box<Packet>>,
+pub struct ResponseStream<P = Value> {
+    pending: Option<Pending<P>>,
+    events: mpsc::Receiver<Box<Packet<P>>>,
     lagged: Arc<AtomicBool>,
     finished: bool,
 }
 
-impl ResponseStream {
+impl<P> ResponseStream<P> {
     /// The next answer. `None` after the final packet (`end: true`, or a plain answer);
     /// an error when the connection closed or this consumer fell behind before that.
-    pub async fn next(&mut self) -> Option<Result<Packet, ClientError>> {
+    pub async fn next(&mut self) -> Option<Result<Packet<P>, ClientError>> {
         if self.finished {
             return None;
         }
@@ -302,7 +310,7 @@ impl ResponseStream {
     }
 }
 
-impl Drop for ResponseStream {
+impl<P> Drop for ResponseStream<P> {
     fn drop(&mut self) {
         if let Some(pending) = &self.pending {
             pending.cancel();
@@ -311,7 +319,7 @@ impl Drop for ResponseStream {
 }
 
 /// True for the last packet a key will get: a stream's end marker, or any non-stream answer.
-fn is_final(packet: &Packet) -> bool {
+fn is_final<P>(packet: &Packet<P>) -> bool {
     packet.end || !packet.stream
 }
 
@@ -341,7 +349,7 @@ fn legacy_answer(mut flat: Value) -> Option<Packet> {
 }
 
 /// Owns the connection: connects, runs it until it drops, and tries again.
-async fn supervise(shared: Arc<Shared>, close: CancellationToken) {
+async fn supervise<P: Params>(shared: Arc<Shared<P>>, close: CancellationToken) {
     loop {
         *shared.state.lock().unwrap() = State::Connecting;
         let connect = TcpStream::connect(shared.addr.as_str());
@@ -367,7 +375,11 @@ async fn supervise(shared: Arc<Shared>, close: CancellationToken) {
     *shared.state.lock().unwrap() = State::Disconnected;
 }
 
-async fn run_connection(shared: &Shared, stream: TcpStream, close: &CancellationToken) {
+async fn run_connection<P: Params>(
+    shared: &Shared<P>,
+    stream: TcpStream,
+    close: &CancellationToken,
+) {
     tune_socket(&stream);
     let (read_half, write_half) = stream.into_split();
     let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
@@ -392,10 +404,14 @@ async fn run_connection(shared: &Shared, stream: TcpStream, close: &Cancellation
     writer.abort();
 }
 
-async fn read_answers(dialect: Dialect, read_half: impl tokio::io::AsyncRead + Unpin, link: &Link) {
+async fn read_answers<P: Params>(
+    dialect: Dialect,
+    read_half: impl tokio::io::AsyncRead + Unpin,
+    link: &Link<P>,
+) {
     match dialect {
         Dialect::Packet => {
-            let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
+            let mut reader = PacketReader::new(read_half, PacketCodec::<Packet<P>>::new());
             while let Some(frame) = reader.next().await {
                 match frame {
                     Ok(packet) => deliver(link, packet),
@@ -412,7 +428,7 @@ async fn read_answers(dialect: Dialect, read_half: impl tokio::io::AsyncRead + U
             while let Some(frame) = reader.next().await {
                 match frame {
                     Ok(flat) => match legacy_answer(flat) {
-                        Some(packet) => deliver(link, packet),
+                        Some(packet) => deliver(link, packet.map_params(P::from_value)),
                         None => warn!("answer without a key from an original-design node"),
                     },
                     Err(err) => {
@@ -427,7 +443,7 @@ async fn read_answers(dialect: Dialect, read_half: impl tokio::io::AsyncRead + U
 }
 
 /// Answers the waiter of a malformed answer with a 502; returns false if the connection is done.
-fn handle_bad_frame(link: &Link, err: CodecError) -> bool {
+fn handle_bad_frame<P: Params>(link: &Link<P>, err: CodecError) -> bool {
     warn!(%err, "bad frame from node");
     if let CodecError::Json { key: Some(key), .. } = &err {
         let packet = Packet {
@@ -442,7 +458,7 @@ fn handle_bad_frame(link: &Link, err: CodecError) -> bool {
 }
 
 /// Hands an answer to the task waiting for its key.
-fn deliver(link: &Link, packet: Packet) {
+fn deliver<P>(link: &Link<P>, packet: Packet<P>) {
     let key = packet.key;
     let mut waiters = link.waiters.lock().unwrap();
     let Some(waiters) = waiters.as_mut() else {
@@ -480,15 +496,20 @@ fn deliver(link: &Link, packet: Packet) {
 }
 
 /// Asks the node to stop the stream `packet` belongs to.
-fn send_cancel(link: &Link, packet: &Packet) {
-    let cancel = Packet {
-        uri: packet.uri.clone(),
-        method: packet.method.clone(),
-        key: packet.key,
+fn send_cancel<P>(link: &Link<P>, packet: &Packet<P>) {
+    if let Some(frame) = cancel_frame(&packet.uri, &packet.method, packet.key) {
+        let _ = link.outgoing.try_send(frame);
+    }
+}
+
+/// The cancel packet for the stream with `key`.
+fn cancel_frame(uri: &str, method: &str, key: u64) -> Option<Bytes> {
+    let cancel: Packet = Packet {
+        uri: uri.to_owned(),
+        method: method.to_owned(),
+        key,
         cancel: true,
         ..Packet::default()
     };
-    if let Ok(frame) = encode_frame(&cancel) {
-        let _ = link.outgoing.try_send(frame);
-    }
+    encode_frame(&cancel).ok()
 }

@@ -216,14 +216,29 @@ impl serde_json::ser::Formatter for EscapeDelimiter {
         writer: &mut W,
         fragment: &str,
     ) -> io::Result<()> {
-        let mut parts = fragment.split('¶');
-        if let Some(first) = parts.next() {
-            writer.write_all(first.as_bytes())?;
-        }
-        for part in parts {
-            writer.write_all(br"\u00b6")?;
-            writer.write_all(part.as_bytes())?;
-        }
-        Ok(())
+        write_escaped(writer, fragment)
     }
+
+    /// Raw JSON ([`crate::RawParams`]) is written as it is, except for `¶`: outside strings it
+    /// is not valid JSON, so every `¶` in valid JSON text is inside a string, where the escape
+    /// means the same character.
+    fn write_raw_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        write_escaped(writer, fragment)
+    }
+}
+
+fn write_escaped<W: ?Sized + io::Write>(writer: &mut W, text: &str) -> io::Result<()> {
+    let mut parts = text.split('¶');
+    if let Some(first) = parts.next() {
+        writer.write_all(first.as_bytes())?;
+    }
+    for part in parts {
+        writer.write_all(br"\u00b6")?;
+        writer.write_all(part.as_bytes())?;
+    }
+    Ok(())
 }

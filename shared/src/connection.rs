@@ -96,6 +96,16 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
+/// Queues `frame` without waiting when the channel has room, and from a task of its own when it
+/// has not, so that the caller never waits: for frames sent from `Drop` (a cancel) or from a
+/// task that must not hold a waiting send while it lives (a stream's end packet).
+pub fn queue_frame(outgoing: &mpsc::Sender<Bytes>, frame: Bytes) {
+    if let Err(mpsc::error::TrySendError::Full(frame)) = outgoing.try_send(frame) {
+        let outgoing = outgoing.clone();
+        tokio::spawn(async move { outgoing.send(frame).await });
+    }
+}
+
 /// Sets the socket options every connection of the workspace wants (packet, text protocol and
 /// the gateway's HTTP): no Nagle delay (requests and answers are small and latency-bound), and
 /// TCP keepalive so a vanished peer is eventually noticed even on a connection that is otherwise

@@ -30,4 +30,4 @@ pub mod telemetry;
 pub mod testing;
 
 pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
-pub use packet::{NodeInfo, Packet, Registration, Topology};
+pub use packet::{NodeInfo, Packet, Params, RawParams, Registration, Topology};

@@ -9,8 +9,10 @@
 //! The control messages exchanged with the distributor (registration, topology, heartbeat) are
 //! ordinary packets with key 0; their `params` shapes live here too.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::fmt;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{value::RawValue, Value};
 
 /// The `uri` of registration (`POST`) and topology (`GET`) packets.
 pub const DISTRIBUTES_URI: &str = "/distributes";
@@ -24,8 +26,12 @@ fn is_false(value: &bool) -> bool {
 }
 
 /// One message on the wire. See docs/PROTOCOL.md for every field.
+///
+/// `params` is a [`Value`] for code that looks inside it. Code that only passes it on (the
+/// gateway relaying answers, a service sending one notice to many subscribers) uses
+/// [`RawParams`] and never parses or rebuilds it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Packet {
+pub struct Packet<P = Value> {
     #[serde(default)]
     pub uri: String,
     #[serde(default)]
@@ -34,7 +40,7 @@ pub struct Packet {
     #[serde(default)]
     pub key: u64,
     #[serde(default)]
-    pub params: Value,
+    pub params: P,
     /// HTTP-like status of a response; absent means 200.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
@@ -61,6 +67,63 @@ pub struct Packet {
     pub request_id: Option<String>,
 }
 
+impl<P> Packet<P> {
+    /// The same packet with its params converted by `convert`.
+    pub fn map_params<Q>(self, convert: impl FnOnce(P) -> Q) -> Packet<Q> {
+        Packet {
+            uri: self.uri,
+            method: self.method,
+            key: self.key,
+            params: convert(self.params),
+            status: self.status,
+            error: self.error,
+            stream: self.stream,
+            end: self.end,
+            cancel: self.cancel,
+            id: self.id,
+            event: self.event,
+            request_id: self.request_id,
+        }
+    }
+
+    /// A response to `request` carrying `params`, status 200.
+    pub fn reply_to<R>(request: &Packet<R>, params: P) -> Packet<P> {
+        // Spelled out rather than `..Packet::default()`, which would build default params only
+        // to drop them.
+        Packet {
+            uri: request.uri.clone(),
+            method: request.method.clone(),
+            key: request.key,
+            params,
+            status: None,
+            error: None,
+            stream: false,
+            end: false,
+            cancel: false,
+            id: None,
+            event: None,
+            request_id: None,
+        }
+    }
+
+    /// The response status, 200 when absent.
+    pub fn status(&self) -> u16 {
+        self.status.unwrap_or(200)
+    }
+}
+
+impl<P: Params> Packet<P> {
+    /// True for a stream event that carries nothing: the packet that opens a stream before its
+    /// first real event. Callers skip it.
+    pub fn is_empty_event(&self) -> bool {
+        self.stream
+            && !self.end
+            && self.params.is_null()
+            && self.id.is_none()
+            && self.event.is_none()
+    }
+}
+
 impl Packet {
     /// A request packet; the client that sends it assigns the key.
     pub fn request(method: &str, uri: &str, params: Value) -> Packet {
@@ -72,35 +135,92 @@ impl Packet {
         }
     }
 
-    /// A response to `request` carrying `params`, status 200.
-    pub fn reply_to(request: &Packet, params: Value) -> Packet {
-        Packet {
-            uri: request.uri.clone(),
-            method: request.method.clone(),
-            key: request.key,
-            params,
-            ..Packet::default()
-        }
-    }
-
-    /// The response status, 200 when absent.
-    pub fn status(&self) -> u16 {
-        self.status.unwrap_or(200)
-    }
-
-    /// True for a stream event that carries nothing: the packet that opens a stream before its
-    /// first real event. Callers skip it.
-    pub fn is_empty_event(&self) -> bool {
-        self.stream
-            && !self.end
-            && self.params.is_null()
-            && self.id.is_none()
-            && self.event.is_none()
-    }
-
     /// True for a heartbeat packet (key 0, uri `/heartbeat`).
     pub fn is_heartbeat(&self) -> bool {
         self.key == 0 && self.uri == HEARTBEAT_URI
+    }
+}
+
+/// What a packet's `params` can be: a parsed [`Value`], or [`RawParams`] kept as the text it
+/// arrived as.
+pub trait Params:
+    Serialize + DeserializeOwned + Default + fmt::Debug + Send + Sync + 'static
+{
+    fn from_value(value: Value) -> Self;
+    fn is_null(&self) -> bool;
+}
+
+impl Params for Value {
+    fn from_value(value: Value) -> Self {
+        value
+    }
+
+    fn is_null(&self) -> bool {
+        Value::is_null(self)
+    }
+}
+
+/// JSON params kept as their text, unparsed: reading them only checks that they are valid JSON,
+/// and writing them copies the text. For params that are passed on, not looked into.
+///
+/// The text is exactly what the sender wrote (whitespace included). When written into a frame,
+/// a `¶` inside it is escaped like any other (see [`crate::codec`]).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawParams(Box<RawValue>);
+
+impl RawParams {
+    /// Serializes `value` once, to be written many times.
+    pub fn to_raw(value: &impl Serialize) -> serde_json::Result<RawParams> {
+        serde_json::value::to_raw_value(value).map(RawParams)
+    }
+
+    /// Takes JSON text as it is, after checking that it is JSON.
+    pub fn from_text(text: String) -> serde_json::Result<RawParams> {
+        RawValue::from_string(text).map(RawParams)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The JSON text, without a copy.
+    pub fn into_string(self) -> String {
+        Box::<str>::from(self.0).into_string()
+    }
+
+    /// The params parsed, for the rare caller that must look inside after all.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).expect("raw params always hold valid JSON")
+    }
+}
+
+impl Params for RawParams {
+    fn from_value(value: Value) -> Self {
+        RawParams::to_raw(&value).expect("a JSON value always serializes")
+    }
+
+    fn is_null(&self) -> bool {
+        self.get() == "null"
+    }
+}
+
+impl Default for RawParams {
+    fn default() -> Self {
+        RawParams::from_value(Value::Null)
+    }
+}
+
+impl PartialEq for RawParams {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl fmt::Debug for RawParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
     }
 }
 

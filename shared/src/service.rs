@@ -21,6 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::{
@@ -32,7 +33,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     codec::{encode_frame, CodecError, PacketCodec},
-    connection::{tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
+    connection::{queue_frame, tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
     distributor_client::DistributorClient,
     packet::{key_in, Registration, PROTOCOL_VERSION},
     Packet,
@@ -105,12 +106,13 @@ impl Response {
     }
 }
 
-/// One event of a stream.
+/// One event of a stream. `data` is a [`Value`], or anything else that serializes to JSON, such
+/// as a [`crate::RawParams`] serialized once for many subscribers.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Event {
+pub struct Event<D = Value> {
     pub id: Option<Value>,
     pub event: Option<String>,
-    pub data: Value,
+    pub data: D,
 }
 
 /// Returned by [`EventSink::send`] once nobody listens to the stream any more.
@@ -140,29 +142,41 @@ impl EventSink {
         if self.opened.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
-        self.send(Event::default()).await
+        self.send(Event::<Value>::default()).await
     }
 
     /// Sends one event, waiting while the connection's outgoing queue is full.
-    pub async fn send(&self, event: Event) -> Result<(), SinkClosed> {
+    ///
+    /// The event is encoded at once, and the returned future holds only the encoded frame: an
+    /// idle subscription's memory is mostly its futures, and this one is part of every
+    /// subscription's. It does not watch for the stream being cancelled: the stream's task drops
+    /// the handler's future then, and this one with it.
+    pub fn send<D: Serialize>(
+        &self,
+        event: Event<D>,
+    ) -> impl Future<Output = Result<(), SinkClosed>> + '_ {
+        let frame = self.encode(event);
+        async move {
+            let frame = frame?;
+            let slot = self.outgoing.reserve().await.map_err(|_| SinkClosed)?;
+            slot.send(frame);
+            Ok(())
+        }
+    }
+
+    fn encode<D: Serialize>(&self, event: Event<D>) -> Result<Bytes, SinkClosed> {
         if self.cancelled.is_cancelled() {
             return Err(SinkClosed);
         }
         self.opened
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        // Encoded before the wait, so the packet is not kept in the waiting future: an idle
-        // subscription's memory is mostly its futures.
-        let frame = encode_frame(&Packet {
+        encode_frame(&Packet {
             stream: true,
             id: event.id,
             event: event.event,
             ..Packet::reply_to(&self.request, event.data)
         })
-        .map_err(|_| SinkClosed)?;
-        tokio::select! {
-            _ = self.cancelled.cancelled() => Err(SinkClosed),
-            sent = self.outgoing.send(frame) => sent.map_err(|_| SinkClosed),
-        }
+        .map_err(|_| SinkClosed)
     }
 
     /// Completes when the stream is cancelled; for handlers that wait on something else.
@@ -295,11 +309,10 @@ pub async fn serve_connections<F, Fut>(
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     while let Some((permit, stream, peer)) = accept_within(&listener, &limit, shutdown).await {
-        let connection = handle(stream, peer);
-        connections.spawn(async move {
-            connection.await;
-            drop(permit);
-        });
+        // A combinator rather than `async move { connection.await; drop(permit) }`, which
+        // would hold the connection's future twice (captured, and being awaited): that doubles
+        // the memory of every open connection.
+        connections.spawn(handle(stream, peer).map(move |()| drop(permit)));
     }
     drop(listener);
     connections.close();
@@ -470,54 +483,47 @@ fn dispatch(
         return;
     };
     match &*handler {
-        Handler::Unary(_) => {
+        Handler::Unary(handler) => {
+            let answering = span.in_scope(|| handler(request));
             requests.spawn(
                 async move {
-                    let Handler::Unary(handler) = &*handler else {
-                        unreachable!("matched as unary above");
-                    };
-                    let answer = handler(request).await.into_packet(&packet);
+                    let answer = answering.await.into_packet(&packet);
                     send_packet(&outgoing, &answer).await;
                 }
                 .instrument(span),
             );
         }
-        Handler::Stream(_) => {
+        Handler::Stream(handler) => {
             let cancelled = connection_closed.child_token();
             let serial = streams.start(packet.key, cancelled.clone());
             let streams = streams.clone();
             // The task keeps only what answers repeat of the request, shared with the sink: it
             // lives as long as the subscription, idle most of the time.
             let reply = Arc::new(Packet::reply_to(&packet, Value::Null));
+            let sink = EventSink {
+                request: reply.clone(),
+                outgoing: outgoing.clone(),
+                cancelled: cancelled.clone(),
+                opened: Default::default(),
+            };
+            // Called here rather than in the task, so that the task holds the handler's future
+            // but not the request as well.
+            let handling = span.in_scope(|| handler(request, sink));
             // Streams are not tracked with the requests: shutdown cancels them rather than
             // waiting for them, since a subscription may never end on its own.
             tokio::spawn(
                 async move {
-                    let Handler::Stream(handler) = &*handler else {
-                        unreachable!("matched as stream above");
-                    };
-                    let sink = EventSink {
-                        request: reply.clone(),
-                        outgoing: outgoing.clone(),
-                        cancelled: cancelled.clone(),
-                        opened: Default::default(),
-                    };
-                    let end = tokio::select! {
-                        _ = cancelled.cancelled() => None,
-                        response = handler(request, sink) => Some(response),
-                    };
+                    let end = cancelled.run_until_cancelled(handling).await;
                     streams.finished(reply.key, serial);
-                    if let Some(response) = end {
-                        // Encoded before the wait, like events, so that the end packet does
-                        // not size the task of every idle subscription.
-                        let end = encode_answer(&Packet {
-                            end: true,
-                            ..response.into_packet(&reply)
-                        });
-                        if let Some(frame) = end {
-                            let _ = outgoing.send(frame).await;
-                        }
-                    }
+                    let Some(response) = end else { return };
+                    let Some(frame) = encode_answer(&Packet {
+                        end: true,
+                        ..response.into_packet(&reply)
+                    }) else {
+                        return;
+                    };
+                    // Not a waiting send: that would size the task of every idle subscription.
+                    queue_frame(&outgoing, frame);
                 }
                 .instrument(span),
             );

@@ -6,7 +6,7 @@ use bytes::{BufMut, BytesMut};
 use serde_json::{json, Value};
 use shared::{
     codec::{encode_frame, CodecError, PacketCodec},
-    Packet,
+    Packet, RawParams,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -89,6 +89,65 @@ fn a_delimiter_inside_a_string_is_escaped_on_the_wire() {
     let mut codec = PacketCodec::new();
     let decoded = codec.decode(&mut BytesMut::from(&frame[..])).unwrap();
     assert_eq!(decoded, Some(packet));
+}
+
+#[test]
+fn raw_params_holding_a_delimiter_are_escaped_on_the_wire() {
+    let params = json!({"message": "a¶b", "¶": ["¶"]});
+    let raw = RawParams::to_raw(&params).unwrap();
+    assert!(raw.get().contains('¶'), "the raw text itself is unescaped");
+    let frame = encode_frame(Packet::reply_to(&request(5, Value::Null), raw)).unwrap();
+    let body = &frame[..frame.len() - 2];
+    assert!(
+        !body.windows(2).any(|w| w == [0xC2, 0xB6]),
+        "no raw ¶ before the delimiter"
+    );
+    let decoded = PacketCodec::<Packet>::new()
+        .decode(&mut BytesMut::from(&frame[..]))
+        .unwrap()
+        .expect("a complete frame");
+    assert_eq!(decoded.key, 5);
+    assert_eq!(decoded.params, params);
+}
+
+#[test]
+fn raw_params_keep_the_senders_text_through_split_and_glued_frames() {
+    // Whitespace and key order as the sender wrote them: raw params are passed on, not rebuilt.
+    let wire = concat!(
+        r#"{"uri":"/n","method":"GET","key":1,"params":{"b": 1,  "a": [true, null]}}¶"#,
+        r#"{"uri":"/n","method":"GET","key":2}¶"#,
+        r#"{"uri":"/n","method":"GET","key":3,"params":"h\u00e9"}¶"#,
+    );
+    let wire = wire.as_bytes();
+    for split in 0..=wire.len() {
+        let mut codec = PacketCodec::<Packet<RawParams>>::new();
+        let mut buf = BytesMut::from(&wire[..split]);
+        let mut decoded = Vec::new();
+        while let Some(packet) = codec.decode(&mut buf).unwrap() {
+            decoded.push(packet);
+        }
+        buf.put_slice(&wire[split..]);
+        while let Some(packet) = codec.decode(&mut buf).unwrap() {
+            decoded.push(packet);
+        }
+        let params: Vec<&str> = decoded.iter().map(|p| p.params.get()).collect();
+        assert_eq!(
+            params,
+            [r#"{"b": 1,  "a": [true, null]}"#, "null", r#""h\u00e9""#],
+            "split at byte {split}"
+        );
+    }
+}
+
+#[test]
+fn raw_params_that_are_not_json_are_a_bad_frame() {
+    let mut codec = PacketCodec::<Packet<RawParams>>::new();
+    let mut buf = BytesMut::from(r#"{"key":6,"params":{"a":}}¶{"key":7}¶"#);
+    let err = codec.decode(&mut buf).unwrap_err();
+    assert!(matches!(err, CodecError::Json { key: None, .. }), "{err:?}");
+    let next = codec.decode(&mut buf).unwrap().expect("the next frame");
+    assert_eq!(next.key, 7);
+    assert_eq!(next.params.get(), "null");
 }
 
 #[test]
