@@ -54,9 +54,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Registers this instance and starts listening, so that no notice committed after this
-    /// returns can be missed by the fan-out task.
-    pub async fn join(pool: PgPool) -> Result<(Cluster, ClusterListener), StoreError> {
+    /// Registers this instance, starts listening, and notes the last notice already stored.
+    /// Every notice after that one is fanned out by [`run_fan_out`]; every notice up to it is
+    /// already visible to a subscriber's replay. Both happen here, before the service accepts
+    /// a subscriber: noted later, the notices committed in between would reach nobody live.
+    pub async fn join(
+        pool: PgPool,
+        store: &dyn Store,
+    ) -> Result<(Cluster, ClusterListener), StoreError> {
         let instance_id = uuid::Uuid::new_v4().to_string();
         sqlx::query("INSERT INTO notice_instances (instance_id) VALUES ($1)")
             .bind(&instance_id)
@@ -66,9 +71,15 @@ impl Cluster {
         listener
             .listen_all([PUBLISHED_CHANNEL, KICK_CHANNEL])
             .await?;
+        // Read after LISTEN: a notice committed in between is both announced and above it.
+        let last_fanned_out = store.last_id().await?;
         info!(instance = %instance_id, "joined the notice cluster");
         let cluster = Cluster { pool, instance_id };
-        Ok((cluster, ClusterListener { listener }))
+        let listener = ClusterListener {
+            listener,
+            last_fanned_out,
+        };
+        Ok((cluster, listener))
     }
 
     /// Subscribers of the other live instances.
@@ -211,29 +222,21 @@ async fn insert_subscriber(
 /// The LISTEN connection, opened by [`Cluster::join`] and driven by [`run_fan_out`].
 pub struct ClusterListener {
     listener: PgListener,
+    /// The last notice stored when the listening began.
+    last_fanned_out: i64,
 }
 
 /// Fans out every notice committed by any instance to this instance's hub, until `shutdown`.
 pub async fn run_fan_out(
     cluster: Cluster,
-    ClusterListener { mut listener }: ClusterListener,
+    ClusterListener {
+        mut listener,
+        last_fanned_out: mut last,
+    }: ClusterListener,
     store: Arc<dyn Store>,
     hub: Hub,
     shutdown: CancellationToken,
 ) {
-    // LISTEN is already active, so every notice after this id will be announced.
-    let mut last = loop {
-        match store.last_id().await {
-            Ok(last) => break last,
-            Err(err) => {
-                warn!(%err, "could not read the last notice id; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(CATCH_UP_INTERVAL) => {}
-                }
-            }
-        }
-    };
     let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
     loop {
         tokio::select! {

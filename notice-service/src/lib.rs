@@ -106,7 +106,7 @@ pub async fn run(
     let hub = Hub::new(config.subscriber_buffer, config.max_subscribers, observer);
     let cluster = match (opened.postgres, presence_changes) {
         (Some(pool), Some(changes)) => {
-            let (cluster, listener) = Cluster::join(pool).await?;
+            let (cluster, listener) = Cluster::join(pool, opened.store.as_ref()).await?;
             tasks.spawn(cluster::run_fan_out(
                 cluster.clone(),
                 listener,

@@ -6,9 +6,16 @@ use std::{collections::HashMap, time::Duration};
 
 use chrono::Utc;
 use common::*;
-use notice_service::{store::StoreSpec, Config};
+use notice_service::{
+    cluster::{self, Cluster},
+    hub::Hub,
+    notice::{Interest, NewNotice},
+    store::{self, StoreSpec},
+    Config,
+};
 use serde_json::json;
 use shared::testing::TestPostgres;
+use tokio_util::sync::CancellationToken;
 
 /// A fresh database on a throwaway cluster, and two instances on it.
 async fn two_instances(pg: &TestPostgres, db: &str) -> (TestService, TestService) {
@@ -212,4 +219,38 @@ async fn replay_on_one_instance_while_another_publishes_misses_nothing() {
         .unwrap()
         .unwrap();
     assert_eq!(received, published);
+}
+
+/// A notice committed while an instance starts, after it joined the cluster but before its
+/// fan-out task first ran, still reaches that instance's live subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
+    let Some(pg) = postgres().await else { return };
+    let url = pg.create_database("joining").await;
+    let opened = store::open(&StoreSpec::Postgres(url)).await.unwrap();
+    let pool = opened.postgres.clone().unwrap();
+    let (cluster, listener) = Cluster::join(pool, opened.store.as_ref()).await.unwrap();
+    let hub = Hub::new(16, 16, None);
+    let mut subscription = hub.subscribe(Interest::default()).unwrap();
+    let notice = NewNotice {
+        message: "meanwhile".into(),
+        topic: None,
+        to: None,
+    };
+    let stored = opened.store.insert(notice, Utc::now()).await.unwrap();
+
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(cluster::run_fan_out(
+        cluster,
+        listener,
+        opened.store.clone(),
+        hub.clone(),
+        shutdown,
+    ));
+    let live = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("the notice was fanned out")
+        .unwrap();
+    assert_eq!((live.id, live.message.as_str()), (stored.id, "meanwhile"));
 }
