@@ -4,6 +4,11 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than the system allocator: a packet or an event is often allocated on one
+/// worker thread and freed on another, which glibc's allocator serializes on its arena locks.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The service registry: nodes register here and receive the topology.
 #[derive(Debug, Parser)]
 #[command(version, about)]

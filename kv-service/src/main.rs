@@ -5,6 +5,11 @@ use clap::Parser;
 use kv_service::config::{Config, StoreSpec};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than the system allocator: a packet or an event is often allocated on one
+/// worker thread and freed on another, which glibc's allocator serializes on its arena locks.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A versioned key-value store served as REST routes (through the gateway) and as a raw TCP
 /// text protocol.
 #[derive(Debug, Parser)]

@@ -5,6 +5,11 @@ use clap::Parser;
 use notice_service::store::{Retention, StoreSpec};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than the system allocator: a packet or an event is often allocated on one
+/// worker thread and freed on another, which glibc's allocator serializes on its arena locks.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Real-time notices pushed to subscribers: topics, whispers, schedules, presence and replay.
 #[derive(Debug, Parser)]
 #[command(version, about)]
