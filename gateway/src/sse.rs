@@ -3,9 +3,10 @@
 //! Each event packet becomes one event: `id:` from the packet's `id`, `event:` from its `event`,
 //! `data:` its `params`, the JSON text as the node wrote it (params are [`RawParams`], never
 //! parsed here), written again on one line only if the node spread them over several. Empty
-//! events (the packet a node sends to say the stream has started) are not forwarded. The end packet closes the response; if it carries an
-//! error, or the node's connection drops, or the client reads too slowly to keep up, a final
-//! `event: error` with `{"error", "status"}` says why before it closes.
+//! events (the packet a node sends to say the stream has started) are not forwarded. The end
+//! packet closes the response; if it carries an error, or the node's connection drops, or the
+//! client reads too slowly to keep up, a final `event: error` with `{"error", "status"}` says why
+//! before it closes.
 //!
 //! The relay owns the node-side [`ResponseStream`]: when the HTTP client goes away, hyper drops
 //! the body, the body drops the relay, and dropping the stream sends the node the cancel packet
@@ -66,7 +67,6 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Rela
                         debug!("closing an event stream for shutdown");
                         return None;
                     }
-
                     answer = answers.next() => answer?,
                 }
             }

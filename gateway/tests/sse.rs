@@ -151,6 +151,15 @@ async fn setup(adjust: impl FnOnce(&mut gateway::Config)) -> Setup {
     }
 }
 
+impl Setup {
+    /// Waits for the node's stream handler `what` to be dropped, which a cancel from the
+    /// gateway does.
+    async fn expect_dropped(&mut self, what: &str, why: &str) {
+        let dropped = timeout(PROMPTLY, self.dropped.recv()).await.expect(why);
+        assert_eq!(dropped, Some(what));
+    }
+}
+
 async fn open(gateway: &Gateway, path: &str, last_event_id: Option<&str>) -> SseReader {
     let mut request = gateway
         .http
@@ -244,10 +253,12 @@ async fn a_client_going_away_cancels_the_stream_at_the_node() {
     assert_eq!(setup.gateway.metric("gateway_open_streams").await, 1.0);
 
     drop(stream);
-    let dropped = timeout(PROMPTLY, setup.dropped.recv())
-        .await
-        .expect("the node's stream handler is dropped once the client leaves");
-    assert_eq!(dropped, Some("forever"));
+    setup
+        .expect_dropped(
+            "forever",
+            "the node's stream handler is dropped once the client leaves",
+        )
+        .await;
     timeout(PROMPTLY, async {
         while setup.gateway.metric("gateway_open_streams").await != 0.0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -265,10 +276,12 @@ async fn a_client_leaving_an_idle_stream_cancels_it_at_the_node_at_once() {
     let stream = open(&setup.gateway, "/quiet", None).await;
     assert_eq!(setup.gateway.metric("gateway_open_streams").await, 1.0);
     drop(stream);
-    let dropped = timeout(PROMPTLY, setup.dropped.recv())
-        .await
-        .expect("the node's stream handler is dropped once the client leaves");
-    assert_eq!(dropped, Some("quiet"));
+    setup
+        .expect_dropped(
+            "quiet",
+            "the node's stream handler is dropped once the client leaves",
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -286,10 +299,9 @@ async fn a_client_too_slow_for_its_stream_is_told_so() {
         .await
         .unwrap();
     // The gateway gives up on this client and cancels the stream at the node.
-    let dropped = timeout(PROMPTLY, setup.dropped.recv())
-        .await
-        .expect("the flood is cancelled");
-    assert_eq!(dropped, Some("flood"));
+    setup
+        .expect_dropped("flood", "the flood is cancelled")
+        .await;
 
     // Reading now drains what was queued, then the final error event and the end of the body.
     let mut received = Vec::new();
