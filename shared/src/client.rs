@@ -495,10 +495,12 @@ fn deliver<P>(link: &Link<P>, packet: Packet<P>) {
     }
 }
 
-/// Asks the node to stop the stream `packet` belongs to.
+/// Asks the node to stop the stream `packet` belongs to. Queued like a dropped stream's cancel:
+/// with a full outgoing queue, a cancel that was not sent would leave the stream running at the
+/// node when no further event comes to trigger another.
 fn send_cancel<P>(link: &Link<P>, packet: &Packet<P>) {
     if let Some(frame) = cancel_frame(&packet.uri, &packet.method, packet.key) {
-        let _ = link.outgoing.try_send(frame);
+        queue_frame(&link.outgoing, frame);
     }
 }
 
