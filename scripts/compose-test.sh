@@ -3,7 +3,9 @@
 # builds the release binaries and the local images (docker/build-images.sh), starts the compose
 # file with docker/compose.local.yml under a throwaway project name on a free host port, waits for
 # health, then checks from the host with curl: kv CRUD, the kv text protocol, a notice through SSE,
-# a killed kv replica under traffic, and a distributor restart under traffic. Prints PASS/FAIL per
+# a killed kv replica under traffic, and a distributor restart under traffic, all with
+# authentication on (a token minted in the gateway's container), and checks that requests without
+# a token from outside the compose network are refused. Prints PASS/FAIL per
 # check and a summary line; always tears the project down; exits non-zero on any failure.
 # Env: GATEWAY_PORT (host port, default: a free one), COMPOSE_TEST_TIMEOUT (whole run, seconds,
 # default 1800), COMPOSE_TEST_KEEP=1 (leave the stack running for a look; `down` is printed).
@@ -107,8 +109,8 @@ trap 'log "interrupted"; exit 130' INT TERM
 ) &
 background_pids+=($!)
 
-# curl with bounds; prints the HTTP status, the body goes to the file named by $1.
-http() {
+# curl with bounds and no token; prints the HTTP status, the body goes to the file named by $1.
+http_as_anyone() {
     local body_file=$1
     shift
     curl -s -o "$body_file" -w '%{http_code}' --connect-timeout 3 --max-time 10 "$@" || true
@@ -158,10 +160,40 @@ else
     exit 1
 fi
 
+# --- authentication: the stack runs with the secrets its one-shot service generated ---
+token=$(timeout 30 "${compose_cmd[@]}" -p "$project" -f docker-compose.yml -f docker/compose.local.yml \
+    exec -T gateway gateway mint-token --jwt-secret-file /secrets/jwt.secret \
+    --sub compose-test --scope admin --ttl 1h 2>"$work/mint.err" | tr -d '\r\n' || true)
+if [ "$(tr -cd '.' <<<"$token" | wc -c)" = 2 ]; then
+    pass "a token minted with docker compose exec gateway gateway mint-token"
+else
+    fail "a token minted with docker compose exec gateway gateway mint-token" "$(cat "$work/mint.err")"
+fi
+# curl with the token: every request below is authenticated unless it says otherwise.
+acurl() { curl -H "Authorization: Bearer $token" "$@"; }
+# As http_as_anyone, with the token.
+http() {
+    http_as_anyone "$@" -H "Authorization: Bearer $token"
+}
+for path in /kv/hello /_/topology /notices; do
+    status=$(http_as_anyone "$work/body" "$gateway$path")
+    if [ "$status" = 401 ]; then
+        pass "GET $path without a token from outside the compose network is refused (401)"
+    else
+        fail "GET $path without a token from outside the compose network is refused (401)" "status $status, body $(head -c 200 "$work/body")"
+    fi
+done
+status=$(http_as_anyone "$work/body" "$gateway/kv/hello" -H "Authorization: Bearer ${token}x")
+if [ "$status" = 401 ]; then
+    pass "a tampered token is refused (401)"
+else
+    fail "a tampered token is refused (401)" "status $status"
+fi
+
 # True when every node given (host:port) is in the gateway's topology and connected.
 topology_has() {
     local topology node
-    topology=$(curl -s --max-time 5 "$gateway/_/topology") || return 1
+    topology=$(acurl -s --max-time 5 "$gateway/_/topology") || return 1
     for node in "$@"; do
         grep -o "{[^{}]*\"addr\":\"$node\"[^{}]*}" <<<"$topology" | grep -q '"connected":true' || return 1
     done
@@ -169,7 +201,7 @@ topology_has() {
 if eventually 60 topology_has kv-1:9010 kv-2:9010 notice:9020; then
     pass "gateway topology lists kv-1, kv-2 and notice, connected"
 else
-    fail "gateway topology lists kv-1, kv-2 and notice, connected" "$(curl -s --max-time 5 "$gateway/_/topology")"
+    fail "gateway topology lists kv-1, kv-2 and notice, connected" "$(acurl -s --max-time 5 "$gateway/_/topology")"
 fi
 
 status=$(http "$work/body" "$gateway/")
@@ -210,10 +242,10 @@ fi
 
 # --- the text protocol (not published on the host; spoken from inside kv-1's container) ---
 kv1=$(compose ps -q kv-1)
-reply=$(timeout 15 docker exec "$kv1" bash -c \
-    'exec 3<>/dev/tcp/127.0.0.1/8395; printf "put<text-key,from nc>get<text-key>" >&3; timeout 2 cat <&3' | tr -d '\r\n' || true)
+reply=$(timeout 15 docker exec -e TOKEN="$token" "$kv1" bash -c \
+    'exec 3<>/dev/tcp/127.0.0.1/8395; printf "auth<%s>put<text-key,from nc>get<text-key>" "$TOKEN" >&3; timeout 2 cat <&3' | tr -d '\r\n' || true)
 status=$(http "$work/body" "$gateway/kv/text-key")
-if [ "$reply" = "ok<text-key>value<from nc>" ] && [ "$status" = 200 ] &&
+if [ "$reply" = "ok<compose-test>ok<text-key>value<from nc>" ] && [ "$status" = 200 ] &&
     grep -q '"value":"from nc"' "$work/body"; then
     pass "text protocol put/get on kv-1, read back over HTTP"
 else
@@ -222,7 +254,7 @@ fi
 
 # --- a notice through SSE ---
 message="compose-test notice $RANDOM$RANDOM"
-curl -sN --max-time 30 -D "$work/sse.headers" -o "$work/sse.body" "$gateway/notices/stream" &
+acurl -sN --max-time 30 -D "$work/sse.headers" -o "$work/sse.body" "$gateway/notices/stream" &
 sse_pid=$!
 background_pids+=("$sse_pid")
 if eventually 15 grep -qs ' 200' "$work/sse.headers"; then
@@ -245,7 +277,7 @@ traffic() {
     local name=$1 i=0 status
     while [ ! -e "$work/stop-$name" ]; do
         i=$((i + 1))
-        status=$(curl -s -o /dev/null -w '%{http_code}' --connect-timeout 2 --max-time 6 \
+        status=$(acurl -s -o /dev/null -w '%{http_code}' --connect-timeout 2 --max-time 6 \
             -X PUT "$gateway/kv/$name-$i" -d "value-$i" || true)
         echo "$status $name-$i" >>"$work/traffic-$name"
         sleep 0.05
@@ -262,7 +294,7 @@ judge_traffic() {
     errors=$(grep -vc '^200 ' "$log_file" || true)
     tail_errors=$(tail -n 20 "$log_file" | grep -vc '^200 ' || true)
     while read -r key; do
-        curl -s --max-time 5 "$gateway/kv/$key" | grep -q "\"value\":\"value-${key##*-}\"" ||
+        acurl -s --max-time 5 "$gateway/kv/$key" | grep -q "\"value\":\"value-${key##*-}\"" ||
             unreadable=$((unreadable + 1))
     done < <(awk '$1 == 200 { print $2 }' "$log_file")
     local by_status detail
@@ -294,7 +326,7 @@ judge_traffic kill 5 "requests keep succeeding after docker-compose kill kv-1"
 if eventually 30 topology_has kv-2:9010 && ! topology_has kv-1:9010; then
     pass "topology drops kv-1 and keeps kv-2"
 else
-    fail "topology drops kv-1 and keeps kv-2" "$(curl -s --max-time 5 "$gateway/_/topology")"
+    fail "topology drops kv-1 and keeps kv-2" "$(acurl -s --max-time 5 "$gateway/_/topology")"
 fi
 
 log "restarting distributor under traffic"
@@ -303,7 +335,7 @@ judge_traffic restart 5 "requests keep succeeding across docker-compose restart 
 if eventually 60 topology_has kv-2:9010 notice:9020; then
     pass "nodes register again with the restarted distributor"
 else
-    fail "nodes register again with the restarted distributor" "$(curl -s --max-time 5 "$gateway/_/topology")"
+    fail "nodes register again with the restarted distributor" "$(acurl -s --max-time 5 "$gateway/_/topology")"
 fi
 
 log "starting kv-1 again"
@@ -311,5 +343,5 @@ compose start kv-1 >/dev/null 2>&1 || true
 if eventually 60 topology_has kv-1:9010 kv-2:9010; then
     pass "kv-1 rejoins after docker-compose start"
 else
-    fail "kv-1 rejoins after docker-compose start" "$(curl -s --max-time 5 "$gateway/_/topology")"
+    fail "kv-1 rejoins after docker-compose start" "$(acurl -s --max-time 5 "$gateway/_/topology")"
 fi

@@ -3,6 +3,8 @@
 # binaries, starts distributor, gateway, kv-service and notice-service on their default ports with
 # SQLite files under .stack/, waits until the gateway answers, prints examples to paste, and stops
 # everything on Ctrl-C (or when any of them exits).
+# Authentication is on, as in production: on first start it generates a cluster secret and a JWT
+# key under .stack/ (mode 0600), and it prints a token with every scope, already in the examples.
 # Logs go to .stack/logs/; RUST_LOG is passed through (default: info).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,16 @@ echo "building the release binaries (cargo build --release)..."
 cargo build --release -p distributor -p gateway -p kv-service -p notice-service
 
 mkdir -p "$stack/logs"
+chmod 700 "$stack"
+# The secrets: made once, kept across restarts (delete them to rotate).
+for secret in cluster.secret jwt.secret; do
+    if [ ! -s "$stack/$secret" ]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$stack/$secret")
+    fi
+done
+cluster=(--cluster-secret-file "$stack/cluster.secret")
+jwt=(--jwt-secret-file "$stack/jwt.secret")
+token=$("$bin/gateway" mint-token "${jwt[@]}" --sub "${USER:-developer}" --scope admin --ttl 24h)
 export RUST_LOG=${RUST_LOG:-info}
 # The logs go to files: plain text, no colour codes.
 export NO_COLOR=${NO_COLOR:-1}
@@ -79,19 +91,20 @@ wait_for() {
     done
 }
 
-start distributor --listen 127.0.0.1:9000
+start distributor --listen 127.0.0.1:9000 "${cluster[@]}"
 wait_for "distributor" 10 port_in_use 9000
 start kv-service --listen 127.0.0.1:9010 --text-listen 127.0.0.1:8395 --distributor 127.0.0.1:9000 \
-    --store "sqlite:$stack/kv.db"
-start notice-service --listen 127.0.0.1:9020 --distributor 127.0.0.1:9000 --store "sqlite:$stack/notices.db"
-start gateway --listen "127.0.0.1:$gateway_port" --distributor 127.0.0.1:9000
+    --store "sqlite:$stack/kv.db" "${cluster[@]}" "${jwt[@]}"
+start notice-service --listen 127.0.0.1:9020 --distributor 127.0.0.1:9000 \
+    --store "sqlite:$stack/notices.db" "${cluster[@]}"
+start gateway --listen "127.0.0.1:$gateway_port" --distributor 127.0.0.1:9000 "${cluster[@]}" "${jwt[@]}"
 
 gateway=http://localhost:$gateway_port
 healthy() { curl -sf --max-time 2 "$gateway/healthz" >/dev/null; }
 # The gateway answers before every service has registered; wait until both routes are there.
 routes_ready() {
     local topology
-    topology=$(curl -sf --max-time 2 "$gateway/_/topology") || return 1
+    topology=$(curl -sf --max-time 2 -H "Authorization: Bearer $token" "$gateway/_/topology") || return 1
     grep -q '"127.0.0.1:9010"' <<<"$topology" && grep -q '"127.0.0.1:9020"' <<<"$topology"
 }
 wait_for "gateway" 30 healthy
@@ -103,15 +116,19 @@ The stack is up. Gateway: $gateway  (status page: $gateway/)
   distributor 127.0.0.1:9000, kv-service 127.0.0.1:9010 (text protocol 127.0.0.1:8395),
   notice-service 127.0.0.1:9020; data in $stack/*.db, logs in $stack/logs/
 
+A token with every scope (valid 24 h; the status page asks for it):
+  export TOKEN=$token
+More tokens: $bin/gateway mint-token --jwt-secret-file $stack/jwt.secret --sub alice --scope "kv:read notice:subscribe"
+
 Try:
-  curl -X PUT $gateway/kv/hello -d world
-  curl $gateway/kv/hello
-  curl '$gateway/kv?prefix=h'
-  curl -X DELETE $gateway/kv/hello
-  printf 'put<a,1>get<a>' | nc -q1 127.0.0.1 8395
-  curl -N $gateway/notices/stream &
-  curl -X POST $gateway/notices -H 'content-type: application/json' -d '{"message":"hi"}'
-  curl $gateway/_/topology
+  curl -X PUT $gateway/kv/hello -H "Authorization: Bearer \$TOKEN" -d world
+  curl $gateway/kv/hello -H "Authorization: Bearer \$TOKEN"
+  curl '$gateway/kv?prefix=h' -H "Authorization: Bearer \$TOKEN"
+  curl -X DELETE $gateway/kv/hello -H "Authorization: Bearer \$TOKEN"
+  printf 'auth<%s>put<a,1>get<a>' "\$TOKEN" | nc -q1 127.0.0.1 8395
+  curl -N $gateway/notices/stream -H "Authorization: Bearer \$TOKEN" &
+  curl -X POST $gateway/notices -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"message":"hi"}'
+  curl $gateway/_/topology -H "Authorization: Bearer \$TOKEN"
 
 Ctrl-C stops everything.
 EOF

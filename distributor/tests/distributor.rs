@@ -284,14 +284,15 @@ async fn a_registered_node_gets_the_topology_and_every_other_node_the_update() {
     let a_entry = json!({"host": "127.0.0.1", "port": 9001, "name": "a", "urls": ["GET/a"]});
     assert_eq!(a.next_topology().await, vec![a_entry.clone()]);
 
-    // `host` overrides the socket's address; `protocol` passes through.
+    // `protocol` passes through; `host` is ignored from a node that did not authenticate with
+    // the cluster secret (there is none here): the socket's address is used.
     let mut b = distributor.node().await;
     b.register(
         json!({"port": 9002, "name": "b", "urls": ["GET/b", "PUT/b"],
         "host": "10.1.2.3", "protocol": 2}),
     )
     .await;
-    let b_entry = json!({"host": "10.1.2.3", "port": 9002, "name": "b",
+    let b_entry = json!({"host": "127.0.0.1", "port": 9002, "name": "b",
         "urls": ["GET/b", "PUT/b"], "protocol": 2});
     let both = vec![a_entry.clone(), b_entry.clone()];
     assert_eq!(b.next_topology().await, both);
@@ -473,6 +474,7 @@ async fn start_service(
         name: name.into(),
         distributor: Some(distributor.to_string()),
         advertise_host: None,
+        ..ServiceConfig::default()
     };
     (
         port,
@@ -498,6 +500,7 @@ async fn every_node_is_back_after_a_distributor_restart() {
         urls: vec![],
         host: None,
         protocol: Some(2),
+        ..Registration::default()
     };
     let mut topology = DistributorClient::spawn(
         addr.to_string(),

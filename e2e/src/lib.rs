@@ -138,6 +138,9 @@ pub struct StackOptions {
     pub storage: Storage,
     /// Distributor heartbeat interval and timeout.
     pub heartbeat: (Duration, Duration),
+    /// Authentication on, as users run it: a cluster secret on every node, a JWT key on the
+    /// gateway and the kv text port. Off, every process runs in protected mode (loopback only).
+    pub auth: bool,
 }
 
 impl Default for StackOptions {
@@ -147,8 +150,85 @@ impl Default for StackOptions {
             notice: true,
             storage: Storage::Sqlite,
             heartbeat: (Duration::from_millis(500), Duration::from_secs(3)),
+            auth: true,
         }
     }
+}
+
+/// The secrets of a stack with authentication on, as files in its directory.
+pub struct Secrets {
+    pub cluster_secret_file: PathBuf,
+    pub jwt_secret_file: PathBuf,
+    /// A token with every scope (`admin`), for the harness's own requests.
+    pub admin_token: String,
+}
+
+impl Secrets {
+    /// Fresh random secrets in `dir` (mode 0600), and an admin token signed with the JWT key.
+    pub fn generate(dir: &Path) -> Secrets {
+        use std::os::unix::fs::PermissionsExt;
+        let write = |name: &str| {
+            let path = dir.join(name);
+            let secret = format!("{:032x}{:032x}", rand_u128(), rand_u128());
+            std::fs::write(&path, format!("{secret}\n")).expect("writing a secret file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+            path
+        };
+        let cluster_secret_file = write("cluster.secret");
+        let jwt_secret_file = write("jwt.secret");
+        let admin_token = Secrets::mint_with(&jwt_secret_file, "e2e-admin", &["admin"]);
+        Secrets {
+            cluster_secret_file,
+            jwt_secret_file,
+            admin_token,
+        }
+    }
+
+    /// A token for `subject` with `scopes`, valid for an hour.
+    pub fn mint(&self, subject: &str, scopes: &[&str]) -> String {
+        Secrets::mint_with(&self.jwt_secret_file, subject, scopes)
+    }
+
+    fn mint_with(jwt_secret_file: &Path, subject: &str, scopes: &[&str]) -> String {
+        let key = shared::secrets::read_secret_file(jwt_secret_file).expect("the JWT key");
+        let scopes: Vec<String> = scopes.iter().map(|scope| scope.to_string()).collect();
+        shared::token::mint(
+            &key,
+            &shared::token::TokenRequest {
+                subject,
+                scopes: &scopes,
+                ttl: Duration::from_secs(3600),
+                audience: None,
+                issuer: None,
+            },
+        )
+        .expect("minting a token")
+    }
+
+    /// The flags that give a node the cluster secret.
+    fn cluster_flags(&self) -> Vec<String> {
+        vec![
+            "--cluster-secret-file".into(),
+            self.cluster_secret_file.display().to_string(),
+        ]
+    }
+
+    /// The flags that give a binary the JWT key.
+    fn jwt_flags(&self) -> Vec<String> {
+        vec![
+            "--jwt-secret-file".into(),
+            self.jwt_secret_file.display().to_string(),
+        ]
+    }
+}
+
+fn rand_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
+        .expect("reading /dev/urandom");
+    u128::from_le_bytes(bytes)
 }
 
 /// A kv-service replica and its ports.
@@ -167,12 +247,20 @@ pub struct Stack {
     pub gateway_port: u16,
     pub kv: Vec<KvReplica>,
     pub notice: Option<Process>,
+    /// Sends the admin token with every request when authentication is on.
     pub http: reqwest::Client,
+    pub secrets: Option<Secrets>,
 }
 
 impl Stack {
     pub async fn start(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let secrets = options.auth.then(|| Secrets::generate(dir.path()));
+        let cluster_flags = secrets
+            .as_ref()
+            .map(Secrets::cluster_flags)
+            .unwrap_or_default();
+        let jwt_flags = secrets.as_ref().map(Secrets::jwt_flags).unwrap_or_default();
         let distributor_port = free_port();
         let distributor_addr = format!("127.0.0.1:{distributor_port}");
         let (interval, timeout) = options.heartbeat;
@@ -186,7 +274,10 @@ impl Stack {
                 format!("{}ms", interval.as_millis()),
                 "--heartbeat-timeout".into(),
                 format!("{}ms", timeout.as_millis()),
-            ],
+            ]
+            .into_iter()
+            .chain(cluster_flags.iter().cloned())
+            .collect::<Vec<_>>(),
         );
         wait_for_port(distributor_port).await;
 
@@ -212,7 +303,11 @@ impl Stack {
                         distributor_addr.clone(),
                         "--store".into(),
                         store,
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(cluster_flags.iter().cloned())
+                    .chain(jwt_flags.iter().cloned())
+                    .collect::<Vec<_>>(),
                 );
                 KvReplica {
                     process,
@@ -237,7 +332,10 @@ impl Stack {
                     distributor_addr.clone(),
                     "--store".into(),
                     store,
-                ],
+                ]
+                .into_iter()
+                .chain(cluster_flags.iter().cloned())
+                .collect::<Vec<_>>(),
             )
         });
 
@@ -252,8 +350,20 @@ impl Stack {
                 distributor_addr,
                 "--request-timeout".into(),
                 "5s".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(cluster_flags.iter().cloned())
+            .chain(jwt_flags.iter().cloned())
+            .collect::<Vec<_>>(),
         );
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(secrets) = &secrets {
+            let bearer = format!("Bearer {}", secrets.admin_token);
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                bearer.parse().expect("a token is a valid header value"),
+            );
+        }
 
         let stack = Stack {
             dir,
@@ -265,8 +375,10 @@ impl Stack {
             notice,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .default_headers(headers)
                 .build()
                 .expect("an HTTP client"),
+            secrets,
         };
         stack
             .wait_until_routed(options.kv_replicas, options.notice)
@@ -277,6 +389,27 @@ impl Stack {
     /// `http://127.0.0.1:PORT/path` on the gateway.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.gateway_port)
+    }
+
+    /// A raw connection to kv replica `replica`'s text port, authenticated (`auth<TOKEN>`, with
+    /// the admin token) when authentication is on.
+    pub async fn text_connection(&self, replica: usize) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let port = self.kv[replica].text_port;
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|err| panic!("connecting to the text port {port}: {err}"));
+        if let Some(secrets) = &self.secrets {
+            socket
+                .write_all(format!("auth<{}>", secrets.admin_token).as_bytes())
+                .await
+                .expect("sending auth");
+            let answers = read_text_answers(&mut socket, 1)
+                .await
+                .expect("an answer to auth");
+            assert_eq!(answers[0].0, "ok", "auth refused: {answers:?}");
+        }
+        socket
     }
 
     /// Waits until the gateway routes to `kv_replicas` connected kv nodes (and a notice node).

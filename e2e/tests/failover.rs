@@ -231,7 +231,7 @@ async fn a_distributor_restart_does_not_interrupt_traffic() {
     // Every node registers again by itself: ask the new distributor as any node could.
     let registered = tokio::time::timeout(READY_TIMEOUT, async {
         loop {
-            let names = distributor_node_names(stack.distributor_port).await;
+            let names = distributor_node_names(&stack).await;
             if names.iter().filter(|n| *n == "kv").count() == 2 && names.contains(&"gate".into()) {
                 return names;
             }
@@ -254,11 +254,24 @@ async fn a_distributor_restart_does_not_interrupt_traffic() {
     ));
 }
 
-/// Asks the distributor for the topology over a raw socket, as a node would.
-async fn distributor_node_names(port: u16) -> Vec<String> {
+/// Asks the distributor for the topology over a raw socket, as a node would (after the
+/// cluster handshake when the stack has a secret).
+async fn distributor_node_names(stack: &Stack) -> Vec<String> {
+    let port = stack.distributor_port;
     let Ok(mut socket) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return Vec::new();
     };
+    if let Some(secrets) = &stack.secrets {
+        let secret = shared::secrets::read_secret_file(&secrets.cluster_secret_file).unwrap();
+        let secret = shared::cluster::ClusterSecret::new(secret);
+        let (mut read_half, mut write_half) = socket.split();
+        if shared::cluster::connect(&mut read_half, &mut write_half, &secret)
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+    }
     let ask = "{\"uri\":\"/distributes\",\"method\":\"GET\",\"key\":1,\"params\":null}¶";
     if socket.write_all(ask.as_bytes()).await.is_err() {
         return Vec::new();

@@ -3,7 +3,7 @@
 use e2e::{read_text_answers, text_escape, Checks, Stack, StackOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
 fn kv_only() -> StackOptions {
     StackOptions {
@@ -127,10 +127,9 @@ async fn crud_through_the_gateway() {
 #[tokio::test]
 async fn text_protocol_over_a_raw_socket() {
     let stack = Stack::start(kv_only()).await;
-    let text_port = stack.kv[0].text_port;
     let mut checks = Checks::new("kv text protocol by raw socket");
 
-    let mut socket = TcpStream::connect(("127.0.0.1", text_port)).await.unwrap();
+    let mut socket = stack.text_connection(0).await;
     socket.write_all(b"get<1>put<1,hello>get<1>").await.unwrap();
     let answers = read_text_answers(&mut socket, 3).await.unwrap();
     assert_eq!(
@@ -178,7 +177,6 @@ async fn text_protocol_over_a_raw_socket() {
 async fn awkward_values_round_trip_through_both_doors() {
     let stack = Stack::start(kv_only()).await;
     let http = &stack.http;
-    let text_port = stack.kv[0].text_port;
     let mut checks = Checks::new("awkward keys and values by both doors");
     let samples = [
         ("pilcrow¶key", "a¶b¶"),
@@ -189,7 +187,7 @@ async fn awkward_values_round_trip_through_both_doors() {
     ];
 
     // REST in, text protocol out.
-    let mut socket = TcpStream::connect(("127.0.0.1", text_port)).await.unwrap();
+    let mut socket = stack.text_connection(0).await;
     for (key, value) in samples {
         let put = http
             .put(stack.url(&format!("/kv/{}", segment(key))))

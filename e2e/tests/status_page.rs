@@ -1,5 +1,6 @@
-//! The gateway's status page in a real headless browser: it loads, lists the nodes, and shows a
-//! notice published by someone else, and one typed into its own form.
+//! The gateway's status page in a real headless browser, against a stack with authentication on:
+//! it takes its token from the address (and keeps it out of the address bar), lists the nodes, and
+//! shows a notice published by someone else, and one typed into its own form.
 
 use e2e::{browser, Checks, Stack, StackOptions};
 use serde_json::{json, Value};
@@ -17,7 +18,12 @@ async fn the_status_page_shows_the_nodes_and_live_notices() {
     let stack = Stack::start(StackOptions::default()).await;
     let mut checks = Checks::new("status page in headless chromium");
 
-    let mut page = browser::Browser::open(chromium, &stack.url("/"))
+    let token = &stack
+        .secrets
+        .as_ref()
+        .expect("authentication is on")
+        .admin_token;
+    let mut page = browser::Browser::open(chromium, &stack.url(&format!("/#access_token={token}")))
         .await
         .unwrap();
     // The page target exists before navigation commits; wait for the real document.
@@ -27,6 +33,10 @@ async fn the_status_page_shows_the_nodes_and_live_notices() {
     let title = page.eval("document.title").await.unwrap();
     assert_eq!(title, "gateway status");
     checks.pass("GET / serves the status page");
+    page.wait_until("location.hash === '' && sessionStorage.getItem('gateway-token') !== null")
+        .await
+        .unwrap();
+    checks.pass("the page keeps the token for the tab and clears it from the address bar");
 
     let kv_addr = format!("127.0.0.1:{}", stack.kv[0].port);
     let text = page.wait_for_text(&kv_addr).await.unwrap();

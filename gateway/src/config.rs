@@ -1,6 +1,10 @@
 //! The gateway's settings, as a plain struct so tests can build one without parsing flags.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use shared::{cluster::ClusterSecret, token::TokenVerifier};
+
+use crate::rate_limit::RateLimit;
 
 /// Everything [`crate::run`] needs besides its listener.
 #[derive(Debug, Clone)]
@@ -18,6 +22,20 @@ pub struct Config {
     /// up. A restarted distributor announces nodes as they re-register, one by one, within a
     /// few seconds; this keeps the routes of the ones that have not yet re-registered.
     pub departure_grace: Duration,
+    /// Verifies callers' bearer tokens. `None` is protected mode: requests are served without
+    /// tokens, from loopback clients only (see [`crate::auth`]).
+    pub tokens: Option<Arc<TokenVerifier>>,
+    /// The scopes granted to requests without a token (`admin` for all).
+    pub anonymous_scopes: Vec<String>,
+    /// Requests per caller; `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// The cluster secret the gateway proves to the distributor and the nodes. `None` connects
+    /// without the handshake, which only members in protected mode (loopback) accept.
+    pub cluster_secret: Option<ClusterSecret>,
+    /// With a cluster secret, still connect to original-design nodes, which cannot prove it.
+    pub allow_legacy_nodes: bool,
+    /// How the HTTP listener treats its clients: limits, timeouts, CORS and TLS.
+    pub edge: EdgeConfig,
 }
 
 /// The registry's name for the gateway.
@@ -31,7 +49,107 @@ impl Default for Config {
             max_body: 1024 * 1024,
             keep_alive: Duration::from_secs(15),
             departure_grace: Duration::from_secs(5),
+            tokens: None,
+            anonymous_scopes: Vec::new(),
+            rate_limit: None,
+            cluster_secret: None,
+            allow_legacy_nodes: false,
+            edge: EdgeConfig::default(),
         }
+    }
+}
+
+/// The HTTP listener's settings: what one client may hold and how slowly it may send
+/// (docs/HTTP.md, "Limits"), which browser origins may call (CORS), and TLS.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// A request head must arrive whole within this time of the connection's opening (after
+    /// the TLS handshake), or of the end of the previous answer; so an HTTP/1.1 connection idle
+    /// between requests is closed after it too. Also bounds the TLS handshake.
+    pub header_timeout: Duration,
+    /// A request body must keep arriving: each piece within this time of the one before, and
+    /// the whole body within this time plus its size at [`crate::http::MIN_BODY_RATE`].
+    pub body_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most header fields one request may have (431 above it).
+    pub max_headers: usize,
+    /// Largest request head (request line and headers) in bytes (431 above it).
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Connections served at once from one IP address; more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// Browser origins allowed to call the gateway.
+    pub cors: CorsOrigins,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 over ALPN) with this configuration, built by
+    /// [`crate::tls::server_config`]; `None` serves plain HTTP/1.1.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            header_timeout: crate::http::HEADER_READ_TIMEOUT,
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_headers: crate::http::DEFAULT_MAX_HEADERS,
+            max_header_bytes: 64 * 1024,
+            max_connections: shared::server::MAX_CONNECTIONS,
+            max_connections_per_ip: shared::server::MAX_CONNECTIONS_PER_IP,
+            cors: CorsOrigins::None,
+            tls: None,
+        }
+    }
+}
+
+/// Which browser origins may call the gateway from their pages' scripts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// None: browsers keep pages of other origins from reading the gateway's answers.
+    #[default]
+    None,
+    /// Any origin (`*`).
+    Any,
+    /// These origins, each `scheme://host[:port]` as a browser sends it in `Origin`.
+    List(Vec<String>),
+}
+
+impl CorsOrigins {
+    /// Reads `--cors-origin` values: nothing, `*`, or origins such as `https://app.example.com`
+    /// (a trailing `/` is dropped).
+    pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<CorsOrigins, String> {
+        let mut origins = Vec::new();
+        for value in values {
+            let value = value.as_ref().trim();
+            if value.is_empty() {
+                continue;
+            }
+            if value == "*" {
+                return Ok(CorsOrigins::Any);
+            }
+            let origin = value.strip_suffix('/').unwrap_or(value);
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    format!("CORS origin {value:?} must start with https:// or http://")
+                })?;
+            if host.is_empty()
+                || host.contains(['/', '?', '#', ' '])
+                || !origin.bytes().all(|byte| byte.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "CORS origin {value:?} must be scheme://host[:port], as a browser sends it"
+                ));
+            }
+            origins.push(origin.to_ascii_lowercase());
+        }
+        Ok(if origins.is_empty() {
+            CorsOrigins::None
+        } else {
+            CorsOrigins::List(origins)
+        })
     }
 }
 
@@ -63,7 +181,23 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_byte_size;
+    use super::{parse_byte_size, CorsOrigins};
+
+    #[test]
+    fn cors_origins_parse_as_browsers_send_them() {
+        assert_eq!(CorsOrigins::parse::<&str>(&[]), Ok(CorsOrigins::None));
+        assert_eq!(CorsOrigins::parse(&["*"]), Ok(CorsOrigins::Any));
+        assert_eq!(
+            CorsOrigins::parse(&["https://App.example.com/", "http://localhost:3000"]),
+            Ok(CorsOrigins::List(vec![
+                "https://app.example.com".into(),
+                "http://localhost:3000".into()
+            ]))
+        );
+        assert!(CorsOrigins::parse(&["app.example.com"]).is_err());
+        assert!(CorsOrigins::parse(&["https://app.example.com/path"]).is_err());
+        assert!(CorsOrigins::parse(&["https://"]).is_err());
+    }
 
     #[test]
     fn byte_sizes_parse_with_and_without_units() {

@@ -2,19 +2,35 @@
 //! and the status page.
 //!
 //! Only GET (and HEAD) is answered here; other methods on these paths go through the proxy like
-//! any request.
+//! any request. `/metrics` and `/_/topology` tell how the system is built, so they need the
+//! `admin` scope; `/healthz` and the status page's HTML are open (the page asks for a token when
+//! the gateway needs one).
 
 use std::sync::Arc;
 
 use axum::{
-    extract::State,
+    extract::{Request, State},
     http::{header, HeaderValue},
     response::{Html, IntoResponse, Response},
     Json,
 };
 use serde_json::json;
+use shared::packet::ADMIN_SCOPE;
 
-use crate::AppState;
+use crate::{auth, auth::AuthError, AppState};
+
+/// The refusal of a request without the `admin` scope; `None` when it has it.
+fn refusal_unless_admin(state: &AppState, request: &Request) -> Option<Response> {
+    let peer = auth::peer_of(request.extensions());
+    let error: AuthError = state
+        .auth
+        .require(request.headers(), request.uri().query(), peer, ADMIN_SCOPE)
+        .err()?;
+    tracing::debug!(status = error.status().as_u16(), path = request.uri().path(),
+        error = %error, "request refused");
+    state.metrics.count_refusal(error.status().as_u16());
+    Some(error.into_response())
+}
 
 /// `GET /healthz`: the process is up and serving HTTP.
 pub(crate) async fn healthz() -> Response {
@@ -22,7 +38,10 @@ pub(crate) async fn healthz() -> Response {
 }
 
 /// `GET /metrics`: Prometheus text exposition.
-pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    if let Some(refused) = refusal_unless_admin(&state, &request) {
+        return refused;
+    }
     let table = state.routes.borrow().clone();
     let text = state.metrics.render(&table);
     (
@@ -36,7 +55,10 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /_/topology`: every route with its nodes and their connection state, and every node.
-pub(crate) async fn topology(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn topology(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    if let Some(refused) = refusal_unless_admin(&state, &request) {
+        return refused;
+    }
     let table = state.routes.borrow().clone();
     let snapshot = table.snapshot();
     Json(json!({

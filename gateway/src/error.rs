@@ -38,6 +38,10 @@ pub enum ProxyError {
     /// 413: a body over `--max-body`.
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// 408: a body that stalled, or came slower than the gateway accepts
+    /// (see [`crate::http::PacedBody`]).
+    #[error("the request body arrived too slowly")]
+    BodyTooSlow,
 }
 
 impl ProxyError {
@@ -49,6 +53,7 @@ impl ProxyError {
             ProxyError::ConnectionClosed | ProxyError::BadAnswer(_) => StatusCode::BAD_GATEWAY,
             ProxyError::BadJson(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

@@ -8,6 +8,8 @@
 //!
 //! Layout:
 //! - [`config`]: the settings [`run`] takes.
+//! - [`auth`]: bearer tokens and scopes: who a request comes from and what it may do.
+//! - [`rate_limit`]: requests per caller.
 //! - [`topology`]: follows the distributor's topology, owns the node connections, and publishes
 //!   the route table.
 //! - [`routes`]: the route table: exact and longest-prefix matching, round-robin over nodes.
@@ -15,7 +17,9 @@
 //! - [`sse`]: a node's stream → `text/event-stream`.
 //! - [`error`]: the gateway's own error answers (404, 503, 504, 502, 400, 413).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`http`]: serves HTTP/1.1 connections.
+//! - [`http`]: the HTTP edge: serves connections within the limits on clients (connections per
+//!   address, head and body pace, header size, idle time), and CORS.
+//! - [`tls`]: TLS, with HTTP/2 offered over ALPN.
 //! - `endpoints`: `/healthz`, `/metrics`, `/_/topology` and the status page at `/`.
 //!
 //! docs/HTTP.md describes the behaviour from the outside.
@@ -32,18 +36,23 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub mod auth;
 pub mod config;
 mod endpoints;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod rate_limit;
 pub mod routes;
 pub mod sse;
+pub mod tls;
 pub mod topology;
 
+use auth::Authenticator;
 pub use config::Config;
 use metrics::Metrics;
+use rate_limit::RateLimiter;
 use routes::RouteTable;
 
 /// Why the gateway stopped other than by shutdown.
@@ -57,6 +66,9 @@ pub enum GatewayError {
 pub(crate) struct AppState {
     routes: watch::Receiver<Arc<RouteTable>>,
     config: Config,
+    auth: Authenticator,
+    /// `None` when requests are not limited.
+    rate_limiter: Option<Arc<RateLimiter>>,
     metrics: Metrics,
     /// The metrics label of requests that matched no route.
     no_route: Arc<str>,
@@ -79,10 +91,16 @@ pub async fn run(
                 port: listener.local_addr()?.port(),
                 name: config::GATEWAY_NAME.into(),
                 urls: Vec::new(),
+                scopes: Default::default(),
                 host: None,
                 protocol: Some(PROTOCOL_VERSION),
             };
-            DistributorClient::spawn(distributor.clone(), registration, shutdown.child_token())
+            DistributorClient::spawn_with_secret(
+                distributor.clone(),
+                registration,
+                config.cluster_secret.clone(),
+                shutdown.child_token(),
+            )
         }
         None => watch::channel(Arc::new(Topology::new())).1,
     };
@@ -98,17 +116,34 @@ pub async fn run_with_topology(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let addr = listener.local_addr()?;
-    let routes = topology::spawn(topology, config.departure_grace, shutdown.child_token());
+    let edge = config.edge.clone();
+    let routes = topology::spawn(
+        topology,
+        topology::NodePolicy {
+            grace: config.departure_grace,
+            secret: config.cluster_secret.clone(),
+            allow_legacy: config.allow_legacy_nodes,
+        },
+        shutdown.child_token(),
+    );
+    let auth = Authenticator::new(config.tokens.clone(), config.anonymous_scopes.clone());
+    let rate_limiter = config.rate_limit.map(|limit| {
+        let limiter = Arc::new(RateLimiter::new(limit));
+        limiter.spawn_cleanup(shutdown.child_token());
+        limiter
+    });
     let state = Arc::new(AppState {
         routes,
         config,
+        auth,
+        rate_limiter,
         metrics: Metrics::default(),
         no_route: metrics::NO_ROUTE.into(),
         shutdown: shutdown.clone(),
     });
     let app = router(state);
     info!(%addr, "gateway listening");
-    http::serve(listener, app, shutdown).await;
+    http::serve(listener, app, edge, shutdown).await;
     info!("gateway stopped");
     Ok(())
 }

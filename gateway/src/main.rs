@@ -1,7 +1,15 @@
-use std::time::Duration;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use gateway::{
+    auth,
+    rate_limit::{Rate, RateLimit},
+};
+use shared::{
+    cluster::ClusterArgs,
+    token::{TokenKeyArgs, TokenRequest},
+};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc rather than the system allocator: a packet or an event is often allocated on one
@@ -14,8 +22,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to serve HTTP on.
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8000")]
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to serve HTTP on. Without a token key, a non-loopback address also needs
+    /// --anonymous-scopes (protected mode).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8000")]
     listen: String,
     /// The distributor to register with and take the topology from.
     #[arg(long, env = "GATEWAY_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
@@ -36,12 +47,85 @@ struct Args {
     /// How long shutdown waits for requests in flight before giving up on them.
     #[arg(long, env = "GATEWAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+    #[command(flatten)]
+    edge: EdgeArgs,
+    /// The key that callers' bearer tokens are verified with.
+    #[command(flatten)]
+    tokens: TokenKeyArgs,
+    /// Scopes granted to requests without a token, separated by spaces ("kv:read
+    /// notice:subscribe"; '*' for every scope). Without a token key, they are what clients on
+    /// other hosts may do.
+    #[arg(long, env = "GATEWAY_ANONYMOUS_SCOPES")]
+    anonymous_scopes: Option<String>,
+    /// Requests per caller (token subject, else client address), e.g. 1000/s or 600/m; no limit
+    /// when absent. Beyond it: 429 with Retry-After.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT")]
+    rate_limit: Option<Rate>,
+    /// Requests a caller may make at once above the rate (default: the rate's count).
+    #[arg(long, env = "GATEWAY_RATE_BURST", requires = "rate_limit")]
+    rate_burst: Option<std::num::NonZeroU32>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Connect to original-design nodes (no protocol 2), which cannot prove the cluster secret.
+    #[arg(long, env = "GATEWAY_ALLOW_LEGACY_NODES")]
+    allow_legacy_nodes: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a bearer token signed with the HS256 key of --jwt-secret-file.
+    MintToken(MintTokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MintTokenArgs {
+    /// The key: the file's bytes, less a trailing newline (the gateway's --jwt-secret-file).
+    #[arg(long, env = "JWT_SECRET_FILE")]
+    jwt_secret_file: PathBuf,
+    /// The caller the token names (its `sub` claim).
+    #[arg(long, env = "TOKEN_SUB")]
+    sub: String,
+    /// The scopes it grants, separated by spaces ("kv:read kv:write"; "admin" for every scope).
+    #[arg(long, env = "TOKEN_SCOPE")]
+    scope: String,
+    /// How long it is valid.
+    #[arg(long, env = "TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Its `aud` claim, for gateways started with --jwt-audience.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    audience: Option<String>,
+    /// Its `iss` claim, for gateways started with --jwt-issuer.
+    #[arg(long, env = "JWT_ISSUER")]
+    issuer: Option<String>,
+}
+
+/// `gateway mint-token`: the token on stdout, nothing else.
+fn mint_token(args: &MintTokenArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.sub.trim().is_empty(), "--sub must name the caller");
+    anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be longer than 0");
+    let secret = shared::secrets::read_secret_file(&args.jwt_secret_file)?;
+    let scopes = auth::parse_scopes(&args.scope);
+    let token = shared::token::mint(
+        &secret,
+        &TokenRequest {
+            subject: &args.sub,
+            scopes: &scopes,
+            ttl: args.ttl,
+            audience: args.audience.as_deref(),
+            issuer: args.issuer.as_deref(),
+        },
+    )?;
+    println!("{token}");
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     shared::telemetry::init_tracing();
+    if let Some(Command::MintToken(mint)) = &args.command {
+        return mint_token(mint);
+    }
     // Without a distributor the gateway would know no route at all.
     anyhow::ensure!(
         !args.distributor.trim().is_empty(),
@@ -55,18 +139,124 @@ async fn main() -> anyhow::Result<()> {
         !args.sse_keep_alive.is_zero(),
         "--sse-keep-alive must be longer than 0"
     );
+    let tokens = args.tokens.verifier()?.map(Arc::new);
+    let anonymous_scopes = args.anonymous_scopes.as_deref().map(auth::parse_scopes);
+    let cluster_secret = args.cluster.secret()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    auth::check_listen(
+        listener.local_addr()?,
+        tokens.is_some(),
+        anonymous_scopes.as_deref(),
+    )?;
     let config = gateway::Config {
         distributor: Some(args.distributor),
         request_timeout: args.request_timeout,
         max_body: args.max_body,
         keep_alive: args.sse_keep_alive,
         departure_grace: args.departure_grace,
+        tokens,
+        anonymous_scopes: anonymous_scopes.unwrap_or_default(),
+        rate_limit: args.rate_limit.map(|rate| RateLimit {
+            rate,
+            burst: args.rate_burst,
+        }),
+        cluster_secret,
+        allow_legacy_nodes: args.allow_legacy_nodes,
+        edge: args.edge.config(
+            args.request_timeout,
+            args.sse_keep_alive,
+            args.cluster.max_connections_per_ip,
+        )?,
     };
     let shutdown = CancellationToken::new();
     let server = gateway::run(listener, config, shutdown.clone());
     shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await?;
     Ok(())
+}
+
+/// The HTTP listener's limits, CORS and TLS (docs/HTTP.md, "Limits").
+#[derive(Debug, clap::Args)]
+struct EdgeArgs {
+    /// Time a client has to send a whole request head (and to finish the TLS handshake); an
+    /// HTTP/1.1 connection idle between requests is closed after it too.
+    #[arg(long, env = "GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Longest wait for the next piece of a request body; the whole body must also arrive within
+    /// this time plus its size at 16 KiB/s (408 otherwise).
+    #[arg(long, env = "GATEWAY_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// A connection on which nothing moves either way for this long is closed.
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Most header fields a request may have (431 above it).
+    #[arg(long, env = "GATEWAY_MAX_HEADERS", default_value_t = gateway::http::DEFAULT_MAX_HEADERS)]
+    max_headers: usize,
+    /// Largest request head, request line and headers (431 above it): bytes, or with a unit.
+    #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = gateway::config::parse_byte_size)]
+    max_header_bytes: usize,
+    /// Connections served at once; further ones wait until one closes.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = shared::server::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Browser origins allowed to call the gateway (CORS), such as https://app.example.com;
+    /// repeat the flag or separate with commas; `*` for any. None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "GATEWAY_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+    /// PEM certificate chain to serve HTTPS with (HTTP/2 and HTTP/1.1); needs --tls-key.
+    #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl EdgeArgs {
+    /// The checked settings; the answers in flight and the event streams' keep-alives must fit
+    /// in the idle timeout, or it would cut them. `max_connections_per_ip` is the flag every
+    /// binary shares (`ClusterArgs`).
+    fn config(
+        self,
+        request_timeout: Duration,
+        sse_keep_alive: Duration,
+        max_connections_per_ip: usize,
+    ) -> anyhow::Result<gateway::config::EdgeConfig> {
+        anyhow::ensure!(
+            !self.header_timeout.is_zero() && !self.body_timeout.is_zero(),
+            "--header-timeout and --body-timeout must be longer than 0"
+        );
+        anyhow::ensure!(
+            self.idle_timeout > request_timeout && self.idle_timeout > sse_keep_alive,
+            "--idle-timeout must be longer than --request-timeout and --sse-keep-alive"
+        );
+        anyhow::ensure!(
+            self.max_headers > 0
+                && self.max_header_bytes > 0
+                && self.max_connections > 0
+                && max_connections_per_ip > 0,
+            "--max-headers, --max-header-bytes, --max-connections and --max-connections-per-ip \
+             must be at least 1"
+        );
+        let cors = gateway::config::CorsOrigins::parse(&self.cors_origins)
+            .map_err(|err| anyhow::anyhow!("--cors-origin: {err}"))?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(gateway::tls::server_config(cert, key)?),
+            _ => None,
+        };
+        Ok(gateway::config::EdgeConfig {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            idle_timeout: self.idle_timeout,
+            max_headers: self.max_headers,
+            max_header_bytes: self.max_header_bytes,
+            max_connections: self.max_connections,
+            max_connections_per_ip,
+            cors,
+            tls,
+        })
+    }
 }

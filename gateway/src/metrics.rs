@@ -1,12 +1,17 @@
 //! The gateway's metrics, served by `GET /metrics` in the Prometheus (OpenMetrics) text format.
 //!
 //! - `gateway_requests_total{route,status}`: proxied requests by route (the registered url, e.g.
-//!   `GET/kv`, or `none` when nothing matched) and HTTP status.
+//!   `GET/kv`, or `none` when nothing matched or the request was refused before the lookup)
+//!   and HTTP status.
 //! - `gateway_request_duration_seconds{route}`: time to the response headers (for an event
 //!   stream: until it opened).
 //! - `gateway_route_nodes{route}`: connected nodes per route, read from the route table when
 //!   scraped.
 //! - `gateway_requests_in_flight`, `gateway_open_streams`.
+//! - `gateway_refused_total{reason}`: requests the gateway refused itself before forwarding them:
+//!   `unauthenticated` (401), `forbidden` (403), `rate_limited` (429).
+//! - `gateway_handshake_failures_total`: cluster handshakes with the distributor or a node that
+//!   failed (wrong secret, a peer that does not answer it), read when scraped.
 //!
 //! Route labels are the registered urls, never raw request paths, so the number of series stays
 //! bounded whatever clients send.
@@ -50,6 +55,20 @@ struct RouteLabels {
     route: RouteName,
 }
 
+/// Why the gateway refused a request itself.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum RefusalReason {
+    unauthenticated,
+    forbidden,
+    rate_limited,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: RefusalReason,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to about 13 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -62,6 +81,8 @@ pub struct Metrics {
     route_nodes: Family<RouteLabels, Gauge>,
     in_flight: Gauge,
     open_streams: Gauge,
+    refused: Family<RefusalLabels, Counter>,
+    handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -74,6 +95,15 @@ impl Default for Metrics {
         let route_nodes = Family::<RouteLabels, Gauge>::default();
         let in_flight = Gauge::default();
         let open_streams = Gauge::default();
+        let refused = Family::<RefusalLabels, Counter>::default();
+        // Every reason from the start, at 0, so alerts on them need no special case.
+        for reason in [
+            RefusalReason::unauthenticated,
+            RefusalReason::forbidden,
+            RefusalReason::rate_limited,
+        ] {
+            let _ = refused.get_or_create(&RefusalLabels { reason });
+        }
         registry.register(
             "requests",
             "Proxied requests by route and HTTP status",
@@ -99,6 +129,17 @@ impl Default for Metrics {
             "Event streams being relayed to clients",
             open_streams.clone(),
         );
+        registry.register(
+            "refused",
+            "Requests the gateway refused itself: no or bad token, missing scope, over the rate limit",
+            refused.clone(),
+        );
+        let handshake_failures = Counter::default();
+        registry.register(
+            "handshake_failures",
+            "Cluster handshakes with the distributor or a node that failed",
+            handshake_failures.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -106,6 +147,8 @@ impl Default for Metrics {
             route_nodes,
             in_flight,
             open_streams,
+            refused,
+            handshake_failures,
         }
     }
 }
@@ -124,6 +167,16 @@ impl Metrics {
                 route: RouteName(route.clone()),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request the gateway refused itself with `status` (401, 403 or 429).
+    pub fn count_refusal(&self, status: u16) {
+        let reason = match status {
+            401 => RefusalReason::unauthenticated,
+            403 => RefusalReason::forbidden,
+            _ => RefusalReason::rate_limited,
+        };
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// Counts a request as in flight until the guard is dropped.
@@ -146,6 +199,12 @@ impl Metrics {
                 })
                 .set(route.connected_nodes() as i64);
         }
+        // The process-wide count lives in shared; the counter catches up with it (a maximum,
+        // so concurrent scrapes cannot add the same failures twice).
+        self.handshake_failures.inner().fetch_max(
+            shared::cluster::handshake_failures(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

@@ -1,21 +1,27 @@
 //! HTTP request → packet → HTTP response: the gateway's one real job.
 //!
 //! For every request that is not one of the gateway's own endpoints:
-//! 1. find the route (exact url, else the longest prefix; HEAD follows GET) — 404 if none;
-//! 2. read the body (413 over the limit) and build `params`: the query's fields, the JSON body's
+//! 1. establish the caller ([`crate::auth`]): a bad token is a 401, and so is no token where
+//!    anonymous callers are granted nothing; then take one request from the caller's rate limit
+//!    (429 beyond it);
+//! 2. find the route (exact url, else the longest prefix; HEAD follows GET) — 404 if none — and
+//!    check the caller holds its scopes (401 for an anonymous caller, 403 for a token);
+//! 3. read the body (413 over the limit) and build `params`: the query's fields, the JSON body's
 //!    fields (or the body as `params.body`), `params` for the rest of the path, and
-//!    `last_event_id` from a `Last-Event-ID` header;
-//! 3. send the packet to the route's next connected node (503 if there is none), retrying
+//!    `last_event_id` from a `Last-Event-ID` header; never the `access_token` parameter, and never
+//!    an `auth` field (the packet's `auth` is the verified caller, set here);
+//! 4. send the packet to the route's next connected node (503 if there is none), retrying
 //!    idempotent requests on the next node if the connection had just dropped;
-//! 4. wait for the first answer within the request timeout (504), or fail at once with 502 if
+//! 5. wait for the first answer within the request timeout (504), or fail at once with 502 if
 //!    the node's connection closes meanwhile;
-//! 5. answer: a plain packet becomes status + JSON body; a stream becomes Server-Sent Events
+//! 6. answer: a plain packet becomes status + JSON body; a stream becomes Server-Sent Events
 //!    ([`crate::sse`]).
 //!
 //! The request id (`X-Request-Id`, generated when absent) travels in the packet, in the span of
 //! every log line about the request, and back in the response headers.
 
 use std::{
+    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, LazyLock,
@@ -36,13 +42,18 @@ use shared::{ClientError, Dialect, Packet, RawParams, ResponseStream};
 use tracing::{debug, Instrument};
 
 use crate::{
+    auth::{self, AuthError, Caller, ACCESS_TOKEN_PARAM},
     error::{json_error, ProxyError},
+    rate_limit::{self, RateKey},
     routes::{Node, Route},
     sse, AppState,
 };
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// A params field a client might send to pose as a verified caller; always dropped.
+const AUTH_PARAM: &str = "auth";
 
 /// Request ids longer than this are replaced by a generated one rather than echoed.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -52,6 +63,7 @@ pub(crate) async fn proxy(State(state): State<Arc<AppState>>, request: Request) 
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
     let request_id = request_id(request.headers());
+    // The path only: the query may carry a token.
     let span = tracing::debug_span!("request", method = %request.method(),
         path = %request.uri().path(), request_id = %request_id);
     let (route, mut response) = forward(&state, request, &request_id).instrument(span).await;
@@ -67,6 +79,11 @@ pub(crate) async fn proxy(State(state): State<Arc<AppState>>, request: Request) 
 /// Routes and forwards one request; returns the route's metrics label with the response.
 async fn forward(state: &AppState, request: Request, request_id: &str) -> (Arc<str>, Response) {
     let (parts, body) = request.into_parts();
+    let peer = auth::peer_of(&parts.extensions);
+    let caller = match admit(state, &parts, peer) {
+        Ok(caller) => caller,
+        Err(refusal) => return (state.no_route.clone(), refusal.respond(state, request_id)),
+    };
     // A HEAD request is answered like a GET; hyper leaves the body out.
     let method = if parts.method == Method::HEAD {
         Method::GET.as_str()
@@ -83,17 +100,78 @@ async fn forward(state: &AppState, request: Request, request_id: &str) -> (Arc<s
         return (state.no_route.clone(), error.into_response());
     };
     let route = matched.route;
-    let response =
-        match forward_to(state, route, matched.rest, method, &parts, body, request_id).await {
-            Ok(response) => response,
-            Err(error) => {
-                error.log(request_id);
-                error.into_response()
-            }
-        };
+    if let Err(refusal) = state.auth.authorize(&caller, &route.scopes) {
+        return (
+            route.url.clone(),
+            Refusal::Auth(refusal).respond(state, request_id),
+        );
+    }
+    let response = match forward_to(
+        state,
+        route,
+        matched.rest,
+        method,
+        &parts,
+        body,
+        caller,
+        request_id,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(error) => {
+            error.log(request_id);
+            error.into_response()
+        }
+    };
     (route.url.clone(), response)
 }
 
+/// Why a request is answered before it is routed.
+enum Refusal {
+    Auth(AuthError),
+    /// Over the caller's rate limit, for this long.
+    RateLimited(std::time::Duration),
+}
+
+impl Refusal {
+    /// The answer, logged and counted.
+    fn respond(self, state: &AppState, request_id: &str) -> Response {
+        match self {
+            Refusal::Auth(error) => {
+                error.log(request_id);
+                state.metrics.count_refusal(error.status().as_u16());
+                error.into_response()
+            }
+            Refusal::RateLimited(wait) => {
+                debug!(
+                    status = 429,
+                    request_id, "request refused: over the rate limit"
+                );
+                state.metrics.count_refusal(429);
+                rate_limit::too_many_requests(wait)
+            }
+        }
+    }
+}
+
+/// Establishes the caller and takes one request from its rate limit. A caller refused for its
+/// token spends its address's allowance, so a flood of bad tokens is limited like any other.
+fn admit(state: &AppState, parts: &Parts, peer: Option<SocketAddr>) -> Result<Caller, Refusal> {
+    let caller = state
+        .auth
+        .authenticate(&parts.headers, parts.uri.query(), peer);
+    if let Some(limiter) = &state.rate_limiter {
+        let key = match &caller {
+            Ok(caller) => caller.rate_key(),
+            Err(_) => peer.map_or(RateKey::Unknown, |peer| RateKey::address(peer.ip())),
+        };
+        limiter.check(&key).map_err(Refusal::RateLimited)?;
+    }
+    caller.map_err(Refusal::Auth)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward_to(
     state: &AppState,
     route: &Route,
@@ -101,6 +179,7 @@ async fn forward_to(
     method: &str,
     parts: &Parts,
     body: Body,
+    caller: Caller,
     request_id: &str,
 ) -> Result<Response, ProxyError> {
     let params = request_params(parts, body, rest, state.config.max_body).await?;
@@ -110,6 +189,7 @@ async fn forward_to(
         params: Value::Object(params),
         stream: accepts_event_stream(&parts.headers),
         request_id: Some(request_id.to_owned()),
+        auth: Some(caller.identity),
         ..Packet::default()
     };
     // Only requests that may safely be sent twice are moved to another node; the request was
@@ -293,7 +373,9 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// The packet's `params`: query fields, then body fields, then `params` (the rest of the path)
-/// and `last_event_id`; later sources win when names collide.
+/// and `last_event_id`; later sources win when names collide. The token's `access_token` query
+/// parameter is left out, and so is any `auth` field: who the caller is travels in the packet's
+/// own `auth`, which only the gateway writes.
 async fn request_params(
     parts: &Parts,
     body: Body,
@@ -303,6 +385,9 @@ async fn request_params(
     let mut params = Map::new();
     if let Some(query) = parts.uri.query() {
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            if name == ACCESS_TOKEN_PARAM {
+                continue;
+            }
             params.insert(name.into_owned(), Value::String(value.into_owned()));
         }
     }
@@ -310,6 +395,7 @@ async fn request_params(
     if !body.is_empty() {
         merge_body(&mut params, &parts.headers, &body)?;
     }
+    params.remove(AUTH_PARAM);
     if let Some(rest) = rest {
         let rest = percent_encoding::percent_decode_str(rest)
             .decode_utf8()
@@ -327,7 +413,8 @@ async fn request_params(
     Ok(params)
 }
 
-/// Reads the whole body, refusing it as soon as it is known to exceed `limit`.
+/// Reads the whole body, refusing it as soon as it is known to exceed `limit`, and with 408 when
+/// it arrives too slowly (the HTTP edge paces every body: [`crate::http::PacedBody`]).
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -340,9 +427,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     let mut first: Option<Bytes> = None;
     let mut collected = BytesMut::new();
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|err| {
-            ProxyError::BadRequest(format!("could not read the request body: {err}"))
-        })?;
+        let chunk = chunk.map_err(body_error)?;
         let total = first.as_ref().map_or(0, Bytes::len) + collected.len() + chunk.len();
         if total > limit {
             return Err(ProxyError::BodyTooLarge { limit });
@@ -358,6 +443,15 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
         }
     }
     Ok(first.unwrap_or_else(|| collected.freeze()))
+}
+
+/// Why a body could not be read, as the caller's error.
+fn body_error(err: axum::Error) -> ProxyError {
+    if crate::http::BodyTooSlow::is_cause_of(&err) {
+        ProxyError::BodyTooSlow
+    } else {
+        ProxyError::BadRequest(format!("could not read the request body: {err}"))
+    }
 }
 
 /// How to read a body, by its Content-Type.

@@ -4,9 +4,12 @@
 //! changes and publishes it, so a request takes a snapshot (one `Arc` clone) and never holds a
 //! lock while it waits for a node. The only state a request changes is a route's round-robin
 //! counter, an atomic.
+//!
+//! A route also carries the scope a caller needs for it, as its nodes registered it
+//! ([`Route::scopes`]); [`crate::auth`] checks it before the request is forwarded.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -27,6 +30,8 @@ pub struct Node {
     pub name: String,
     pub dialect: Dialect,
     pub urls: Vec<String>,
+    /// The scope each of its urls needs, for those that need one (keyed by url as registered).
+    pub scopes: BTreeMap<String, String>,
     /// True while the node is kept in rotation after leaving the topology
     /// (see [`crate::Config::departure_grace`]).
     pub leaving: bool,
@@ -46,6 +51,11 @@ pub struct Route {
     /// The path part of the url: the packet's `uri`.
     pub path: String,
     pub nodes: Vec<Arc<Node>>,
+    /// The scopes a caller needs, all of them: those its nodes declared for the url. Nodes of
+    /// one service agree, but while an upgrade adds a scope some replicas declare it and some do
+    /// not, and the route then needs it; nodes that disagree outright are all obeyed. Empty
+    /// for a route no node declared a scope for, which any verified caller may use.
+    pub scopes: Vec<Arc<str>>,
     next: AtomicUsize,
 }
 
@@ -100,10 +110,16 @@ impl RouteTable {
                         url: format!("{method}{path}").into(),
                         path,
                         nodes: Vec::new(),
+                        scopes: Vec::new(),
                         next: AtomicUsize::new(0),
                     });
                 if !route.nodes.iter().any(|known| Arc::ptr_eq(known, node)) {
                     route.nodes.push(node.clone());
+                }
+                if let Some(scope) = node.scopes.get(url) {
+                    if !route.scopes.iter().any(|known| **known == **scope) {
+                        route.scopes.push(scope.as_str().into());
+                    }
                 }
             }
         }
@@ -168,6 +184,7 @@ impl RouteTable {
                 .into_iter()
                 .map(|route| RouteState {
                     url: route.url.to_string(),
+                    scopes: route.scopes.iter().map(|scope| scope.to_string()).collect(),
                     nodes: route.nodes.iter().map(node_state).collect(),
                 })
                 .collect(),
@@ -211,6 +228,8 @@ pub struct TopologySnapshot {
 #[derive(Debug, Serialize)]
 pub struct RouteState {
     pub url: String,
+    /// The scopes a caller needs (empty: any verified caller).
+    pub scopes: Vec<String>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -236,6 +255,11 @@ mod tests {
     use super::*;
 
     async fn table(urls: &[&[&str]]) -> RouteTable {
+        scoped_table(urls, &[]).await
+    }
+
+    /// A table whose node `i` declares `scopes[i]` (url, scope) pairs.
+    async fn scoped_table(urls: &[&[&str]], scopes: &[&[(&str, &str)]]) -> RouteTable {
         let nodes = urls
             .iter()
             .enumerate()
@@ -246,6 +270,12 @@ mod tests {
                     name: format!("node{i}"),
                     dialect: Dialect::Packet,
                     urls: urls.iter().map(|u| u.to_string()).collect(),
+                    scopes: scopes
+                        .get(i)
+                        .into_iter()
+                        .flat_map(|pairs| pairs.iter())
+                        .map(|(url, scope)| (url.to_string(), scope.to_string()))
+                        .collect(),
                     leaving: false,
                     client: NodeClient::connect_as("127.0.0.1:9", Dialect::Packet),
                 })
@@ -296,5 +326,31 @@ mod tests {
         assert_eq!(table.lookup("GET", "/kv").unwrap().route.nodes.len(), 2);
         assert_eq!(table.lookup("PUT", "/kv").unwrap().route.nodes.len(), 1);
         assert_eq!(table.routes().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_route_needs_every_scope_its_nodes_declared() {
+        let table = scoped_table(
+            &[&["GET/kv", "PUT/kv"], &["GET/kv", "PUT/kv"], &["GET/kv"]],
+            &[
+                &[("GET/kv", "kv:read")],
+                &[("GET/kv", "kv:read"), ("PUT/kv", "kv:write")],
+                &[("GET/kv", "other")],
+            ],
+        )
+        .await;
+        let get = table.lookup("GET", "/kv").unwrap().route;
+        let get_scopes: Vec<&str> = get.scopes.iter().map(|s| &**s).collect();
+        assert_eq!(get_scopes, ["kv:read", "other"]);
+        // One replica declares the scope and one does not yet: the route needs it.
+        let put = table.lookup("PUT", "/kv").unwrap().route;
+        assert_eq!(put.scopes.len(), 1);
+        assert_eq!(&*put.scopes[0], "kv:write");
+        let snapshot = serde_json::to_value(table.snapshot()).unwrap();
+        assert_eq!(snapshot["routes"][1]["url"], "PUT/kv");
+        assert_eq!(
+            snapshot["routes"][1]["scopes"],
+            serde_json::json!(["kv:write"])
+        );
     }
 }

@@ -11,13 +11,21 @@
 //! [`crate::Config::departure_grace`]: a restarted distributor learns the nodes again only as
 //! they re-register, and the routes of the slower ones must not vanish meanwhile. While the
 //! distributor is down, the last topology simply stays in force.
+//!
+//! With a cluster secret every node connection starts with the handshake, so the gateway only
+//! talks to nodes that know the secret. Original-design nodes (no protocol 2) cannot do it: they
+//! are left out of the route table unless `--allow-legacy-nodes` is given.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
-use shared::{Dialect, NodeInfo, Topology};
+use shared::{cluster::ClusterSecret, Dialect, NodeInfo, Topology};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::routes::{Node, NodeClient, RouteTable};
 
@@ -35,45 +43,84 @@ struct Departed {
     until: Instant,
 }
 
+/// Which nodes the gateway connects to, and how.
+#[derive(Debug, Clone, Default)]
+pub struct NodePolicy {
+    /// See [`crate::Config::departure_grace`].
+    pub grace: Duration,
+    /// Proven to every protocol-2 node at the start of each connection.
+    pub secret: Option<ClusterSecret>,
+    /// With a secret, still connect to original-design nodes.
+    pub allow_legacy: bool,
+}
+
+impl NodePolicy {
+    /// False for an original-design node when the cluster has a secret it cannot prove.
+    fn admits(&self, info: &NodeInfo) -> bool {
+        info.speaks_protocol_2() || self.secret.is_none() || self.allow_legacy
+    }
+}
+
 /// The task's state: the connections, and the nodes on their way out.
 struct Pool {
     clients: HashMap<NodeKey, NodeClient>,
     departed: HashMap<NodeKey, Departed>,
     current: HashMap<NodeKey, NodeInfo>,
-    grace: Duration,
+    /// Original-design nodes left out because of the secret, so each is reported once while
+    /// it stays in the topology rather than at every change.
+    refused: HashSet<NodeKey>,
+    policy: NodePolicy,
 }
 
 impl Pool {
-    fn new(grace: Duration) -> Pool {
+    fn new(policy: NodePolicy) -> Pool {
         Pool {
             clients: HashMap::new(),
             departed: HashMap::new(),
             current: HashMap::new(),
-            grace,
+            refused: HashSet::new(),
+            policy,
         }
     }
 
-    /// Takes a new topology in: nodes without urls (gateways) are not routed to.
+    /// Takes a new topology in: nodes without urls (gateways) are not routed to, nor are
+    /// original-design nodes the policy does not admit.
     fn update(&mut self, topology: &Topology) {
         let now = Instant::now();
+        let mut refused = HashSet::new();
         let incoming: HashMap<NodeKey, NodeInfo> = topology
             .iter()
             .filter(|info| !info.urls.is_empty())
+            .filter(|info| {
+                if self.policy.admits(info) {
+                    return true;
+                }
+                let key = node_key(info);
+                if !self.refused.contains(&key) {
+                    warn!(addr = %key.0, name = %info.name,
+                        "not connecting to an original-design node: it cannot prove the cluster \
+                         secret (start the gateway with --allow-legacy-nodes to accept it)");
+                }
+                refused.insert(key);
+                false
+            })
             .map(|info| (node_key(info), info.clone()))
             .collect();
+        self.refused = refused;
         for (key, info) in self.current.drain() {
             if incoming.contains_key(&key) {
                 continue;
             }
             let connected = self.clients.get(&key).is_some_and(NodeClient::is_connected);
-            if connected && !self.grace.is_zero() {
-                info!(addr = %key.0, name = %info.name, grace = ?self.grace,
+            let grace = self.policy.grace;
+            if connected && !grace.is_zero() {
+                info!(addr = %key.0, name = %info.name, ?grace,
                     "node left the topology; kept in rotation for the grace period");
                 self.departed.insert(
                     key,
                     Departed {
                         info,
-                        until: now + self.grace,
+                        until: now + grace,
                     },
                 );
             } else {
@@ -131,7 +178,11 @@ impl Pool {
                 Some(client) => client,
                 None => {
                     info!(addr = %key.0, name = %info.name, ?dialect, urls = ?info.urls, "connecting to node");
-                    NodeClient::connect_as(key.0.clone(), dialect)
+                    NodeClient::connect_with_secret(
+                        key.0.clone(),
+                        dialect,
+                        self.policy.secret.clone(),
+                    )
                 }
             };
             clients.insert(key.clone(), client.clone());
@@ -140,6 +191,7 @@ impl Pool {
                 name: info.name.clone(),
                 dialect,
                 urls: info.urls.clone(),
+                scopes: info.scopes.clone(),
                 leaving,
                 client,
             }));
@@ -154,10 +206,10 @@ impl Pool {
 /// Rebuilds the route table from `topology` until `shutdown`, publishing each new table.
 pub(crate) fn spawn(
     mut topology: watch::Receiver<Arc<Topology>>,
-    grace: Duration,
+    policy: NodePolicy,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Arc<RouteTable>> {
-    let mut pool = Pool::new(grace);
+    let mut pool = Pool::new(policy);
     pool.update(&topology.borrow_and_update());
     let (table_tx, table_rx) = watch::channel(Arc::new(pool.table()));
     tokio::spawn(async move {
@@ -191,5 +243,47 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(port: u16, protocol: Option<u8>) -> NodeInfo {
+        NodeInfo {
+            host: "127.0.0.1".into(),
+            port,
+            name: "kv".into(),
+            urls: vec!["GET/kv".into()],
+            protocol,
+            ..NodeInfo::default()
+        }
+    }
+
+    fn admitted(policy: NodePolicy) -> Vec<u16> {
+        let mut pool = Pool::new(policy);
+        let topology: Topology = vec![node(1, Some(2)), node(2, None)];
+        pool.update(&topology);
+        let mut ports: Vec<u16> = pool.current.values().map(|info| info.port).collect();
+        ports.sort();
+        ports
+    }
+
+    #[test]
+    fn with_a_secret_original_design_nodes_need_the_flag() {
+        let secret = Some(ClusterSecret::new(b"s".to_vec()));
+        assert_eq!(admitted(NodePolicy::default()), [1, 2]);
+        let strict = NodePolicy {
+            secret: secret.clone(),
+            ..NodePolicy::default()
+        };
+        assert_eq!(admitted(strict), [1]);
+        let lenient = NodePolicy {
+            secret,
+            allow_legacy: true,
+            ..NodePolicy::default()
+        };
+        assert_eq!(admitted(lenient), [1, 2]);
     }
 }

@@ -25,7 +25,7 @@ use tokio::{
 async fn the_gateway_keeps_serving_while_the_distributor_is_down_and_learns_new_nodes_after() {
     let mut distributor = Distributor::start().await;
     let distributor_addr = distributor.addr;
-    let _a = Service::start("a", echo_router("a"), distributor_addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor_addr).await;
     let gateway = Gateway::start(distributor_addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 1).await;
 
@@ -38,7 +38,7 @@ async fn the_gateway_keeps_serving_while_the_distributor_is_down_and_learns_new_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A node started meanwhile cannot register yet.
-    let _b = Service::start("b", echo_router("b"), distributor_addr).await;
+    let _b = Service::start("echo", echo_router("b"), distributor_addr).await;
     assert_eq!(gateway.connected_nodes("GET/echo").await, 1);
 
     let _distributor = Distributor::start_at(distributor_addr).await;
@@ -54,8 +54,8 @@ async fn the_gateway_keeps_serving_while_the_distributor_is_down_and_learns_new_
 async fn a_distributor_restart_fails_no_request() {
     let mut distributor = Distributor::start().await;
     let distributor_addr = distributor.addr;
-    let _a = Service::start("a", echo_router("a"), distributor_addr).await;
-    let _b = Service::start("b", echo_router("b"), distributor_addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor_addr).await;
+    let _b = Service::start("echo", echo_router("b"), distributor_addr).await;
     let gateway = Arc::new(Gateway::start(distributor_addr, |_| {}).await);
     gateway.wait_for_nodes("GET/echo", 2).await;
 

@@ -40,6 +40,7 @@ fn register(distributor: std::net::SocketAddr, port: u16, urls: &[&str], stop: &
         urls: urls.iter().map(|url| url.to_string()).collect(),
         host: None,
         protocol: Some(PROTOCOL_VERSION),
+        ..Registration::default()
     };
     let _topology =
         DistributorClient::spawn(distributor.to_string(), registration, stop.child_token());

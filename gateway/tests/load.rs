@@ -44,14 +44,15 @@ async fn a_thousand_concurrent_requests_each_get_their_own_answer() {
     let distributor = Distributor::start().await;
     let arrived = Arc::new(AtomicUsize::new(0));
     let (all, _) = watch::channel(false);
+    // Two replicas of one service: a url belongs to one service name.
     let _a = Service::start(
-        "a",
+        "together",
         together_router("a", arrived.clone(), all.clone()),
         distributor.addr,
     )
     .await;
     let _b = Service::start(
-        "b",
+        "together",
         together_router("b", arrived.clone(), all),
         distributor.addr,
     )

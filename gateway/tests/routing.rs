@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn requests_alternate_between_two_nodes() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
-    let _b = Service::start("b", echo_router("b"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
+    let _b = Service::start("echo", echo_router("b"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 2).await;
 
@@ -25,8 +25,8 @@ async fn requests_alternate_between_two_nodes() {
 #[tokio::test]
 async fn a_node_that_goes_away_leaves_the_rotation_and_one_that_comes_back_rejoins() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
-    let mut b = Service::start("b", echo_router("b"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
+    let mut b = Service::start("echo", echo_router("b"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 2).await;
 
@@ -38,7 +38,7 @@ async fn a_node_that_goes_away_leaves_the_rotation_and_one_that_comes_back_rejoi
         "only a is left in rotation: {nodes:?}"
     );
 
-    let _b = Service::start("b", echo_router("b"), distributor.addr).await;
+    let _b = Service::start("echo", echo_router("b"), distributor.addr).await;
     gateway.wait_for_nodes("GET/echo", 2).await;
     let nodes = gateway.answering_nodes("/echo", 4).await;
     assert!(
@@ -50,7 +50,7 @@ async fn a_node_that_goes_away_leaves_the_rotation_and_one_that_comes_back_rejoi
 #[tokio::test]
 async fn the_longest_prefix_routes_and_the_rest_of_the_path_becomes_params() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 1).await;
 
@@ -99,7 +99,7 @@ async fn the_longest_prefix_routes_and_the_rest_of_the_path_becomes_params() {
 #[tokio::test]
 async fn query_and_body_fields_are_merged_into_params() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("PUT/echo", 1).await;
 
@@ -155,7 +155,7 @@ async fn query_and_body_fields_are_merged_into_params() {
 #[tokio::test]
 async fn request_ids_travel_to_the_node_and_back() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 1).await;
 
@@ -183,7 +183,7 @@ async fn request_ids_travel_to_the_node_and_back() {
 #[tokio::test]
 async fn head_follows_the_get_route() {
     let distributor = Distributor::start().await;
-    let _a = Service::start("a", echo_router("a"), distributor.addr).await;
+    let _a = Service::start("echo", echo_router("a"), distributor.addr).await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
     gateway.wait_for_nodes("GET/echo", 1).await;
 

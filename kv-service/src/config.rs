@@ -1,7 +1,25 @@
 //! What `run` needs to know, as a plain struct: main.rs fills it from flags and environment
 //! variables, tests fill it directly.
+//!
+//! Also the text port's protected mode: without a JWT key the text port has no way to tell
+//! callers apart, so it serves loopback clients only, and refuses to start on another address
+//! unless told `--insecure` ([`check_text_listen`]), as Redis does until a password is set.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use shared::{
+    cluster::ClusterPolicy,
+    server::{is_loopback, ConnectionLimits},
+    token::TokenVerifier,
+};
 
 pub use crate::store::StoreSpec;
+
+/// How long a text connection may stay silent before it is closed, by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a text connection has to send a good `auth<TOKEN>` when one is required, by default.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -11,6 +29,43 @@ pub struct Config {
     pub distributor: Option<String>,
     /// The host other nodes should connect to, when the socket's address is not it.
     pub advertise_host: Option<String>,
+    /// Who may open packet connections (the REST door), and the secret to register with.
+    pub cluster: ClusterPolicy,
+    /// What one client may hold on the packet port.
+    pub limits: ConnectionLimits,
+    /// Who the text port lets in and for how long.
+    pub text: TextConfig,
+}
+
+/// The text port's admission rules.
+#[derive(Debug, Clone)]
+pub struct TextConfig {
+    /// Verifies `auth<TOKEN>`. When set, every connection must authenticate before anything
+    /// else, and each command needs its scope; when `None`, no command needs a token.
+    pub tokens: Option<Arc<TokenVerifier>>,
+    /// Connections at most, overall and per client address, and whether only loopback clients
+    /// are served (protected mode: no key and no `--insecure`).
+    pub limits: ConnectionLimits,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection that has not authenticated this long after it opened is closed (only when
+    /// `tokens` is set).
+    pub auth_timeout: Duration,
+}
+
+impl Default for TextConfig {
+    /// Protected mode with the default timeouts.
+    fn default() -> Self {
+        TextConfig {
+            tokens: None,
+            limits: ConnectionLimits {
+                loopback_only: true,
+                ..ConnectionLimits::default()
+            },
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
+        }
+    }
 }
 
 impl Config {
@@ -20,6 +75,40 @@ impl Config {
             store,
             distributor: None,
             advertise_host: None,
+            cluster: ClusterPolicy::default(),
+            limits: ConnectionLimits::default(),
+            text: TextConfig::default(),
         }
     }
+}
+
+/// The text port would be open to anyone.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to serve the text protocol on {addr} without authentication: anyone who can reach \
+     it could read and write every key. Set a JWT key with --jwt-secret-file PATH (env \
+     JWT_SECRET_FILE) or --jwt-public-key-file PATH (env JWT_PUBLIC_KEY_FILE) so clients must \
+     send auth<TOKEN>, listen on a loopback address (--text-listen 127.0.0.1:8395), or pass \
+     --insecure to serve anyone without a token"
+)]
+pub struct UnprotectedTextPort {
+    pub addr: SocketAddr,
+}
+
+/// Protected mode for the text port: without a JWT key (`authenticated` false) it may only
+/// listen on a loopback address, unless `insecure`.
+pub fn check_text_listen(
+    addr: SocketAddr,
+    authenticated: bool,
+    insecure: bool,
+) -> Result<(), UnprotectedTextPort> {
+    if authenticated || is_loopback(addr.ip()) {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(%addr,
+            "the text port serves clients from anywhere without authentication (--insecure)");
+        return Ok(());
+    }
+    Err(UnprotectedTextPort { addr })
 }

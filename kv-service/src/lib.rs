@@ -4,15 +4,21 @@
 //!   registered with the distributor as `kv`, for callers going through the gateway;
 //! - a raw TCP text protocol (`get<k>`, `put<k,v>`, `del<k>`) for clients such as `nc`.
 //!
+//! Both doors check the same scopes: `kv:read` to read, `kv:write` to write. The REST door gets
+//! the caller's identity from the gateway, which verified its token; the text door verifies the
+//! token a client sends in `auth<TOKEN>` itself, with the same key flags as the gateway. Without
+//! a key the text door serves loopback clients only (protected mode), unless `--insecure`.
+//!
 //! Layout:
-//! - [`config`]: the settings [`run`] takes.
+//! - [`config`]: the settings [`run`] takes, and the text port's protected mode.
 //! - [`core`]: get, put (plain, `if_version`, create-if-absent), delete and list, with the key
 //!   and value limits both doors share.
 //! - [`store`]: the store trait and its backends: memory, SQLite and PostgreSQL (sqlx, with
 //!   migrations applied at start).
 //! - [`rest`]: the REST handlers.
 //! - [`text_protocol`]: the text protocol's grammar as pure incremental codecs.
-//! - [`text_server`]: the TCP server for the text protocol.
+//! - [`text_server`]: the TCP server for the text protocol: authentication, scopes, idle and
+//!   per-address limits.
 //!
 //! The load tool (`kv-bench`, src/bin) drives the text protocol; docs/BENCHMARKS.md has its
 //! figures.
@@ -36,6 +42,12 @@ use crate::{
 
 /// The name the service registers under.
 pub const SERVICE_NAME: &str = "kv";
+
+/// The scope a caller needs to read keys (`GET /kv`, `get<...>`).
+pub const READ_SCOPE: &str = "kv:read";
+
+/// The scope a caller needs to write keys (`PUT`, `POST`, `DELETE /kv`, `put<...>`, `del<...>`).
+pub const WRITE_SCOPE: &str = "kv:write";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -69,6 +81,8 @@ pub async fn run(
         name: SERVICE_NAME.to_owned(),
         distributor: config.distributor,
         advertise_host: config.advertise_host,
+        cluster: config.cluster,
+        limits: config.limits,
     };
     let rest = shared::service::serve(
         rest_listener,
@@ -76,7 +90,7 @@ pub async fn run(
         service,
         shutdown.clone(),
     );
-    let text = text_server::serve(text_listener, kv.clone(), shutdown);
+    let text = text_server::serve(text_listener, kv.clone(), config.text, shutdown);
     let (served, ()) = tokio::join!(rest, text);
     kv.close().await;
     served?;

@@ -1,8 +1,12 @@
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use kv_service::config::{Config, StoreSpec};
+use kv_service::config::{check_text_listen, Config, StoreSpec, TextConfig};
+use shared::{
+    cluster::{ClusterArgs, ClusterPolicy},
+    token::TokenKeyArgs,
+};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc rather than the system allocator: a packet or an event is often allocated on one
@@ -15,11 +19,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to accept packet connections (the REST routes) on.
-    #[arg(long, env = "KV_LISTEN", default_value = "0.0.0.0:9010")]
+    /// Address to accept packet connections (the REST routes) on. Another address than loopback
+    /// needs --cluster-secret-file (or --insecure).
+    #[arg(long, env = "KV_LISTEN", default_value = "127.0.0.1:9010")]
     listen: String,
-    /// Address to accept text protocol connections on.
-    #[arg(long, env = "KV_TEXT_LISTEN", default_value = "0.0.0.0:8395")]
+    /// Address to accept text protocol connections on. Another address than loopback needs a
+    /// JWT key (--jwt-secret-file or --jwt-public-key-file), so clients must send auth<TOKEN>
+    /// (or --insecure).
+    #[arg(long, env = "KV_TEXT_LISTEN", default_value = "127.0.0.1:8395")]
     text_listen: String,
     /// The distributor to register with; an empty value serves without registering.
     #[arg(long, env = "KV_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
@@ -35,6 +42,28 @@ struct Args {
     /// clients, 1 can be faster: a single thread never has to wake another.
     #[arg(long, env = "KV_THREADS", default_value_t = 0)]
     threads: usize,
+    /// Close a text protocol connection that sends nothing for this long.
+    #[arg(long, env = "KV_IDLE_TIMEOUT", default_value = "300s", value_parser = positive_duration)]
+    idle_timeout: Duration,
+    /// With a JWT key, close a text protocol connection that has not sent a good auth<TOKEN>
+    /// this long after it opened.
+    #[arg(long, env = "KV_AUTH_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    auth_timeout: Duration,
+    /// The key that verifies the tokens text protocol clients send in auth<TOKEN>.
+    #[command(flatten)]
+    tokens: TokenKeyArgs,
+    /// The cluster secret, protected mode and per-address limits.
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// A duration written as humantime does (`300s`, `5m`), not zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be more than zero".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -55,16 +84,36 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     shared::telemetry::init_tracing();
+    let secret = args.cluster.secret()?;
+    let tokens = args.tokens.verifier()?.map(Arc::new);
     let rest_listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    args.cluster
+        .check_listen(rest_listener.local_addr()?, "the packet port (--listen)")?;
     let text_listener = tokio::net::TcpListener::bind(&args.text_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.text_listen))?;
+    check_text_listen(
+        text_listener.local_addr()?,
+        tokens.is_some(),
+        args.cluster.insecure,
+    )?;
     let config = Config {
         store: args.store,
         distributor: Some(args.distributor).filter(|d| !d.is_empty()),
         advertise_host: args.advertise_host,
+        limits: args.cluster.limits(secret.is_some()),
+        cluster: ClusterPolicy {
+            secret,
+            allow_legacy: false,
+        },
+        text: TextConfig {
+            limits: args.cluster.limits(tokens.is_some()),
+            tokens,
+            idle_timeout: args.idle_timeout,
+            auth_timeout: args.auth_timeout,
+        },
     };
     let shutdown = CancellationToken::new();
     let server = kv_service::run(config, rest_listener, text_listener, shutdown.clone());

@@ -12,6 +12,9 @@
 //! | `GET /kv/{key}`     | 200 `{key,value,version}`; 404                                    |
 //! | `DELETE /kv/{key}`  | 200 `{key,deleted:true}`; 404                                     |
 //! | `GET /kv?prefix=&after=&limit=` | 200 `{items:[{key,value,version}],next}`              |
+//!
+//! Reads need the scope `kv:read`, writes `kv:write` (`admin` implies both); a caller without it
+//! is answered 403 by the runtime before any handler runs.
 
 use futures::{future::UnwrapOrElse, TryFuture, TryFutureExt};
 use serde_json::{json, Map, Value};
@@ -21,15 +24,22 @@ use tracing::warn;
 use crate::{
     core::{Kv, KvError, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT},
     store::Condition,
+    READ_SCOPE, WRITE_SCOPE,
 };
 
-/// The service's routes; they register as `DELETE/kv`, `GET/kv`, `POST/kv` and `PUT/kv`.
+/// The service's routes; they register as `DELETE/kv`, `GET/kv`, `POST/kv` and `PUT/kv`, reads
+/// with the scope `kv:read` and writes with `kv:write`, which the runtime checks against the
+/// caller's identity (a request a cluster member makes itself carries none and is trusted).
 pub fn router(kv: Kv) -> Router {
     Router::new()
         .route("GET", "/kv", handler(kv.clone(), get_or_list))
+        .scope(READ_SCOPE)
         .route("PUT", "/kv", handler(kv.clone(), put))
+        .scope(WRITE_SCOPE)
         .route("POST", "/kv", handler(kv.clone(), create))
+        .scope(WRITE_SCOPE)
         .route("DELETE", "/kv", handler(kv, delete))
+        .scope(WRITE_SCOPE)
 }
 
 /// A handler answers `Err` with the 400 for a malformed parameter, so it can stop at the first

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! input    = *( blank / request )          blank = SP / HTAB / CR / LF
-//! request  = command "<" body ">"          command = "get" / "put" / "del"  (any case)
+//! request  = command "<" body ">"          command = "auth" / "get" / "put" / "del"  (any case)
 //! body     = key                           for get and del
 //!          / key "," value                 for put: the first unescaped "," splits
+//!          / token                         for auth: a bearer token (JWT), at most 8 KiB
 //! escape   = "\" ( "<" / ">" / "," / "\" ) inside a body; any other "\x" is an error
 //! answer   = ( "value" / "none" / "ok" / "err" ) "<" escaped-text ">" LF
 //! ```
@@ -15,6 +16,9 @@
 //!   not a decoding error: it becomes a [`Frame::Malformed`] that the server answers with
 //!   `err<...>`, and decoding carries on with the next request. Only a request over the size
 //!   limits is an error ([`DecodeError::TooLong`]): the connection is answered and closed.
+//! - `auth<TOKEN>` is decoded like any request; whether it is needed, and what it allows, is the
+//!   server's business (text_server.rs). The token is held in a [`Token`], whose `Debug` never
+//!   shows it, so a request can be logged without leaking a credential.
 //! - The decoder never keeps more than the decoded key and value of the current request: the
 //!   input buffer is consumed as it is scanned, so memory is bounded by the limits whatever a
 //!   client sends.
@@ -28,12 +32,39 @@ use crate::core::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 /// Longest command word kept for an error message; longer words are reported cut short.
 const MAX_WORD: usize = 16;
 
+/// Longest token `auth<...>` accepts. JWTs are a few hundred bytes; 8 KiB leaves room for large
+/// RSA signatures and many scopes while bounding what an unauthenticated client can make us hold.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
 /// A well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
+    Auth { token: Token },
     Get { key: String },
     Put { key: String, value: String },
     Del { key: String },
+}
+
+/// A bearer token as sent in `auth<TOKEN>`. Its `Debug` hides the text: a token is a credential
+/// and must never reach a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    /// The token's text, to verify it (never to log it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({} bytes)", self.0.len())
+    }
 }
 
 /// What the decoder yields: a request, or the reason one was malformed (answered with
@@ -51,7 +82,7 @@ pub enum Reply<'a> {
     Value(&'a str),
     /// `none<K>`: get or del found nothing.
     None(&'a str),
-    /// `ok<K>`: put or del done.
+    /// `ok<K>`: put or del done; `ok<SUBJECT>`: auth accepted.
     Ok(&'a str),
     /// `err<REASON>`
     Err(&'a str),
@@ -86,6 +117,7 @@ pub enum DecodeError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Command {
+    Auth,
     Get,
     Put,
     Del,
@@ -201,7 +233,7 @@ impl RequestCodec {
                         State::Skip
                     };
                     let reason = format!(
-                        "expected a command (get, put or del), got {}",
+                        "expected a command (auth, get, put or del), got {}",
                         printable(&[byte])
                     );
                     return Ok((at, Some(Frame::Malformed(reason))));
@@ -217,6 +249,7 @@ impl RequestCodec {
                     }
                     if byte == b'<' {
                         let command = match self.word.to_ascii_lowercase().as_slice() {
+                            b"auth" => Some(Command::Auth),
                             b"get" => Some(Command::Get),
                             b"put" => Some(Command::Put),
                             b"del" => Some(Command::Del),
@@ -334,11 +367,13 @@ fn push(
         body.key_len += bytes.len();
         // An unknown command's body is measured against the largest request, not a key.
         let max = match body.command {
+            Some(Command::Auth) => MAX_TOKEN_BYTES,
             Some(_) => max_key,
             None => max_key + 1 + max_value,
         };
         if body.key_len > max {
             return Err(DecodeError::TooLong(match body.command {
+                Some(Command::Auth) => format!("token too long (max {MAX_TOKEN_BYTES} bytes)"),
                 Some(_) => format!("key too long (max {max_key} bytes)"),
                 None => "request too long".to_owned(),
             }));
@@ -358,6 +393,16 @@ fn finish(body: Body) -> Frame {
     if command == Command::Put && !body.in_value {
         return Frame::Malformed("put needs a key and a value: put<key,value>".to_owned());
     }
+    if command == Command::Auth {
+        // Nothing of the token goes into an error message.
+        return match String::from_utf8(body.key) {
+            Ok(token) if !token.is_empty() => Frame::Request(Request::Auth {
+                token: Token(token),
+            }),
+            Ok(_) => Frame::Malformed("auth needs a token: auth<TOKEN>".to_owned()),
+            Err(_) => Frame::Malformed("token is not valid UTF-8".to_owned()),
+        };
+    }
     if body.key.is_empty() {
         return Frame::Malformed("empty key".to_owned());
     }
@@ -365,6 +410,7 @@ fn finish(body: Body) -> Frame {
         return Frame::Malformed("key is not valid UTF-8".to_owned());
     };
     Frame::Request(match command {
+        Command::Auth => unreachable!("answered above"),
         Command::Get => Request::Get { key },
         Command::Del => Request::Del { key },
         Command::Put => match String::from_utf8(body.value) {
@@ -562,6 +608,10 @@ impl Encoder<&Request> for ReplyCodec {
 
     fn encode(&mut self, request: &Request, dst: &mut BytesMut) -> Result<(), std::io::Error> {
         match request {
+            Request::Auth { token } => {
+                dst.put_slice(b"auth<");
+                escape_into(token.expose().as_bytes(), dst);
+            }
             Request::Get { key } => {
                 dst.put_slice(b"get<");
                 escape_into(key.as_bytes(), dst);

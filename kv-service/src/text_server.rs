@@ -5,22 +5,35 @@
 //! request in it in order, and writes all those answers with one `write` before reading again:
 //! pipelined requests cost one read and one write per batch, not per request.
 //!
-//! Connections are never timed out for being idle, since a person at `nc` may think for a
-//! while; a peer that vanished is found by TCP keepalive, and one that stops reading our answers
-//! by a write timeout, and either frees its task. A connection's failure is logged and ends that
-//! connection only. The number of connections is capped by a semaphore; further clients wait in
-//! the listen backlog.
+//! Who may do what. With a JWT key ([`TextConfig::tokens`]) a connection must first send
+//! `auth<TOKEN>`, as Redis clients send AUTH: a good token is answered `ok<SUBJECT>` and its
+//! scopes decide the rest (`get` needs `kv:read`, `put` and `del` `kv:write`, `admin` implies
+//! both); any other command before it is answered `err<...>`, and the third refused token closes
+//! the connection. Because requests are answered in order, `auth<T>put<a,1>get<a>` works in one
+//! write. Without a key nobody authenticates, and the port serves loopback clients only unless
+//! `--insecure` (protected mode, see config.rs). Tokens are never logged, only why one was
+//! refused.
+//!
+//! Connections end by themselves: one that sends nothing for `idle_timeout` is closed, and so is
+//! one that has not authenticated `auth_timeout` after it opened, so silent or anonymous
+//! connections cannot hold the connection slots that real clients need. A peer that vanished is
+//! also found by TCP keepalive, and one that stops reading our answers by a write timeout. The
+//! number of connections is capped overall and per client address. A connection's failure is
+//! logged and ends that connection only.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use shared::{
     connection::{tune_socket, WRITE_TIMEOUT},
-    service::serve_connections,
+    packet::Identity,
+    server::serve_connections,
+    token::TokenVerifier,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    time::Instant,
 };
 use tokio_util::{
     codec::{Decoder, Encoder},
@@ -29,9 +42,11 @@ use tokio_util::{
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
+    config::TextConfig,
     core::{Kv, KvError},
     store::{Condition, Write, WriteOutcome},
-    text_protocol::{DecodeError, Frame, Reply, Request, RequestCodec},
+    text_protocol::{DecodeError, Frame, Reply, Request, RequestCodec, Token},
+    READ_SCOPE, WRITE_SCOPE,
 };
 
 /// Room made in the input buffer before each read.
@@ -48,6 +63,12 @@ const FLUSH_AT: usize = 64 * 1024;
 /// long before closing, so the closing `err<...>` is not lost to a TCP reset.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// Refused tokens a connection may send; the last one closes it.
+pub const MAX_FAILED_AUTHS: u32 = 3;
+
+/// The answer to a command sent before a good `auth<TOKEN>`.
+pub const AUTH_REQUIRED: &str = "authentication required: send auth<TOKEN> first";
+
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
     #[error("i/o error: {0}")]
@@ -57,15 +78,24 @@ enum ConnectionError {
 }
 
 /// Serves text connections on `listener` until `shutdown` is cancelled, then closes them.
-pub async fn serve(listener: TcpListener, kv: Kv, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, kv: Kv, config: TextConfig, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving the text protocol");
+        info!(
+            %addr,
+            authentication = config.tokens.is_some(),
+            loopback_only = config.limits.loopback_only,
+            max_connections_per_ip = config.limits.max_per_ip,
+            idle_timeout = %humantime::format_duration(config.idle_timeout),
+            "serving the text protocol"
+        );
     }
-    serve_connections(listener, &shutdown, |stream, peer| {
+    let config = Arc::new(config);
+    serve_connections(listener, config.limits, &shutdown, |stream, peer| {
         let kv = kv.clone();
+        let config = config.clone();
         let shutdown = shutdown.clone();
         async move {
-            match serve_connection(stream, &kv, &shutdown).await {
+            match serve_connection(stream, peer, &kv, &config, &shutdown).await {
                 Ok(()) => debug!("connection closed"),
                 Err(err) => debug!(%err, "connection failed"),
             }
@@ -75,18 +105,128 @@ pub async fn serve(listener: TcpListener, kv: Kv, shutdown: CancellationToken) {
     .await;
 }
 
+/// Whether a connection goes on after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// Too many refused tokens: answer what is answered so far, then close.
+    Close,
+}
+
+/// One connection's authentication state.
+struct Session {
+    tokens: Option<Arc<TokenVerifier>>,
+    /// The caller a good token named; `None` before one (or after a refused one).
+    identity: Option<Identity>,
+    failed_auths: u32,
+    peer: SocketAddr,
+}
+
+impl Session {
+    fn new(config: &TextConfig, peer: SocketAddr) -> Session {
+        Session {
+            tokens: config.tokens.clone(),
+            identity: None,
+            failed_auths: 0,
+            peer,
+        }
+    }
+
+    /// True while the connection must still authenticate before it may do anything.
+    fn awaits_auth(&self) -> bool {
+        self.tokens.is_some() && self.identity.is_none()
+    }
+
+    /// Why `request` is refused, if it is.
+    fn refusal(&self, request: &Request) -> Option<String> {
+        let (command, scope) = match request {
+            Request::Auth { .. } => return None,
+            Request::Get { .. } => ("get", READ_SCOPE),
+            Request::Put { .. } => ("put", WRITE_SCOPE),
+            Request::Del { .. } => ("del", WRITE_SCOPE),
+        };
+        self.tokens.as_ref()?;
+        match &self.identity {
+            None => Some(AUTH_REQUIRED.to_owned()),
+            Some(identity) if !identity.has_scope(scope) => {
+                debug!(subject = ?identity.sub, scope, "refused a command without its scope");
+                Some(format!("{command} needs scope {scope}"))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// True when puts and deletes are allowed, so a run of them may go to the store at once.
+    fn may_write(&self) -> bool {
+        self.tokens.is_none()
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|identity| identity.has_scope(WRITE_SCOPE))
+    }
+
+    /// Checks `token` and answers it.
+    fn authenticate(
+        &mut self,
+        token: &Token,
+        codec: &mut RequestCodec,
+        output: &mut BytesMut,
+    ) -> Flow {
+        let Some(tokens) = &self.tokens else {
+            encode(
+                codec,
+                Reply::Err("authentication is not enabled on this server"),
+                output,
+            );
+            return Flow::Continue;
+        };
+        match tokens.verify(token.expose()) {
+            Ok(identity) => {
+                debug!(subject = ?identity.sub, "authenticated");
+                encode(
+                    codec,
+                    Reply::Ok(identity.sub.as_deref().unwrap_or("")),
+                    output,
+                );
+                self.identity = Some(identity);
+                Flow::Continue
+            }
+            Err(err) => {
+                // A refused token also ends an earlier authentication: whoever holds the
+                // connection now is not known to be its first owner.
+                self.identity = None;
+                self.failed_auths += 1;
+                warn!(peer = %self.peer, reason = %err, attempt = self.failed_auths,
+                    "refused a token on the text port");
+                if self.failed_auths >= MAX_FAILED_AUTHS {
+                    let reason = format!("{err}; too many failed attempts, closing");
+                    encode(codec, Reply::Err(&reason), output);
+                    return Flow::Close;
+                }
+                encode(codec, Reply::Err(&err.to_string()), output);
+                Flow::Continue
+            }
+        }
+    }
+}
+
 async fn serve_connection(
     mut stream: TcpStream,
+    peer: SocketAddr,
     kv: &Kv,
+    config: &TextConfig,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
     tune_socket(&stream);
+    let mut session = Session::new(config, peer);
+    let auth_deadline = Instant::now() + config.auth_timeout;
     let mut codec = RequestCodec::new();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     let mut frames = Vec::new();
     loop {
-        let fatal = loop {
+        let mut flow = Flow::Continue;
+        let too_long = loop {
             match codec.decode(&mut input) {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break None,
@@ -94,25 +234,56 @@ async fn serve_connection(
                 Err(DecodeError::Io(err)) => return Err(err.into()),
             }
             if frames.len() >= MAX_BATCH {
-                answer_all(kv, &mut frames, &mut codec, &mut output).await;
+                flow = answer_all(kv, &mut session, &mut frames, &mut codec, &mut output).await;
+                if flow == Flow::Close {
+                    break None;
+                }
                 if output.len() >= FLUSH_AT {
                     write(&mut stream, &mut output).await?;
                 }
             }
         };
-        answer_all(kv, &mut frames, &mut codec, &mut output).await;
-        if let Some(reason) = fatal {
+        if flow == Flow::Continue {
+            flow = answer_all(kv, &mut session, &mut frames, &mut codec, &mut output).await;
+        }
+        if flow == Flow::Close {
+            debug!("too many refused tokens; closing");
+            return close_after_error(stream, &mut output).await;
+        }
+        if let Some(reason) = too_long {
             debug!(%reason, "request over the limits; closing");
             encode(&mut codec, Reply::Err(&reason), &mut output);
-            write(&mut stream, &mut output).await?;
-            linger_and_close(stream).await;
-            return Ok(());
+            return close_after_error(stream, &mut output).await;
         }
         write(&mut stream, &mut output).await?;
 
+        // The client has until the earlier of its idle deadline and, while it has not
+        // authenticated, its authentication deadline to send something.
+        let idle_deadline = Instant::now() + config.idle_timeout;
+        let (deadline, why) = if session.awaits_auth() && auth_deadline <= idle_deadline {
+            let why = format!(
+                "closing: not authenticated within {}",
+                humantime::format_duration(config.auth_timeout)
+            );
+            (auth_deadline, why)
+        } else {
+            let why = format!(
+                "closing: idle for {}",
+                humantime::format_duration(config.idle_timeout)
+            );
+            (idle_deadline, why)
+        };
         input.reserve(READ_CHUNK);
         let read = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(deadline) => {
+                debug!(reason = %why, "closing a connection");
+                encode(&mut codec, Reply::Err(&why), &mut output);
+                write(&mut stream, &mut output).await?;
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
             read = stream.read_buf(&mut input) => read?,
         };
         if read == 0 {
@@ -122,7 +293,9 @@ async fn serve_connection(
                 DecodeError::Io(err) => err,
                 DecodeError::TooLong(reason) => std::io::Error::other(reason),
             })? {
-                answer(kv, frame, &mut codec, &mut output).await;
+                if answer(kv, &mut session, frame, &mut codec, &mut output).await == Flow::Close {
+                    break;
+                }
             }
             write(&mut stream, &mut output).await?;
             let _ = stream.shutdown().await;
@@ -131,25 +304,38 @@ async fn serve_connection(
     }
 }
 
+/// Writes the answers so far (the last of them says why the connection ends) and closes.
+async fn close_after_error(
+    mut stream: TcpStream,
+    output: &mut BytesMut,
+) -> Result<(), ConnectionError> {
+    write(&mut stream, output).await?;
+    linger_and_close(stream).await;
+    Ok(())
+}
+
 /// Answers a batch of requests, in order. With a store that queues its writes, each run of
 /// consecutive puts and deletes goes to the store at once, so the run shares one commit rather
-/// than waiting for a commit apiece; reads still see every write sent before them.
+/// than waiting for a commit apiece; reads still see every write sent before them. A run holds
+/// no `auth`, so the connection may make all of its writes or none.
 async fn answer_all(
     kv: &Kv,
+    session: &mut Session,
     frames: &mut Vec<Frame>,
     codec: &mut RequestCodec,
     output: &mut BytesMut,
-) {
-    if !kv.queues_writes() {
-        for frame in frames.drain(..) {
-            answer(kv, frame, codec, output).await;
-        }
-        return;
-    }
+) -> Flow {
+    let batches_writes = kv.queues_writes();
     let mut frames = frames.drain(..).peekable();
     while let Some(frame) = frames.next() {
-        if !is_write(&frame) || frames.peek().is_none_or(|next| !is_write(next)) {
-            answer(kv, frame, codec, output).await;
+        let starts_run = batches_writes
+            && is_write(&frame)
+            && frames.peek().is_some_and(is_write)
+            && session.may_write();
+        if !starts_run {
+            if answer(kv, session, frame, codec, output).await == Flow::Close {
+                return Flow::Close;
+            }
             continue;
         }
         let mut run = vec![frame];
@@ -158,6 +344,7 @@ async fn answer_all(
         }
         answer_writes(kv, run, codec, output).await;
     }
+    Flow::Continue
 }
 
 fn is_write(frame: &Frame) -> bool {
@@ -198,13 +385,27 @@ async fn answer_writes(kv: &Kv, run: Vec<Frame>, codec: &mut RequestCodec, outpu
     }
 }
 
-/// Runs one request through the core and encodes its answer.
-async fn answer(kv: &Kv, frame: Frame, codec: &mut RequestCodec, output: &mut BytesMut) {
+/// Runs one request through the session's checks and the core, and encodes its answer.
+async fn answer(
+    kv: &Kv,
+    session: &mut Session,
+    frame: Frame,
+    codec: &mut RequestCodec,
+    output: &mut BytesMut,
+) -> Flow {
     let request = match frame {
         Frame::Request(request) => request,
-        Frame::Malformed(reason) => return encode(codec, Reply::Err(&reason), output),
+        Frame::Malformed(reason) => {
+            encode(codec, Reply::Err(&reason), output);
+            return Flow::Continue;
+        }
     };
+    if let Some(refusal) = session.refusal(&request) {
+        encode(codec, Reply::Err(&refusal), output);
+        return Flow::Continue;
+    }
     match request {
+        Request::Auth { token } => return session.authenticate(&token, codec, output),
         Request::Get { key } => match kv.get(&key).await {
             Ok(Some(found)) => encode(codec, Reply::Value(&found.value), output),
             Ok(None) => encode(codec, Reply::None(&key), output),
@@ -220,6 +421,7 @@ async fn answer(kv: &Kv, frame: Frame, codec: &mut RequestCodec, output: &mut By
             Err(err) => encode(codec, Reply::Err(&reason(err)), output),
         },
     }
+    Flow::Continue
 }
 
 /// What a client is told about a failed request. Store failures are logged here and reported

@@ -58,9 +58,9 @@ impl Stack {
     /// A kv-service registered with this stack's distributor.
     async fn kv(&self, store: StoreSpec) -> Service {
         Service::start_with(Config {
-            store,
             distributor: Some(self.distributor.to_string()),
             advertise_host: Some("127.0.0.1".into()),
+            ..Config::standalone(store)
         })
         .await
     }

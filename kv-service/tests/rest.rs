@@ -352,3 +352,76 @@ async fn concurrent_rest_puts_on_each_store_never_lose_a_version() {
         service.stop().await;
     }
 }
+
+/// Sends one request as a verified caller holding `scopes` would reach us from the gateway.
+async fn call_as(
+    client: &PacketClient,
+    scopes: &[&str],
+    method: &str,
+    params: Value,
+) -> (u16, Option<String>) {
+    let mut packet = shared::Packet::request(method, "/kv", params);
+    packet.auth = Some(shared::Identity {
+        sub: Some("caller".into()),
+        scopes: scopes.iter().map(|scope| scope.to_string()).collect(),
+    });
+    let answer = tokio::time::timeout(common::WAIT, client.request(packet))
+        .await
+        .expect("no answer in time")
+        .unwrap();
+    (answer.status(), answer.error)
+}
+
+#[test]
+fn reads_declare_kv_read_and_writes_kv_write() {
+    let kv = kv_service::core::Kv::new(kv_service::store::Store::Memory(Default::default()));
+    let scopes = kv_service::rest::router(kv).scopes();
+    assert_eq!(
+        scopes.into_iter().collect::<Vec<_>>(),
+        [
+            ("DELETE/kv".to_owned(), "kv:write".to_owned()),
+            ("GET/kv".to_owned(), "kv:read".to_owned()),
+            ("POST/kv".to_owned(), "kv:write".to_owned()),
+            ("PUT/kv".to_owned(), "kv:write".to_owned()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_verified_caller_needs_the_scope_of_each_route() {
+    let (_service, client) = service().await;
+    let put = json!({"params": "a", "value": "1"});
+
+    let (status, error) = call_as(&client, &["kv:read"], "PUT", put.clone()).await;
+    assert_eq!(status, 403, "{error:?}");
+    assert!(error.unwrap().contains("kv:write"));
+    let (status, _) = call_as(
+        &client,
+        &["kv:read"],
+        "POST",
+        json!({"key": "b", "value": "1"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = call_as(&client, &["kv:read"], "DELETE", json!({"params": "a"})).await;
+    assert_eq!(status, 403);
+    // Nothing was written.
+    let (status, _) = call_as(&client, &["kv:read"], "GET", json!({"params": "a"})).await;
+    assert_eq!(status, 404);
+
+    let (status, _) = call_as(&client, &["kv:write"], "PUT", put).await;
+    assert_eq!(status, 200);
+    let (status, error) = call_as(&client, &["kv:write"], "GET", json!({"params": "a"})).await;
+    assert_eq!(status, 403, "{error:?}");
+    assert!(error.unwrap().contains("kv:read"));
+    let (status, _) = call_as(&client, &["kv:write"], "GET", json!({})).await;
+    assert_eq!(status, 403, "listing is a read too");
+
+    let (status, _) = call_as(&client, &["admin"], "GET", json!({"params": "a"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = call_as(&client, &["admin"], "DELETE", json!({"params": "a"})).await;
+    assert_eq!(status, 200);
+
+    // A request a cluster member makes itself carries no identity and is trusted.
+    ok(&client, "PUT", json!({"params": "c", "value": "1"})).await;
+}

@@ -206,7 +206,7 @@ fn error_not_a_command_then_the_next_request_works() {
     let frames = decode_all(b"<a>get<1>");
     assert_eq!(
         malformed(&frames[0]),
-        "expected a command (get, put or del), got <"
+        "expected a command (auth, get, put or del), got <"
     );
     assert_eq!(frames[1..], [get("1")]);
 

@@ -174,7 +174,7 @@ async fn an_incomplete_request_at_end_of_input_gets_an_error() {
 }
 
 #[tokio::test]
-async fn an_idle_connection_stays_open() {
+async fn a_connection_idle_for_less_than_the_idle_timeout_stays_open() {
     let service = Service::start(StoreSpec::Memory).await;
     let mut client = service.text().await;
     assert_eq!(client.call("put<a,1>").await, ok("a"));

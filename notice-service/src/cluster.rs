@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     hub::{Hub, PresenceChange, SubscriberInfo},
-    notice::{from_millis, OutgoingNotice},
+    notice::{from_millis, OutgoingNotice, Whispers},
     store::{NoticeQuery, Selector, Store, StoreError, PUBLISHED_CHANNEL},
 };
 
@@ -289,6 +289,8 @@ async fn catch_up(store: &dyn Store, hub: &Hub, last: &mut i64) -> Result<(), St
                 after: *last,
                 limit: FAN_OUT_BATCH,
                 selector: Selector::All,
+                // The hub decides who gets each one; it needs them all.
+                whispers: Whispers::All,
             })
             .await?;
         let full = notices.len() == FAN_OUT_BATCH as usize;

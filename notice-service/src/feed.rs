@@ -68,12 +68,15 @@ impl Feed {
                 return Ok(OutgoingNotice::new(notice));
             }
             if let Some(after) = self.replay_after {
+                let interest = self.subscription.interest();
                 let page = self
                     .store
                     .query(&NoticeQuery {
                         after,
                         limit: REPLAY_PAGE,
-                        selector: Selector::Interest(self.subscription.interest().clone()),
+                        selector: Selector::Interest(interest.clone()),
+                        // The same whispers the hub hands it live: those to its name.
+                        whispers: interest.whispers(),
                     })
                     .await?;
                 self.replay_after = match page.last() {

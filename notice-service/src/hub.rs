@@ -219,7 +219,8 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => lagged.push(*id),
             };
-            // The same audience rule as `Interest::wants`, through the indexes.
+            // The same audience rule as `Interest::wants`, through the indexes: a whisper goes
+            // only to the subscriptions named after its addressee (the `Whispers` rule).
             match (&notice.to, &notice.topic) {
                 (Some(to), _) => {
                     for id in state.by_name.get(to).into_iter().flatten() {
@@ -371,6 +372,7 @@ mod tests {
                 message: format!("n{id}"),
                 topic: topic.map(Into::into),
                 to: to.map(Into::into),
+                from: None,
             }
             .stored(id, Utc::now()),
         )

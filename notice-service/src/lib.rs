@@ -30,7 +30,7 @@ pub mod store;
 
 use std::time::Duration;
 
-use shared::service::ServiceConfig;
+use shared::{cluster::ClusterPolicy, server::ConnectionLimits, service::ServiceConfig};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
@@ -60,6 +60,10 @@ pub struct Config {
     pub subscriber_buffer: usize,
     /// Live subscriptions this instance accepts at once.
     pub max_subscribers: usize,
+    /// Who may open packet connections, and the secret to register with the distributor.
+    pub cluster: ClusterPolicy,
+    /// What one client may hold on the packet port.
+    pub limits: ConnectionLimits,
 }
 
 impl Config {
@@ -72,6 +76,8 @@ impl Config {
             retention: Retention::default(),
             subscriber_buffer: 1024,
             max_subscribers: 100_000,
+            cluster: ClusterPolicy::default(),
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -154,6 +160,8 @@ pub async fn run(
         name: SERVICE_NAME.to_string(),
         distributor: config.distributor.clone(),
         advertise_host: config.advertise_host.clone(),
+        cluster: config.cluster.clone(),
+        limits: config.limits,
     };
     let served = shared::service::serve(
         listener,

@@ -3,6 +3,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use notice_service::store::{Retention, StoreSpec};
+use shared::cluster::{ClusterArgs, ClusterPolicy};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc rather than the system allocator: a packet or an event is often allocated on one
@@ -14,8 +15,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to accept packet connections on.
-    #[arg(long, env = "NOTICE_LISTEN", default_value = "0.0.0.0:9020")]
+    /// Address to accept packet connections on. Another address than loopback needs
+    /// --cluster-secret-file (or --insecure).
+    #[arg(long, env = "NOTICE_LISTEN", default_value = "127.0.0.1:9020")]
     listen: String,
     /// The distributor to register with; an empty value serves without registering.
     #[arg(long, env = "NOTICE_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
@@ -38,6 +40,9 @@ struct Args {
     /// Live subscriptions accepted at once; more are refused with 503.
     #[arg(long, env = "NOTICE_MAX_SUBSCRIBERS", default_value_t = 100_000)]
     max_subscribers: usize,
+    /// The cluster secret, protected mode and per-address limits.
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -51,9 +56,12 @@ async fn main() -> anyhow::Result<()> {
         args.subscriber_buffer > 0,
         "--subscriber-buffer must be at least 1"
     );
+    let secret = args.cluster.secret()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    args.cluster
+        .check_listen(listener.local_addr()?, "the packet port (--listen)")?;
     let config = notice_service::Config {
         store: args.store,
         distributor: Some(args.distributor).filter(|d| !d.is_empty()),
@@ -64,6 +72,12 @@ async fn main() -> anyhow::Result<()> {
         },
         subscriber_buffer: args.subscriber_buffer,
         max_subscribers: args.max_subscribers,
+        limits: args.cluster.limits(secret.is_some()),
+        cluster: ClusterPolicy {
+            secret,
+            // Only the distributor and the gateway serve original-design nodes.
+            allow_legacy: false,
+        },
     };
     let shutdown = CancellationToken::new();
     let server = notice_service::run(listener, config, shutdown.clone());

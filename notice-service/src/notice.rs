@@ -22,6 +22,10 @@ pub struct Notice {
     pub message: String,
     pub topic: Option<String>,
     pub to: Option<String>,
+    /// The verified subject of the publisher's token; `null` when the publisher had none (a
+    /// caller without a token, or a cluster member publishing on its own behalf).
+    #[serde(default)]
+    pub from: Option<String>,
     #[serde(serialize_with = "rfc3339_millis")]
     pub created_at: DateTime<Utc>,
 }
@@ -56,6 +60,8 @@ pub struct NewNotice {
     pub message: String,
     pub topic: Option<String>,
     pub to: Option<String>,
+    /// Never taken from the publisher's params: the routes set it from the verified caller.
+    pub from: Option<String>,
 }
 
 impl NewNotice {
@@ -81,7 +87,17 @@ impl NewNotice {
         if let Some(to) = &to {
             validate_label("to", to)?;
         }
-        Ok(NewNotice { message, topic, to })
+        Ok(NewNotice {
+            message,
+            topic,
+            to,
+            from: None,
+        })
+    }
+
+    /// The same notice, recorded as sent by `from` (the publisher's verified subject).
+    pub fn sent_by(self, from: Option<String>) -> NewNotice {
+        NewNotice { from, ..self }
     }
 
     /// The notice as stored, with its id. Timestamps keep millisecond precision, the same
@@ -92,6 +108,7 @@ impl NewNotice {
             message: self.message,
             topic: self.topic,
             to: self.to,
+            from: self.from,
             created_at: from_millis(created_at.timestamp_millis()),
         }
     }
@@ -122,6 +139,10 @@ pub fn validate_label(field: &str, value: &str) -> Result<(), String> {
 /// A notice with `to` is a whisper: only subscribers with that name get it, whatever its topic
 /// (a topic on a whisper is a label, it does not widen the audience). A notice with a topic and
 /// no `to` goes to the subscribers of that topic. A notice with neither is a broadcast.
+///
+/// The routes make sure a verified caller's subscription carries its own name (the token's
+/// subject) unless it holds `notice:admin`, so "subscribers with that name" means the
+/// addressee.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interest {
     pub name: Option<String>,
@@ -132,12 +153,54 @@ pub struct Interest {
 
 impl Interest {
     pub fn wants(&self, notice: &Notice) -> bool {
-        match (&notice.to, &notice.topic) {
-            (Some(to), _) => self.name.as_deref() == Some(to.as_str()),
-            (None, Some(topic)) => self.topics.contains(topic),
-            (None, None) => true,
+        readable_by(notice, self.name.as_deref())
+            && match (&notice.to, &notice.topic) {
+                (Some(_), _) | (None, None) => true,
+                (None, Some(topic)) => self.topics.contains(topic),
+            }
+    }
+
+    /// The whispers this subscriber may read: the ones addressed to its name.
+    pub fn whispers(&self) -> Whispers {
+        Whispers::To(self.name.clone())
+    }
+}
+
+/// Which whispers a reader may see: the privacy rule for whispers, which live delivery (the
+/// hub), replay (the feed) and the listing all apply, and the SQL stores write as
+/// `recipient IS NULL OR recipient = name`. A whisper is for its addressee only; the only
+/// readers who see every whisper are callers holding `notice:admin` and cluster members calling
+/// directly over the authenticated packet link (no verified caller in the request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whispers {
+    /// Every whisper.
+    All,
+    /// Only the whispers addressed to this name; none at all for `None`.
+    To(Option<String>),
+}
+
+impl Whispers {
+    /// True when the reader may see `notice` (anything but a whisper to someone else).
+    pub fn admits(&self, notice: &Notice) -> bool {
+        match self {
+            Whispers::All => true,
+            Whispers::To(name) => readable_by(notice, name.as_deref()),
         }
     }
+
+    /// The name whose whispers are visible (`None` for `All` and for no whisper at all), and
+    /// whether every whisper is: the two values the SQL stores bind.
+    pub fn sql_binds(&self) -> (bool, Option<&str>) {
+        match self {
+            Whispers::All => (true, None),
+            Whispers::To(name) => (false, name.as_deref()),
+        }
+    }
+}
+
+/// False only for a whisper addressed to someone other than `reader`.
+fn readable_by(notice: &Notice, reader: Option<&str>) -> bool {
+    notice.to.as_deref().is_none_or(|to| reader == Some(to))
 }
 
 /// Notices are shown with millisecond RFC 3339 timestamps in UTC, the same on every store.
@@ -163,6 +226,7 @@ mod tests {
             message: "hi".into(),
             topic: topic.map(Into::into),
             to: to.map(Into::into),
+            from: None,
         }
         .stored(1, Utc::now())
     }
@@ -197,6 +261,25 @@ mod tests {
     }
 
     #[test]
+    fn whispers_are_shown_to_their_addressee_and_to_readers_of_all() {
+        let whisper = notice(Some("room"), Some("alice"));
+        assert!(Whispers::All.admits(&whisper));
+        assert!(Whispers::To(Some("alice".into())).admits(&whisper));
+        assert!(!Whispers::To(Some("bob".into())).admits(&whisper));
+        assert!(!Whispers::To(None).admits(&whisper));
+        // Everything else is visible to every reader.
+        for other in [notice(None, None), notice(Some("room"), None)] {
+            assert!(Whispers::To(None).admits(&other));
+            assert!(Whispers::To(Some("bob".into())).admits(&other));
+        }
+        // A subscriber reads whispers as its name, the same rule.
+        assert_eq!(
+            interest(Some("bob"), &[]).whispers(),
+            Whispers::To(Some("bob".into()))
+        );
+    }
+
+    #[test]
     fn bad_fields_are_rejected_with_a_reason() {
         assert_eq!(
             NewNotice::new(None, None, None).unwrap_err(),
@@ -216,10 +299,12 @@ mod tests {
         let mut n = notice(Some("t"), None);
         n.created_at = from_millis(1_700_000_000_123);
         let expected = serde_json::json!({"id": 1, "message": "hi", "topic": "t", "to": null,
-            "created_at": "2023-11-14T22:13:20.123Z"});
+            "from": null, "created_at": "2023-11-14T22:13:20.123Z"});
         assert_eq!(serde_json::to_value(&n).unwrap(), expected);
         // Subscribers get the same JSON, written once per notice.
-        let outgoing = OutgoingNotice::new(n);
+        let outgoing = OutgoingNotice::new(n.clone());
         assert_eq!(outgoing.json.to_value(), expected);
+        n.from = Some("alice".into());
+        assert_eq!(serde_json::to_value(&n).unwrap()["from"], "alice");
     }
 }

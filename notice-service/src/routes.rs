@@ -4,6 +4,13 @@
 //!
 //! Through the gateway, query-string values arrive as strings, so numeric params accept both
 //! `5` and `"5"`; an empty query value (`?topic=`) counts as absent.
+//!
+//! Who the caller is comes from `request.auth`, which only the gateway sets (from a verified
+//! token, or the scopes it grants anonymous callers) on a link the cluster secret
+//! authenticates. The runtime checks each route's scope; the routes add what depends on the
+//! caller: a verified subject subscribes under its own name, sees only its own whispers, and
+//! is recorded as the `from` of what it publishes. A request without `auth` comes from a
+//! cluster member calling directly and is trusted like `notice:admin`.
 
 use std::future::Future;
 
@@ -18,10 +25,17 @@ use tracing::warn;
 use crate::{
     feed::FeedEnd,
     hub::SubscribeError,
-    notice::{format_time, validate_label, Interest, NewNotice, MAX_TOPICS},
+    notice::{format_time, validate_label, Interest, NewNotice, Whispers, MAX_TOPICS},
     service::{NoticeService, Published},
     store::{NoticeQuery, Selector, StoreError},
 };
+
+/// Publishing a notice (`POST /notices`).
+pub const PUBLISH_SCOPE: &str = "notice:publish";
+/// Listing notices and subscribing to them (`GET /notices`, `GET /notices/stream`).
+pub const SUBSCRIBE_SCOPE: &str = "notice:subscribe";
+/// Presence and kick, subscribing under any name, and reading every whisper.
+pub const NOTICE_ADMIN_SCOPE: &str = "notice:admin";
 
 /// The default and largest page of `GET /notices`.
 const DEFAULT_LIMIT: u32 = 100;
@@ -38,18 +52,39 @@ pub fn router(service: NoticeService, streams: TaskTracker) -> Router {
         .route("POST", "/notices", move |request| {
             publish_notice(publish.clone(), request)
         })
+        .scope(PUBLISH_SCOPE)
         .route("GET", "/notices", move |request| {
             list_notices(list.clone(), request)
         })
+        .scope(SUBSCRIBE_SCOPE)
         .stream("GET", "/notices/stream", move |request, sink| {
             streams.track_future(stream_notices(stream.clone(), request, sink))
         })
+        .scope(SUBSCRIBE_SCOPE)
         .route("GET", "/notices/subscribers", move |request| {
             list_subscribers(presence.clone(), request)
         })
+        .scope(NOTICE_ADMIN_SCOPE)
         .route("DELETE", "/notices/subscribers", move |request| {
             kick_subscribers(kick.clone(), request)
         })
+        .scope(NOTICE_ADMIN_SCOPE)
+}
+
+/// True for a caller that may act for anyone: a cluster member calling directly (no `auth`),
+/// or a verified caller holding `notice:admin` (which `admin` implies).
+fn is_admin(request: &Request) -> bool {
+    request.allows(NOTICE_ADMIN_SCOPE)
+}
+
+/// The whispers the caller may read: every one for an admin, its own for a verified subject,
+/// none for an anonymous caller.
+fn readable_whispers(request: &Request) -> Whispers {
+    if is_admin(request) {
+        Whispers::All
+    } else {
+        Whispers::To(request.subject().map(str::to_string))
+    }
 }
 
 /// The store's details stay in the logs; the caller learns only that it failed.
@@ -105,6 +140,8 @@ struct PublishParams {
     at: Option<String>,
     /// Set by the gateway when the body was not JSON.
     body: Option<Value>,
+    /// Only read to refuse it: the sender is the verified caller, never what a client claims.
+    from: Option<Value>,
 }
 
 async fn publish_notice(service: NoticeService, request: Request) -> Response {
@@ -121,8 +158,14 @@ async fn publish_notice(service: NoticeService, request: Request) -> Response {
             "message is required: send a JSON body like {\"message\": \"hello\"}",
         );
     }
+    if params.from.is_some() {
+        return Response::error(
+            400,
+            "from cannot be set: it is the subject of the publisher's token",
+        );
+    }
     let notice = match NewNotice::new(params.message, params.topic, params.to) {
-        Ok(notice) => notice,
+        Ok(notice) => notice.sent_by(request.subject().map(str::to_string)),
         Err(reason) => return Response::error(400, reason),
     };
     let at = match non_empty(params.at).map(|at| DateTime::parse_from_rfc3339(&at)) {
@@ -184,6 +227,7 @@ fn list_query(request: &Request) -> Result<NoticeQuery, Response> {
         after,
         limit,
         selector,
+        whispers: readable_whispers(request),
     })
 }
 
@@ -230,12 +274,44 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
     if let Some(name) = &name {
         validate_label("name", name).map_err(|reason| Response::error(400, reason))?;
     }
+    let name = subscriber_name(request, name)?;
     // A reconnecting EventSource sends Last-Event-ID with its original URL: the header wins.
     let after = match integer_param("last_event_id", params.last_event_id.as_ref())? {
         Some(last) => Some(last),
         None => integer_param("after", params.after.as_ref())?,
     };
     Ok((Interest { name, topics }, after))
+}
+
+/// The name a subscription gets, which decides whose whispers it receives. A verified subject
+/// subscribes as itself; only an admin may take another name (to watch a user's whispers, or
+/// for a service subscribing on someone's behalf). Callers without a subject (cluster members,
+/// anonymous callers the gateway granted `notice:subscribe`) name themselves freely.
+fn subscriber_name(request: &Request, asked: Option<String>) -> Result<Option<String>, Response> {
+    let Some(subject) = request.subject() else {
+        // A verified caller without a subject (anonymous, granted scopes by the gateway) has no
+        // name of its own: taking someone else's would hand it their whispers.
+        return match asked {
+            Some(name) if request.auth.is_some() && !is_admin(request) => Err(Response::error(
+                403,
+                format!(
+                    "name {name:?} is not yours: an anonymous caller cannot take a name;                      that needs a token for it, or the scope {NOTICE_ADMIN_SCOPE:?}"
+                ),
+            )),
+            asked => Ok(asked),
+        };
+    };
+    match asked {
+        None => Ok(Some(subject.to_string())),
+        Some(name) if name == subject || is_admin(request) => Ok(Some(name)),
+        Some(name) => Err(Response::error(
+            403,
+            format!(
+                "name {name:?} is not yours: a subscription takes the name of its token's \
+                 subject ({subject:?}); another name needs the scope {NOTICE_ADMIN_SCOPE:?}"
+            ),
+        )),
+    }
 }
 
 /// Checks the request now, so that the future that lives as long as the subscription holds
@@ -337,7 +413,76 @@ mod tests {
             method: "GET".into(),
             params,
             request_id: None,
+            auth: None,
         }
+    }
+
+    /// A request as the gateway forwards it for a verified caller.
+    fn as_caller(params: Value, sub: Option<&str>, scopes: &[&str]) -> Request {
+        Request {
+            auth: Some(shared::packet::Identity {
+                sub: sub.map(str::to_string),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            }),
+            ..request(params)
+        }
+    }
+
+    fn name_of(request: &Request) -> Result<Option<String>, u16> {
+        subscription(request)
+            .map(|(interest, _)| interest.name)
+            .map_err(|response| response.status)
+    }
+
+    #[test]
+    fn a_verified_subscriber_subscribes_as_itself() {
+        let alice = |params| as_caller(params, Some("alice"), &[SUBSCRIBE_SCOPE]);
+        assert_eq!(name_of(&alice(json!({}))), Ok(Some("alice".into())));
+        assert_eq!(
+            name_of(&alice(json!({"name": "alice"}))),
+            Ok(Some("alice".into()))
+        );
+        assert_eq!(name_of(&alice(json!({"name": "bob"}))), Err(403));
+        // An admin may subscribe under any name; `admin` implies `notice:admin`.
+        for scope in [NOTICE_ADMIN_SCOPE, shared::packet::ADMIN_SCOPE] {
+            let admin = as_caller(json!({"name": "bob"}), Some("root"), &[scope]);
+            assert_eq!(name_of(&admin), Ok(Some("bob".into())));
+        }
+        // No subject (an anonymous caller the gateway granted scopes): no name of its own, and
+        // none of anyone else's unless it holds notice:admin.
+        let anonymous = as_caller(json!({"name": "bob"}), None, &[SUBSCRIBE_SCOPE]);
+        assert_eq!(name_of(&anonymous), Err(403));
+        let anonymous_admin = as_caller(json!({"name": "bob"}), None, &[NOTICE_ADMIN_SCOPE]);
+        assert_eq!(name_of(&anonymous_admin), Ok(Some("bob".into())));
+        // No verified caller at all (a cluster member): the name is the one asked for.
+        assert_eq!(
+            name_of(&as_caller(json!({}), None, &[SUBSCRIBE_SCOPE])),
+            Ok(None)
+        );
+        assert_eq!(
+            name_of(&request(json!({"name": "bob"}))),
+            Ok(Some("bob".into()))
+        );
+        // The name is still checked first.
+        assert_eq!(name_of(&alice(json!({"name": "a,b"}))), Err(400));
+    }
+
+    #[test]
+    fn the_listing_shows_whispers_to_their_addressee_and_admins_only() {
+        let whispers = |request: Request| list_query(&request).unwrap().whispers;
+        assert_eq!(whispers(request(json!({}))), Whispers::All);
+        assert_eq!(
+            whispers(as_caller(json!({}), Some("alice"), &[SUBSCRIBE_SCOPE])),
+            Whispers::To(Some("alice".into()))
+        );
+        assert_eq!(
+            whispers(as_caller(json!({}), None, &[SUBSCRIBE_SCOPE])),
+            Whispers::To(None)
+        );
+        assert_eq!(
+            whispers(as_caller(json!({}), Some("alice"), &[NOTICE_ADMIN_SCOPE])),
+            Whispers::All
+        );
     }
 
     #[test]
@@ -399,6 +544,29 @@ mod tests {
                 "POST/notices",
             ]
         );
+    }
+
+    #[test]
+    fn every_route_declares_its_scope() {
+        let service = NoticeService::new(
+            std::sync::Arc::new(crate::store::MemoryStore::default()),
+            crate::hub::Hub::new(8, 8, None),
+            None,
+            Default::default(),
+        );
+        let scopes = router(service, TaskTracker::new()).scopes();
+        let expected = [
+            ("DELETE/notices/subscribers", NOTICE_ADMIN_SCOPE),
+            ("GET/notices", SUBSCRIBE_SCOPE),
+            ("GET/notices/stream", SUBSCRIBE_SCOPE),
+            ("GET/notices/subscribers", NOTICE_ADMIN_SCOPE),
+            ("POST/notices", PUBLISH_SCOPE),
+        ];
+        let scopes: Vec<(&str, &str)> = scopes
+            .iter()
+            .map(|(url, scope)| (url.as_str(), scope.as_str()))
+            .collect();
+        assert_eq!(scopes, expected);
     }
 
     #[test]

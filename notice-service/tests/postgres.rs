@@ -236,6 +236,7 @@ async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
         message: "meanwhile".into(),
         topic: None,
         to: None,
+        from: None,
     };
     let stored = opened.store.insert(notice, Utc::now()).await.unwrap();
 

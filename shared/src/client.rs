@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use tokio::{
     net::TcpStream,
@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use crate::{
+    cluster::{self, ClusterSecret},
     codec::{encode_frame, CodecError, PacketCodec},
     connection::{queue_frame, tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
     packet::{key_in, Params},
@@ -95,6 +96,8 @@ struct Handle<P> {
 struct Shared<P> {
     addr: String,
     dialect: Dialect,
+    /// With a secret, every connection starts with the cluster handshake.
+    secret: Option<ClusterSecret>,
     state: Mutex<State<P>>,
     /// Tells `connected()` callers when a connection comes up.
     connected: watch::Sender<bool>,
@@ -137,10 +140,22 @@ impl<P: Params> PacketClient<P> {
     /// Starts connecting to `addr` in the background and returns at once; answers' params
     /// arrive as `P`.
     pub fn connect_as(addr: impl Into<String>, dialect: Dialect) -> PacketClient<P> {
+        PacketClient::connect_with_secret(addr, dialect, None)
+    }
+
+    /// [`PacketClient::connect_as`] in a cluster with a secret: each connection starts with the
+    /// handshake ([`crate::cluster`]). An original-design node cannot do it, so a
+    /// [`Dialect::Legacy`] connection never does.
+    pub fn connect_with_secret(
+        addr: impl Into<String>,
+        dialect: Dialect,
+        secret: Option<ClusterSecret>,
+    ) -> PacketClient<P> {
         let close = CancellationToken::new();
         let shared = Arc::new(Shared {
             addr: addr.into(),
             dialect,
+            secret: secret.filter(|_| dialect == Dialect::Packet),
             state: Mutex::new(State::Disconnected),
             connected: watch::channel(false).0,
             next_key: AtomicU64::new(1),
@@ -381,7 +396,17 @@ async fn run_connection<P: Params>(
     close: &CancellationToken,
 ) {
     tune_socket(&stream);
-    let (read_half, write_half) = stream.into_split();
+    let (mut read_half, mut write_half) = stream.into_split();
+    let buffered = match &shared.secret {
+        Some(secret) => match cluster::connect(&mut read_half, &mut write_half, secret).await {
+            Ok(buffered) => buffered,
+            Err(err) => {
+                warn!(addr = %shared.addr, %err, "cluster handshake failed");
+                return;
+            }
+        },
+        None => BytesMut::new(),
+    };
     let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
     let link = Arc::new(Link {
         outgoing,
@@ -395,7 +420,7 @@ async fn run_connection<P: Params>(
     // writer time out even while its socket still looks readable.
     tokio::select! {
         _ = close.cancelled() => {}
-        _ = read_answers(shared.dialect, read_half, &link) => {}
+        _ = read_answers(shared.dialect, read_half, buffered, &link) => {}
         _ = &mut writer => {}
     }
 
@@ -407,11 +432,13 @@ async fn run_connection<P: Params>(
 async fn read_answers<P: Params>(
     dialect: Dialect,
     read_half: impl tokio::io::AsyncRead + Unpin,
+    buffered: BytesMut,
     link: &Link<P>,
 ) {
     match dialect {
         Dialect::Packet => {
-            let mut reader = PacketReader::new(read_half, PacketCodec::<Packet<P>>::new());
+            let mut reader =
+                PacketReader::with_buffer(read_half, buffered, PacketCodec::<Packet<P>>::new());
             while let Some(frame) = reader.next().await {
                 match frame {
                     Ok(packet) => deliver(link, packet),

@@ -47,6 +47,20 @@ impl<R: AsyncRead + Unpin, T: DeserializeOwned> PacketReader<R, T> {
         }
     }
 
+    /// A reader that starts with `buffer`, bytes already read off `reader` (past a handshake).
+    pub fn with_buffer(reader: R, buffer: BytesMut, codec: PacketCodec<T>) -> Self {
+        PacketReader {
+            reader,
+            buffer,
+            codec,
+        }
+    }
+
+    /// The bytes read but not yet decoded, for the connection's next reader.
+    pub fn into_buffer(self) -> BytesMut {
+        self.buffer
+    }
+
     /// The next frame: `None` once the peer closed cleanly, `Some(Err)` for a frame that could not
     /// be decoded. After an error for which [`CodecError::is_recoverable`] holds, reading can go on.
     pub async fn next(&mut self) -> Option<Result<T, CodecError>> {
@@ -67,31 +81,69 @@ impl<R: AsyncRead + Unpin, T: DeserializeOwned> PacketReader<R, T> {
 
 /// Writes the frames sent on `frames` until every sender is gone, batching queued frames.
 /// Fails when a write fails or blocks for longer than [`WRITE_TIMEOUT`].
+///
+/// What a connection holds stays in proportion to what is queued on it, never to what it once
+/// sent: a frame on its own, or one too large to be worth copying, is written straight from its
+/// `Bytes` (which may be shared, as the distributor's topology is by every node), and a batch
+/// buffer that grew past a few kilobytes is let go after its write. A buffer that kept the
+/// capacity of the largest batch ever written would cost every connection that much for as long
+/// as it lives: thousands of distributor connections times the topology's size.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut frames: mpsc::Receiver<Bytes>,
 ) -> std::io::Result<()> {
-    let mut batch = BytesMut::with_capacity(16 * 1024);
-    while let Some(frame) = frames.recv().await {
-        batch.extend_from_slice(&frame);
+    /// Frames at least this large are written from their own buffer, not copied into a batch.
+    const DIRECT_WRITE_BYTES: usize = 16 * 1024;
+    /// The most capacity a batch buffer keeps between writes.
+    const KEPT_BATCH_CAPACITY: usize = 16 * 1024;
+
+    async fn write_within_timeout<W: AsyncWrite + Unpin>(
+        writer: &mut W,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(bytes))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading")
+            })?
+    }
+
+    let mut batch = BytesMut::new();
+    while let Some(mut frame) = frames.recv().await {
         if frames.is_empty() {
             // Under load, the tasks about to queue the next frames are already runnable: letting
             // them run first turns many one-frame writes into one write (one syscall instead of
             // dozens). When idle this costs one trip through the scheduler.
             tokio::task::yield_now().await;
         }
-        while batch.len() < MAX_BATCH_BYTES {
+        loop {
+            let alone = batch.is_empty() && frames.is_empty();
+            if alone || frame.len() >= DIRECT_WRITE_BYTES {
+                // Keep the order: what is batched goes first.
+                if !batch.is_empty() {
+                    write_within_timeout(&mut writer, &batch).await?;
+                    batch.clear();
+                }
+                write_within_timeout(&mut writer, &frame).await?;
+            } else {
+                batch.extend_from_slice(&frame);
+                if batch.len() >= MAX_BATCH_BYTES {
+                    write_within_timeout(&mut writer, &batch).await?;
+                    batch.clear();
+                }
+            }
             match frames.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&frame),
+                Ok(next) => frame = next,
                 Err(_) => break,
             }
         }
-        tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&batch))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading")
-            })??;
-        batch.clear();
+        if !batch.is_empty() {
+            write_within_timeout(&mut writer, &batch).await?;
+            batch.clear();
+        }
+        if batch.capacity() > KEPT_BATCH_CAPACITY {
+            batch = BytesMut::new();
+        }
     }
     writer.shutdown().await
 }

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     client::RECONNECT_INTERVAL,
+    cluster::{self, ClusterSecret, HandshakeError},
     codec::{encode_frame, PacketCodec},
     connection::{tune_socket, PacketReader, WRITE_TIMEOUT},
     packet::{registration_packet, Registration, Topology, DISTRIBUTES_URI},
@@ -37,10 +38,21 @@ impl DistributorClient {
         registration: Registration,
         shutdown: CancellationToken,
     ) -> watch::Receiver<Arc<Topology>> {
+        DistributorClient::spawn_with_secret(addr, registration, None, shutdown)
+    }
+
+    /// [`DistributorClient::spawn`] for a cluster with a secret: every connection starts with
+    /// the handshake ([`crate::cluster`]).
+    pub fn spawn_with_secret(
+        addr: String,
+        registration: Registration,
+        secret: Option<ClusterSecret>,
+        shutdown: CancellationToken,
+    ) -> watch::Receiver<Arc<Topology>> {
         let (topology_tx, topology_rx) = watch::channel(Arc::new(Topology::new()));
         tokio::spawn(async move {
             loop {
-                let session = stay_registered(&addr, &registration, &topology_tx);
+                let session = stay_registered(&addr, &registration, secret.as_ref(), &topology_tx);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     result = session => match result {
@@ -66,25 +78,34 @@ enum SessionError {
     Codec(#[from] crate::codec::CodecError),
     #[error("the distributor was unresponsive for {0:?}")]
     Silent(Duration),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("the distributor refused the registration: {0}")]
+    Refused(String),
 }
 
 /// One connection's life: register, then answer heartbeats and take topologies until it ends.
 async fn stay_registered(
     addr: &str,
     registration: &Registration,
+    secret: Option<&ClusterSecret>,
     topology: &watch::Sender<Arc<Topology>>,
 ) -> Result<(), SessionError> {
     use tokio::io::AsyncWriteExt;
 
     let stream = TcpStream::connect(addr).await?;
     tune_socket(&stream);
-    let (read_half, mut write_half) = stream.into_split();
+    let (mut read_half, mut write_half) = stream.into_split();
+    let buffered = match secret {
+        Some(secret) => cluster::connect(&mut read_half, &mut write_half, secret).await?,
+        None => Default::default(),
+    };
     write_half
         .write_all(&encode_frame(registration_packet(registration))?)
         .await?;
     info!(%addr, name = %registration.name, port = registration.port, "registered with the distributor");
 
-    let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
+    let mut reader = PacketReader::with_buffer(read_half, buffered, PacketCodec::<Packet>::new());
     loop {
         let frame = tokio::time::timeout(SILENCE_TIMEOUT, reader.next())
             .await
@@ -118,7 +139,12 @@ async fn stay_registered(
                 Err(err) => warn!(%err, "malformed topology from the distributor"),
             }
         } else if packet.status() >= 400 {
-            warn!(error = ?packet.error, status = packet.status(), "the distributor refused us");
+            // A refused registration (a url owned by another service, an address in use, a
+            // bound exceeded): start again later rather than sit unregistered on this
+            // connection. The reason is in the log every time.
+            let status = packet.status();
+            let reason = packet.error.unwrap_or_else(|| format!("status {status}"));
+            return Err(SessionError::Refused(reason));
         }
     }
 }

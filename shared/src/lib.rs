@@ -14,20 +14,29 @@
 //! - [`distributor_client`]: registration and topology updates, for services and the gateway.
 //! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
 //! - [`store_spec`]: the `--store` flag of the services that keep data.
+//! - [`cluster`]: the cluster secret, the handshake every packet connection starts with, and
+//!   protected mode.
+//! - [`server`]: the accept loop every TCP server shares, with its connection limits.
+//! - [`token`], [`secrets`]: verifying and minting the JWT bearer tokens callers present, and
+//!   reading secret files.
 //!
 //! docs/PROTOCOL.md describes the wire format this crate implements.
 
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod connection;
 pub mod distributor_client;
 pub mod packet;
+pub mod secrets;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod store_spec;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod token;
 
 pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
-pub use packet::{NodeInfo, Packet, Params, RawParams, Registration, Topology};
+pub use packet::{Identity, NodeInfo, Packet, Params, RawParams, Registration, Topology};

@@ -9,7 +9,7 @@
 //! The control messages exchanged with the distributor (registration, topology, heartbeat) are
 //! ordinary packets with key 0; their `params` shapes live here too.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{value::RawValue, Value};
@@ -65,6 +65,32 @@ pub struct Packet<P = Value> {
     /// The id of the HTTP request this packet serves, for correlating logs across processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// On a request: who the caller is, as the gateway verified it. Only the gateway sets it
+    /// (it drops whatever a client sent); services trust it because the link is authenticated.
+    /// Absent on a request a cluster member makes on its own behalf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Identity>,
+}
+
+/// The scope that implies every other one.
+pub const ADMIN_SCOPE: &str = "admin";
+
+/// A verified caller: the token's subject (none for an anonymous caller) and its scopes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+impl Identity {
+    /// True when the caller holds `scope`, or `admin`, which implies every scope.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|held| held == scope || held == ADMIN_SCOPE)
+    }
 }
 
 impl<P> Packet<P> {
@@ -83,6 +109,7 @@ impl<P> Packet<P> {
             id: self.id,
             event: self.event,
             request_id: self.request_id,
+            auth: self.auth,
         }
     }
 
@@ -103,6 +130,7 @@ impl<P> Packet<P> {
             id: None,
             event: None,
             request_id: None,
+            auth: None,
         }
     }
 
@@ -242,22 +270,100 @@ pub fn key_in(value: &Value) -> Option<u64> {
 }
 
 /// What a node tells the distributor about itself (`params` of `POST /distributes`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// On the wire each url is a string (`"GET/kv"`) or, from a protocol-2 node, an object naming
+/// the scope a caller needs (`{"url":"PUT/kv","scope":"kv:write"}`); here they are the plain
+/// urls and a map of url to scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RegistrationWire", into = "RegistrationWire")]
 pub struct Registration {
     pub port: u16,
     pub name: String,
-    #[serde(default)]
     pub urls: Vec<String>,
-    /// Overrides the host the distributor sees on the socket (containers, NAT).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The scope each url needs, for the urls that need one.
+    pub scopes: BTreeMap<String, String>,
+    /// Overrides the host the distributor sees on the socket (containers, NAT). Honoured only
+    /// for a node that authenticated with the cluster secret.
     pub host: Option<String>,
     /// 2 for nodes that speak the extended protocol; absent for original-design nodes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<u8>,
 }
 
+/// A registration as it is written on the wire.
+#[derive(Serialize, Deserialize)]
+struct RegistrationWire {
+    port: u16,
+    name: String,
+    #[serde(default)]
+    urls: Vec<UrlEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    protocol: Option<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum UrlEntry {
+    Plain(String),
+    Scoped {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
+    },
+}
+
+impl From<RegistrationWire> for Registration {
+    fn from(wire: RegistrationWire) -> Self {
+        let mut urls = Vec::with_capacity(wire.urls.len());
+        let mut scopes = BTreeMap::new();
+        for entry in wire.urls {
+            match entry {
+                UrlEntry::Plain(url) => urls.push(url),
+                UrlEntry::Scoped { url, scope } => {
+                    if let Some(scope) = scope {
+                        scopes.insert(url.clone(), scope);
+                    }
+                    urls.push(url);
+                }
+            }
+        }
+        Registration {
+            port: wire.port,
+            name: wire.name,
+            urls,
+            scopes,
+            host: wire.host,
+            protocol: wire.protocol,
+        }
+    }
+}
+
+impl From<Registration> for RegistrationWire {
+    fn from(mut registration: Registration) -> Self {
+        let urls = registration
+            .urls
+            .into_iter()
+            .map(|url| match registration.scopes.remove(&url) {
+                Some(scope) => UrlEntry::Scoped {
+                    url,
+                    scope: Some(scope),
+                },
+                None => UrlEntry::Plain(url),
+            })
+            .collect();
+        RegistrationWire {
+            port: registration.port,
+            name: registration.name,
+            urls,
+            host: registration.host,
+            protocol: registration.protocol,
+        }
+    }
+}
+
 /// One node of the topology (an element of `params` of `GET /distributes`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub host: String,
     pub port: u16,
@@ -266,6 +372,10 @@ pub struct NodeInfo {
     pub urls: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<u8>,
+    /// The scope a caller needs for each url that needs one. A separate map rather than objects
+    /// in `urls`, so that original-design gateways still read `urls` as plain strings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scopes: BTreeMap<String, String>,
 }
 
 impl NodeInfo {

@@ -2,8 +2,10 @@
 //!
 //! A service builds a [`Router`] of handlers keyed by method and uri and calls [`serve`], which
 //! - accepts packet connections on the given listener (the gateway's, or any other node's),
+//!   within the listener's limits, each opened with the cluster handshake when there is a secret,
 //! - dispatches each request packet to its handler on a task of its own, so one connection can
-//!   carry any number of requests in flight, and answers it with the request's key,
+//!   carry any number of requests in flight, and answers it with the request's key; a request
+//!   whose verified caller lacks the route's scope is answered 403 without reaching its handler,
 //! - runs stream handlers ([`Router::stream`]) that push events until they return, and drops them
 //!   at once when the caller cancels or its connection closes,
 //! - registers the service with the distributor (urls derived from the routes) and keeps it
@@ -12,35 +14,32 @@
 //! The services themselves then hold only their own logic.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use bytes::Bytes;
-use futures::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    sync::mpsc,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
+    cluster::{self, ClusterPolicy},
     codec::{encode_frame, CodecError, PacketCodec},
     connection::{queue_frame, tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
     distributor_client::DistributorClient,
-    packet::{key_in, Registration, PROTOCOL_VERSION},
+    packet::{key_in, Identity, Registration, PROTOCOL_VERSION},
+    server::ConnectionLimits,
     Packet,
 };
-
-/// Connections served at once; further ones wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
@@ -49,9 +48,22 @@ pub struct Request {
     pub method: String,
     pub params: Value,
     pub request_id: Option<String>,
+    /// The caller as the gateway verified it; `None` for a cluster member calling directly.
+    pub auth: Option<Identity>,
 }
 
 impl Request {
+    /// True when the caller may use `scope`: a verified caller holding it (or `admin`), or a
+    /// cluster member calling directly, which the authenticated link already vouches for.
+    pub fn allows(&self, scope: &str) -> bool {
+        self.auth.as_ref().is_none_or(|auth| auth.has_scope(scope))
+    }
+
+    /// The verified caller's name (the token's subject), if the caller has one.
+    pub fn subject(&self) -> Option<&str> {
+        self.auth.as_ref()?.sub.as_deref()
+    }
+
     /// The rest of the path after the matched route (`params.params`), e.g. `7` for
     /// `DELETE /kv/7` routed to `DELETE/kv`.
     pub fn path_param(&self) -> Option<&str> {
@@ -192,10 +204,18 @@ enum Handler {
     Stream(Box<dyn Fn(Request, EventSink) -> BoxFuture<Response> + Send + Sync>),
 }
 
+/// A handler and the scope a verified caller needs to reach it.
+struct Route {
+    handler: Handler,
+    scope: Option<String>,
+}
+
 /// The handlers of a service, keyed by uri, then method (so a lookup borrows the packet's strings).
 #[derive(Default)]
 pub struct Router {
-    routes: HashMap<String, HashMap<String, Arc<Handler>>>,
+    routes: HashMap<String, HashMap<String, Route>>,
+    /// The route added last, which [`Router::scope`] applies to.
+    last: Option<(String, String)>,
 }
 
 impl Router {
@@ -226,16 +246,36 @@ impl Router {
         self.insert(method, uri, handler)
     }
 
-    fn insert(mut self, method: &str, uri: &str, handler: Handler) -> Self {
-        self.routes
-            .entry(uri.to_owned())
-            .or_default()
-            .insert(method.to_ascii_uppercase(), Arc::new(handler));
+    /// Declares the scope a caller needs for the route added last, e.g.
+    /// `.route("PUT", "/kv", put).scope("kv:write")`. It is registered with the url, so the
+    /// gateway checks it before forwarding, and the runtime checks it again on every request
+    /// that carries a verified caller.
+    pub fn scope(mut self, scope: &str) -> Self {
+        let (uri, method) = self.last.as_ref().expect("scope() follows a route");
+        let route = self
+            .routes
+            .get_mut(uri)
+            .and_then(|methods| methods.get_mut(method))
+            .expect("the last route is registered");
+        route.scope = Some(scope.to_owned());
         self
     }
 
-    fn handler(&self, method: &str, uri: &str) -> Option<Arc<Handler>> {
-        self.routes.get(uri)?.get(method).cloned()
+    fn insert(mut self, method: &str, uri: &str, handler: Handler) -> Self {
+        let method = method.to_ascii_uppercase();
+        self.routes.entry(uri.to_owned()).or_default().insert(
+            method.clone(),
+            Route {
+                handler,
+                scope: None,
+            },
+        );
+        self.last = Some((uri.to_owned(), method));
+        self
+    }
+
+    fn route_for(&self, method: &str, uri: &str) -> Option<&Route> {
+        self.routes.get(uri)?.get(method)
     }
 
     /// The urls to register with the distributor, e.g. `GET/kv`, sorted.
@@ -248,6 +288,18 @@ impl Router {
         urls.sort();
         urls
     }
+
+    /// The scope each url needs, for the urls that declared one.
+    pub fn scopes(&self) -> BTreeMap<String, String> {
+        self.routes
+            .iter()
+            .flat_map(|(uri, methods)| {
+                methods.iter().filter_map(move |(method, route)| {
+                    Some((format!("{method}{uri}"), route.scope.clone()?))
+                })
+            })
+            .collect()
+    }
 }
 
 /// How the service presents itself to the distributor.
@@ -259,6 +311,10 @@ pub struct ServiceConfig {
     pub distributor: Option<String>,
     /// The host other nodes should connect to, when the socket's address is not it.
     pub advertise_host: Option<String>,
+    /// Who may connect: the cluster secret (also used to register with the distributor).
+    pub cluster: ClusterPolicy,
+    /// What one client may hold.
+    pub limits: ConnectionLimits,
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the requests in
@@ -275,82 +331,34 @@ pub async fn serve(
             port: local.port(),
             name: config.name.clone(),
             urls: router.urls(),
+            scopes: router.scopes(),
             host: config.advertise_host.clone(),
             protocol: Some(PROTOCOL_VERSION),
         };
         // The service only needs to be registered; the topology it receives is unused here.
-        let _topology =
-            DistributorClient::spawn(distributor.clone(), registration, shutdown.child_token());
+        let _topology = DistributorClient::spawn_with_secret(
+            distributor.clone(),
+            registration,
+            config.cluster.secret.clone(),
+            shutdown.child_token(),
+        );
     }
     info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
 
     let router = Arc::new(router);
-    serve_connections(listener, &shutdown, |stream, peer| {
-        serve_connection(stream, router.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("connection", %peer))
+    let policy = Arc::new(config.cluster);
+    crate::server::serve_connections(listener, config.limits, &shutdown, |stream, peer| {
+        serve_connection(
+            stream,
+            peer,
+            router.clone(),
+            policy.clone(),
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("connection", %peer))
     })
     .await;
     Ok(())
-}
-
-/// Accepts connections on `listener` until `shutdown` is cancelled and runs `handle(stream,
-/// peer)` for each as a task of its own; returns once every one of those tasks has ended (they
-/// watch `shutdown` themselves). At most [`MAX_CONNECTIONS`] are served at once, so no server
-/// can be driven out of file descriptors by opening connections. The packet servers (services,
-/// distributor) and the kv text server all accept this way.
-pub async fn serve_connections<F, Fut>(
-    listener: TcpListener,
-    shutdown: &CancellationToken,
-    mut handle: F,
-) where
-    F: FnMut(TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let connections = TaskTracker::new();
-    while let Some((permit, stream, peer)) = accept_within(&listener, &limit, shutdown).await {
-        // A combinator rather than `async move { connection.await; drop(permit) }`, which
-        // would hold the connection's future twice (captured, and being awaited): that doubles
-        // the memory of every open connection.
-        connections.spawn(handle(stream, peer).map(move |()| drop(permit)));
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
-}
-
-/// Accepts the next connection while fewer than `limit`'s permits are out: waits for a free
-/// permit, then for a connection. The connection's task holds the permit and frees it when it
-/// ends. `None` once `shutdown` is cancelled.
-async fn accept_within(
-    listener: &TcpListener,
-    limit: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
-    let permit = tokio::select! {
-        _ = shutdown.cancelled() => return None,
-        permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        (stream, peer) = accept_with_backoff(listener) => Some((permit, stream, peer)),
-    }
-}
-
-/// Accepts the next connection. Accept errors (out of file descriptors, a connection reset
-/// before it was accepted) are logged and retried with a growing pause: they never stop a server.
-async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(err) => {
-                warn!(%err, "accept failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
 }
 
 /// Streams running on one connection, by key, so a cancel packet can find its stream. Each entry
@@ -389,21 +397,36 @@ impl Streams {
     }
 }
 
-async fn serve_connection(stream: TcpStream, router: Arc<Router>, shutdown: CancellationToken) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Arc<Router>,
+    policy: Arc<ClusterPolicy>,
+    shutdown: CancellationToken,
+) {
     tune_socket(&stream);
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
+    let first = match cluster::accept(&mut reader, &mut write_half, &policy, peer).await {
+        Ok(accepted) => accepted.first,
+        Err(_) => return,
+    };
     let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
     let writer = tokio::spawn(write_frames(write_half, frames));
-    let mut reader = PacketReader::new(read_half, PacketCodec::<Packet>::new());
     let streams = Arc::new(Streams::default());
     // Cancelled when this connection ends, which ends every stream it carries.
     let connection_closed = CancellationToken::new();
     let requests = TaskTracker::new();
+    // A packet an original-design peer sent instead of the handshake comes first.
+    let mut first = first.map(Ok);
 
     loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            frame = reader.next() => frame,
+        let frame = match first.take() {
+            Some(frame) => Some(frame),
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break,
+                frame = reader.next() => frame,
+            },
         };
         match frame {
             None => break,
@@ -463,26 +486,50 @@ fn dispatch(
         tokio::spawn(async move { send_packet(&outgoing, &packet).await });
         return;
     }
-    let handler = router.handler(&packet.method, &packet.uri);
+    if packet.uri == cluster::HANDSHAKE_URI {
+        // Only reached when this node has no secret: the handshake happens before dispatch.
+        let answer = Response::error(
+            401,
+            "this node has no cluster secret: give every node the same --cluster-secret-file",
+        )
+        .into_packet(&packet);
+        let outgoing = outgoing.clone();
+        requests.spawn(async move { send_packet(&outgoing, &answer).await });
+        return;
+    }
+    let route = router.route_for(&packet.method, &packet.uri);
     let request = Request {
         uri: packet.uri.clone(),
         method: packet.method.clone(),
         params: std::mem::take(&mut packet.params),
         request_id: packet.request_id.take(),
+        auth: packet.auth.take(),
     };
     let outgoing = outgoing.clone();
     let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
         key = packet.key, request_id = request.request_id.as_deref());
-    let Some(handler) = handler else {
-        let answer = Response::error(
+    let route = match route {
+        None => Err(Response::error(
             404,
             format!("no handler for {} {}", packet.method, packet.uri),
-        )
-        .into_packet(&packet);
-        requests.spawn(async move { send_packet(&outgoing, &answer).await });
-        return;
+        )),
+        Some(route) => match &route.scope {
+            Some(scope) if !request.allows(scope) => Err(Response::error(
+                403,
+                format!("this needs the scope {scope:?}"),
+            )),
+            _ => Ok(route),
+        },
     };
-    match &*handler {
+    let route = match route {
+        Ok(route) => route,
+        Err(refusal) => {
+            let answer = refusal.into_packet(&packet);
+            requests.spawn(async move { send_packet(&outgoing, &answer).await });
+            return;
+        }
+    };
+    match &route.handler {
         Handler::Unary(handler) => {
             let answering = span.in_scope(|| handler(request));
             requests.spawn(

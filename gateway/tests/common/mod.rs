@@ -95,6 +95,7 @@ impl Service {
             name: name.into(),
             distributor: Some(distributor.to_string()),
             advertise_host: None,
+            ..ServiceConfig::default()
         };
         let served =
             Served::spawn(|shutdown| tokio::spawn(serve(listener, router, config, shutdown)));

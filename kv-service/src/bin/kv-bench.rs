@@ -30,13 +30,13 @@ use anyhow::{bail, Context};
 use bytes::{BufMut, BytesMut};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use kv_service::text_protocol::{OwnedReply, ReplyCodec};
+use kv_service::text_protocol::{OwnedReply, ReplyCodec, Request, Token};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
     process::{Child, Command},
 };
-use tokio_util::codec::Decoder;
+use tokio_util::codec::{Decoder, Encoder};
 
 /// Load for the kv-service text protocol, next to a redis-server baseline.
 #[derive(Debug, Parser)]
@@ -82,6 +82,10 @@ struct Args {
     /// Load an already running kv-service text port instead of starting one.
     #[arg(long, env = "KV_BENCH_ADDR")]
     addr: Option<SocketAddr>,
+    /// A token to send as auth<TOKEN> on each connection, for a kv-service that requires one
+    /// (--addr). Needs the scopes kv:read and kv:write.
+    #[arg(long, env = "KV_BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The kv-service binary to start (default: next to this one).
     #[arg(long, env = "KV_BENCH_SERVICE_BIN")]
     service_bin: Option<PathBuf>,
@@ -338,6 +342,10 @@ async fn run_load(
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         stream.set_nodelay(true)?;
+        let stream = match (&args.token, target.protocol) {
+            (Some(token), Protocol::Text) => authenticate(stream, token).await?,
+            _ => stream,
+        };
         streams.push(stream);
     }
     let value = "x".repeat(args.value_size);
@@ -369,6 +377,36 @@ async fn run_load(
         p50_ms: histogram.value_at_quantile(0.50) as f64 / 1000.0,
         p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
     })
+}
+
+/// Sends `auth<token>` and checks that it is accepted.
+async fn authenticate(mut stream: TcpStream, token: &str) -> anyhow::Result<TcpStream> {
+    let mut request = BytesMut::new();
+    ReplyCodec::new().encode(
+        &Request::Auth {
+            token: Token::new(token),
+        },
+        &mut request,
+    )?;
+    stream.write_all(&request).await?;
+    let mut codec = ReplyCodec::new();
+    let mut input = BytesMut::new();
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(reply) = codec.decode(&mut input)? {
+                return anyhow::Ok(reply);
+            }
+            if stream.read_buf(&mut input).await? == 0 {
+                bail!("the server closed the connection");
+            }
+        }
+    })
+    .await
+    .context("no answer to auth in time")??;
+    match reply {
+        OwnedReply::Ok(_) => Ok(stream),
+        other => bail!("the token was refused: {other:?}"),
+    }
 }
 
 /// One connection's share of a run.

@@ -145,6 +145,12 @@ impl TextClient {
         self.framed.get_mut()
     }
 
+    /// The socket, for tests that read raw bytes from here on. Only safe while the framed
+    /// reader has nothing buffered.
+    pub fn into_stream(self) -> tokio::net::TcpStream {
+        self.framed.into_inner()
+    }
+
     pub async fn send(&mut self, raw: impl AsRef<[u8]>) {
         use tokio::io::AsyncWriteExt;
         let stream = self.framed.get_mut();

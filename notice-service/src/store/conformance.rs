@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::{NoticeQuery, Retention, Selector, Store};
-use crate::notice::{Interest, NewNotice};
+use crate::notice::{Interest, NewNotice, Whispers};
 
 fn new(message: &str, topic: Option<&str>, to: Option<&str>) -> NewNotice {
     NewNotice::new(
@@ -22,11 +22,14 @@ fn all_after(after: i64) -> NoticeQuery {
         after,
         limit: 1000,
         selector: Selector::All,
+        whispers: Whispers::All,
     }
 }
 
 pub async fn run_all(store: &dyn Store) {
     ids_increase_and_queries_filter(store).await;
+    whispers_are_listed_only_to_their_addressee(store).await;
+    the_sender_is_kept_now_and_when_scheduled(store).await;
     schedules_are_claimed_once_in_due_order(store).await;
     retention_caps_count_and_age_without_reusing_ids(store).await;
 }
@@ -76,12 +79,16 @@ async fn ids_increase_and_queries_filter(store: &dyn Store) {
         .unwrap();
     assert_eq!(room, vec![b.clone(), c.clone()]);
 
-    let replay = |name: Option<&str>, topics: &[&str]| NoticeQuery {
-        selector: Selector::Interest(Interest {
+    let replay = |name: Option<&str>, topics: &[&str]| {
+        let interest = Interest {
             name: name.map(Into::into),
             topics: topics.iter().map(|t| t.to_string()).collect(),
-        }),
-        ..all_after(0)
+        };
+        NoticeQuery {
+            whispers: interest.whispers(),
+            selector: Selector::Interest(interest),
+            ..all_after(0)
+        }
     };
     let bob_in_room = store.query(&replay(Some("bob"), &["room"])).await.unwrap();
     assert_eq!(bob_in_room, vec![a.clone(), b.clone()]);
@@ -92,6 +99,87 @@ async fn ids_increase_and_queries_filter(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(anonymous_two_topics, vec![a.clone(), b.clone(), d.clone()]);
+}
+
+async fn whispers_are_listed_only_to_their_addressee(store: &dyn Store) {
+    let start = store.last_id().await.unwrap();
+    let now = Utc::now();
+    let all = store.insert(new("all", None, None), now).await.unwrap();
+    let room = store
+        .insert(new("room", Some("room"), None), now)
+        .await
+        .unwrap();
+    let to_alice = store
+        .insert(new("psst", Some("room"), Some("alice")), now)
+        .await
+        .unwrap();
+    let to_bob = store
+        .insert(new("hey", None, Some("bob")), now)
+        .await
+        .unwrap();
+    let list = |selector: Selector, whispers: Whispers| NoticeQuery {
+        selector,
+        whispers,
+        ..all_after(start)
+    };
+    let alice = || Whispers::To(Some("alice".into()));
+    for (query, expected) in [
+        (
+            list(Selector::All, Whispers::All),
+            vec![&all, &room, &to_alice, &to_bob],
+        ),
+        (list(Selector::All, alice()), vec![&all, &room, &to_alice]),
+        (
+            list(Selector::All, Whispers::To(Some("bob".into()))),
+            vec![&all, &room, &to_bob],
+        ),
+        (list(Selector::All, Whispers::To(None)), vec![&all, &room]),
+        (
+            list(Selector::Topic("room".into()), Whispers::All),
+            vec![&room, &to_alice],
+        ),
+        (
+            list(Selector::Topic("room".into()), alice()),
+            vec![&room, &to_alice],
+        ),
+        (
+            list(
+                Selector::Topic("room".into()),
+                Whispers::To(Some("carol".into())),
+            ),
+            vec![&room],
+        ),
+    ] {
+        let expected: Vec<_> = expected.into_iter().cloned().collect();
+        assert_eq!(store.query(&query).await.unwrap(), expected, "{query:?}");
+        for notice in &expected {
+            assert!(query.matches(notice), "the rule in Rust agrees: {query:?}");
+        }
+    }
+}
+
+async fn the_sender_is_kept_now_and_when_scheduled(store: &dyn Store) {
+    let start = store.last_id().await.unwrap();
+    let now = Utc::now();
+    let signed = store
+        .insert(new("signed", None, None).sent_by(Some("alice".into())), now)
+        .await
+        .unwrap();
+    assert_eq!(signed.from.as_deref(), Some("alice"));
+    let unsigned = store
+        .insert(new("unsigned", None, None), now)
+        .await
+        .unwrap();
+    assert_eq!(unsigned.from, None);
+    store
+        .schedule(new("later", None, None).sent_by(Some("bob".into())), now)
+        .await
+        .unwrap();
+    let claimed = store.claim_due(now, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].from.as_deref(), Some("bob"));
+    let stored = store.query(&all_after(start)).await.unwrap();
+    assert_eq!(stored, vec![signed, unsigned, claimed[0].clone()]);
 }
 
 async fn schedules_are_claimed_once_in_due_order(store: &dyn Store) {

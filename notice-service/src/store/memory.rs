@@ -10,7 +10,7 @@ use std::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{NoticeQuery, Retention, Selector, Store, StoreError};
+use super::{NoticeQuery, Retention, Store, StoreError};
 use crate::notice::{NewNotice, Notice};
 
 /// Scheduled notices wait in memory here, so their number needs a cap of its own.
@@ -91,15 +91,10 @@ impl Store for MemoryStore {
     async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
         let state = self.state.lock().unwrap();
         let start = state.notices.partition_point(|n| n.id <= query.after);
-        let wanted = |n: &&Notice| match &query.selector {
-            Selector::All => true,
-            Selector::Topic(topic) => n.topic.as_deref() == Some(topic.as_str()),
-            Selector::Interest(interest) => interest.wants(n),
-        };
         Ok(state
             .notices
             .range(start..)
-            .filter(wanted)
+            .filter(|notice| query.matches(notice))
             .take(query.limit as usize)
             .cloned()
             .collect())

@@ -17,13 +17,14 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::notice::{Interest, NewNotice, Notice};
+use crate::notice::{Interest, NewNotice, Notice, Whispers};
 
 pub use memory::MemoryStore;
 pub use postgres::{PostgresStore, PUBLISHED_CHANNEL};
 pub use sqlite::SqliteStore;
 
-/// Which notices a query returns (always those with an id above `after`, in id order).
+/// Which notices a query returns (always those with an id above `after`, in id order), before
+/// the whisper rule of [`NoticeQuery::whispers`] removes what the reader may not see.
 #[derive(Debug, Clone)]
 pub enum Selector {
     All,
@@ -38,6 +39,22 @@ pub struct NoticeQuery {
     pub after: i64,
     pub limit: u32,
     pub selector: Selector,
+    /// Which whispers the reader may see. Not optional: every query says who reads, so none
+    /// can show a whisper to someone it is not for.
+    pub whispers: Whispers,
+}
+
+impl NoticeQuery {
+    /// True when `notice` is in the query's answer (ids and limit aside): the rule the SQL
+    /// stores write in SQL.
+    pub fn matches(&self, notice: &Notice) -> bool {
+        self.whispers.admits(notice)
+            && match &self.selector {
+                Selector::All => true,
+                Selector::Topic(topic) => notice.topic.as_deref() == Some(topic.as_str()),
+                Selector::Interest(interest) => interest.wants(notice),
+            }
+    }
 }
 
 /// The cap on stored notices. `None` means no cap of that kind.
@@ -125,13 +142,15 @@ pub async fn open(spec: &StoreSpec) -> Result<OpenedStore, StoreError> {
     })
 }
 
-/// Row shape shared by the SQL backends; `recipient` is the `to` field (`to` is an SQL keyword).
+/// Row shape shared by the SQL backends; `recipient` is the `to` field and `sender` the `from`
+/// field (both SQL keywords).
 #[derive(sqlx::FromRow)]
 struct NoticeRow {
     id: i64,
     message: String,
     topic: Option<String>,
     recipient: Option<String>,
+    sender: Option<String>,
     created_at: i64,
 }
 
@@ -142,6 +161,7 @@ impl From<NoticeRow> for Notice {
             message: row.message,
             topic: row.topic,
             to: row.recipient,
+            from: row.sender,
             created_at: crate::notice::from_millis(row.created_at),
         }
     }
@@ -153,6 +173,7 @@ struct ScheduledRow {
     message: String,
     topic: Option<String>,
     recipient: Option<String>,
+    sender: Option<String>,
     due_at: i64,
 }
 
@@ -162,6 +183,7 @@ impl ScheduledRow {
             message: self.message,
             topic: self.topic,
             to: self.recipient,
+            from: self.sender,
         }
     }
 }

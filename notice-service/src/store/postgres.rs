@@ -20,7 +20,7 @@ pub const PUBLISHED_CHANNEL: &str = "notice_published";
 /// Advisory lock key serializing publishers ("notice" in ASCII).
 const PUBLISH_LOCK: i64 = 0x6e6f_7469_6365;
 
-const COLUMNS: &str = "id, message, topic, recipient, created_at";
+const COLUMNS: &str = "id, message, topic, recipient, sender, created_at";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -58,12 +58,13 @@ async fn insert_in(
     created_at: DateTime<Utc>,
 ) -> Result<Notice, StoreError> {
     let (id,): (i64,) = sqlx::query_as(
-        "INSERT INTO notices (message, topic, recipient, created_at) VALUES ($1, $2, $3, $4)
-         RETURNING id",
+        "INSERT INTO notices (message, topic, recipient, sender, created_at)
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(&notice.message)
     .bind(&notice.topic)
     .bind(&notice.to)
+    .bind(&notice.from)
     .bind(created_at.timestamp_millis())
     .fetch_one(&mut **tx)
     .await?;
@@ -98,12 +99,13 @@ impl Store for PostgresStore {
 
     async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO scheduled_notices (message, topic, recipient, due_at)
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO scheduled_notices (message, topic, recipient, sender, due_at)
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&notice.message)
         .bind(&notice.topic)
         .bind(&notice.to)
+        .bind(&notice.from)
         .bind(at.timestamp_millis())
         .execute(&self.pool)
         .await?;
@@ -125,7 +127,7 @@ impl Store for PostgresStore {
             "DELETE FROM scheduled_notices WHERE id IN (
                  SELECT id FROM scheduled_notices WHERE due_at <= $1
                  ORDER BY due_at, id LIMIT $2)
-             RETURNING id, message, topic, recipient, due_at",
+             RETURNING id, message, topic, recipient, sender, due_at",
         )
         .bind(now.timestamp_millis())
         .bind(i64::from(limit))
@@ -148,11 +150,18 @@ impl Store for PostgresStore {
     async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
         let after = query.after;
         let limit = i64::from(query.limit);
+        // The whisper rule (`Whispers::admits`), the same in every query: $1 is true when the
+        // reader sees every whisper, $2 the name whose whispers it sees.
+        let (all_whispers, reader) = query.whispers.sql_binds();
+        let visible = "($1 OR recipient IS NULL OR recipient = $2)";
         let rows: Vec<NoticeRow> = match &query.selector {
             Selector::All => {
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE id > $1 ORDER BY id LIMIT $2"
+                    "SELECT {COLUMNS} FROM notices WHERE id > $3 AND {visible}
+                     ORDER BY id LIMIT $4"
                 ))
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -160,12 +169,14 @@ impl Store for PostgresStore {
             }
             Selector::Topic(topic) => {
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE topic = $1 AND id > $2
-                     ORDER BY id LIMIT $3"
+                    "SELECT {COLUMNS} FROM notices WHERE topic = $5 AND id > $3 AND {visible}
+                     ORDER BY id LIMIT $4"
                 ))
-                .bind(topic)
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
                 .bind(limit)
+                .bind(topic)
                 .fetch_all(&self.pool)
                 .await?
             }
@@ -173,16 +184,18 @@ impl Store for PostgresStore {
                 let topics: Vec<&str> = interest.topics.iter().map(String::as_str).collect();
                 // The same rule as `Interest::wants`, in SQL.
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE id > $1 AND (
+                    "SELECT {COLUMNS} FROM notices WHERE id > $3 AND {visible} AND (
                          (recipient IS NULL AND topic IS NULL)
-                         OR (recipient IS NULL AND topic = ANY($2))
-                         OR recipient = $3)
+                         OR (recipient IS NULL AND topic = ANY($5))
+                         OR recipient = $6)
                      ORDER BY id LIMIT $4"
                 ))
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
+                .bind(limit)
                 .bind(topics)
                 .bind(&interest.name)
-                .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
             }

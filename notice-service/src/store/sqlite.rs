@@ -14,7 +14,7 @@ use sqlx::{
 use super::{NoticeQuery, NoticeRow, Retention, ScheduledRow, Selector, Store, StoreError};
 use crate::notice::{NewNotice, Notice};
 
-const COLUMNS: &str = "id, message, topic, recipient, created_at";
+const COLUMNS: &str = "id, message, topic, recipient, sender, created_at";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -49,12 +49,13 @@ impl Store for SqliteStore {
         created_at: DateTime<Utc>,
     ) -> Result<Notice, StoreError> {
         let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO notices (message, topic, recipient, created_at) VALUES (?1, ?2, ?3, ?4)
-             RETURNING id",
+            "INSERT INTO notices (message, topic, recipient, sender, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
         )
         .bind(&notice.message)
         .bind(&notice.topic)
         .bind(&notice.to)
+        .bind(&notice.from)
         .bind(created_at.timestamp_millis())
         .fetch_one(&self.pool)
         .await?;
@@ -63,12 +64,13 @@ impl Store for SqliteStore {
 
     async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO scheduled_notices (message, topic, recipient, due_at)
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO scheduled_notices (message, topic, recipient, sender, due_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(&notice.message)
         .bind(&notice.topic)
         .bind(&notice.to)
+        .bind(&notice.from)
         .bind(at.timestamp_millis())
         .execute(&self.pool)
         .await?;
@@ -90,7 +92,7 @@ impl Store for SqliteStore {
             "DELETE FROM scheduled_notices WHERE id IN (
                  SELECT id FROM scheduled_notices WHERE due_at <= ?1
                  ORDER BY due_at, id LIMIT ?2)
-             RETURNING id, message, topic, recipient, due_at",
+             RETURNING id, message, topic, recipient, sender, due_at",
         )
         .bind(now.timestamp_millis())
         .bind(i64::from(limit))
@@ -101,12 +103,13 @@ impl Store for SqliteStore {
         for row in due {
             let notice = row.into_new();
             let (id,): (i64,) = sqlx::query_as(
-                "INSERT INTO notices (message, topic, recipient, created_at)
-                 VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                "INSERT INTO notices (message, topic, recipient, sender, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
             )
             .bind(&notice.message)
             .bind(&notice.topic)
             .bind(&notice.to)
+            .bind(&notice.from)
             .bind(now.timestamp_millis())
             .fetch_one(&mut *tx)
             .await?;
@@ -119,11 +122,18 @@ impl Store for SqliteStore {
     async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
         let after = query.after;
         let limit = i64::from(query.limit);
+        // The whisper rule (`Whispers::admits`), the same in every query: ?1 is true when the
+        // reader sees every whisper, ?2 the name whose whispers it sees.
+        let (all_whispers, reader) = query.whispers.sql_binds();
+        let visible = "(?1 OR recipient IS NULL OR recipient = ?2)";
         let rows: Vec<NoticeRow> = match &query.selector {
             Selector::All => {
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE id > ?1 ORDER BY id LIMIT ?2"
+                    "SELECT {COLUMNS} FROM notices WHERE id > ?3 AND {visible}
+                     ORDER BY id LIMIT ?4"
                 ))
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -131,12 +141,14 @@ impl Store for SqliteStore {
             }
             Selector::Topic(topic) => {
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE topic = ?1 AND id > ?2
-                     ORDER BY id LIMIT ?3"
+                    "SELECT {COLUMNS} FROM notices WHERE topic = ?5 AND id > ?3 AND {visible}
+                     ORDER BY id LIMIT ?4"
                 ))
-                .bind(topic)
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
                 .bind(limit)
+                .bind(topic)
                 .fetch_all(&self.pool)
                 .await?
             }
@@ -144,16 +156,18 @@ impl Store for SqliteStore {
                 let topics = serde_json::to_string(&interest.topics).expect("strings serialize");
                 // The same rule as `Interest::wants`, in SQL.
                 sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM notices WHERE id > ?1 AND (
+                    "SELECT {COLUMNS} FROM notices WHERE id > ?3 AND {visible} AND (
                          (recipient IS NULL AND topic IS NULL)
-                         OR (recipient IS NULL AND topic IN (SELECT value FROM json_each(?2)))
-                         OR recipient = ?3)
+                         OR (recipient IS NULL AND topic IN (SELECT value FROM json_each(?5)))
+                         OR recipient = ?6)
                      ORDER BY id LIMIT ?4"
                 ))
+                .bind(all_whispers)
+                .bind(reader)
                 .bind(after)
+                .bind(limit)
                 .bind(topics)
                 .bind(&interest.name)
-                .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
             }
@@ -224,6 +238,7 @@ mod tests {
                 after: 0,
                 limit: 10,
                 selector: Selector::All,
+                whispers: crate::notice::Whispers::All,
             })
             .await
             .unwrap();

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use notice_service::{store::StoreSpec, Config, NoticeError};
 use serde_json::{json, Value};
-use shared::{Dialect, Packet, PacketClient, ResponseStream};
+use shared::{packet::Identity, Dialect, Packet, PacketClient, ResponseStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -70,6 +70,45 @@ pub async fn call(client: &PacketClient, method: &str, uri: &str, params: Value)
         .await
         .expect("answer in time")
         .expect("request sent")
+}
+
+/// A verified caller, as the gateway puts it in the packets it forwards.
+pub fn caller(sub: Option<&str>, scopes: &[&str]) -> Identity {
+    Identity {
+        sub: sub.map(str::to_string),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A request carrying `auth`, as the gateway sends it for a verified caller.
+pub fn request_as(method: &str, uri: &str, params: Value, auth: &Identity) -> Packet {
+    Packet {
+        auth: Some(auth.clone()),
+        ..Packet::request(method, uri, params)
+    }
+}
+
+pub async fn call_as(
+    client: &PacketClient,
+    auth: &Identity,
+    method: &str,
+    uri: &str,
+    params: Value,
+) -> Packet {
+    tokio::time::timeout(WAIT, client.request(request_as(method, uri, params, auth)))
+        .await
+        .expect("answer in time")
+        .expect("request sent")
+}
+
+pub async fn subscribe_as(client: &PacketClient, auth: &Identity, params: Value) -> ResponseStream {
+    tokio::time::timeout(
+        WAIT,
+        client.stream(request_as("GET", "/notices/stream", params, auth)),
+    )
+    .await
+    .expect("stream opened in time")
+    .expect("stream request sent")
 }
 
 /// Publishes and returns the answer (status and params).

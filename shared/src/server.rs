@@ -1,0 +1,238 @@
+//! The accept loop every TCP server of the workspace shares: the services' and the distributor's
+//! packet servers, the kv text server and the gateway's HTTP server.
+//!
+//! It exists so that the limits one client may hold are enforced once, the same way everywhere:
+//! - at most [`ConnectionLimits::max_connections`] connections at once; further clients wait in
+//!   the listen backlog, so no server can be driven out of file descriptors;
+//! - at most [`ConnectionLimits::max_per_ip`] of them from one IP address; a client over it is
+//!   closed at once, so one address cannot take every slot from the others;
+//! - in protected mode ([`ConnectionLimits::loopback_only`]) only loopback peers are served.
+//!
+//! Each connection runs on a task of its own; a failing connection is logged by its handler and
+//! never stops the server, and accept errors are retried with backoff.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+/// Connections served at once by default.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// Connections from one IP address by default: generous, since a gateway or a load balancer
+/// in front of us is one address carrying many clients.
+pub const MAX_CONNECTIONS_PER_IP: usize = 1_024;
+
+/// What one server lets its clients hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+    /// Protected mode: serve loopback peers only (no cluster secret or token key is set).
+    pub loopback_only: bool,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: MAX_CONNECTIONS,
+            max_per_ip: MAX_CONNECTIONS_PER_IP,
+            loopback_only: false,
+        }
+    }
+}
+
+/// True for 127.0.0.0/8, ::1 and IPv4-mapped loopback addresses.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` is cancelled and runs `handle(stream,
+/// peer)` for each as a task of its own, within `limits`; returns once every one of those tasks
+/// has ended (they watch `shutdown` themselves).
+pub async fn serve_connections<F, Fut>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    shutdown: &CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = PerIp::new(limits.max_per_ip);
+    let mut refusals = RefusalLog::default();
+    let connections = TaskTracker::new();
+    while let Some((slot, stream, peer)) = accept_within(&listener, &slots, shutdown).await {
+        if limits.loopback_only && !is_loopback(peer.ip()) {
+            refusals.note(
+                peer,
+                "protected mode: only loopback clients are served until a secret is configured",
+            );
+            continue;
+        }
+        let Some(ip_slot) = per_ip.take(peer.ip()) else {
+            refusals.note(peer, "too many connections from this address");
+            continue;
+        };
+        // A combinator rather than `async move { connection.await; drop(slots) }`, which would
+        // hold the connection's future twice (captured, and being awaited): that doubles the
+        // memory of every open connection.
+        connections.spawn(handle(stream, peer).map(move |()| drop((slot, ip_slot))));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Accepts the next connection while fewer than `slots`' permits are out: waits for a free
+/// permit, then for a connection. `None` once `shutdown` is cancelled.
+async fn accept_within(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let slot = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        (stream, peer) = accept_with_backoff(listener) => Some((slot, stream, peer)),
+    }
+}
+
+/// Accepts the next connection. Accept errors (out of file descriptors, a connection reset
+/// before it was accepted) are logged and retried with a growing pause: they never stop a server.
+async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) => {
+                warn!(%err, "accept failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Open connections by IP address.
+struct PerIp {
+    max: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection's place in [`PerIp`]; gives it back when dropped.
+struct IpSlot {
+    ip: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIp {
+    fn new(max: usize) -> PerIp {
+        PerIp {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    fn take(&self, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            ip,
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                // Entries exist only for addresses with connections open, so the map is
+                // bounded by the connection cap.
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Logs refused connections at warn at most once a minute (with how many since), so a flood of
+/// them cannot flood the log; every one is logged at debug.
+#[derive(Default)]
+struct RefusalLog {
+    last_warned: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, reason: &str) {
+        self.since += 1;
+        debug!(%peer, reason, "connection refused");
+        if self
+            .last_warned
+            .is_none_or(|last| last.elapsed() >= Duration::from_secs(60))
+        {
+            warn!(%peer, reason, refused = self.since, "connection refused");
+            self.last_warned = Some(Instant::now());
+            self.since = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_addresses_are_recognised() {
+        for ip in ["127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "::ffff:10.0.0.1",
+            "192.168.1.1",
+        ] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_share_and_gets_it_back() {
+        let per_ip = PerIp::new(2);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let first = per_ip.take(ip).unwrap();
+        let _second = per_ip.take(ip).unwrap();
+        assert!(per_ip.take(ip).is_none());
+        assert!(per_ip.take("10.1.2.4".parse().unwrap()).is_some());
+        drop(first);
+        assert!(per_ip.take(ip).is_some());
+    }
+}
