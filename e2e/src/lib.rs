@@ -9,8 +9,12 @@
 //! - [`sse`]: a reader for `text/event-stream` responses, as a browser's EventSource sees them.
 //! - [`Checks`]: prints each check as it passes and a summary line.
 //!
-//! The binaries are taken from the target directory this test was built into; build them with
-//! `cargo build --workspace` (the workspace test command does) before running these tests alone.
+//! The benchmarks of the `bench` crate start their processes with this harness too, so a test
+//! and a benchmark bring a stack up the same way.
+//!
+//! The binaries are taken from the target directory this test (or benchmark) was built into;
+//! build them with `cargo build --workspace` (the workspace test command does) before running
+//! these tests alone.
 
 use std::{
     net::TcpListener,
@@ -30,21 +34,27 @@ pub mod sse;
 /// How long the harness waits for anything to come up before failing the test.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The directory holding the workspace's binaries (`target/debug` for a debug test build).
+/// The directory holding the workspace's binaries: `target/<profile>`, whether the running
+/// executable is a test (`target/<profile>/deps/e2e-<hash>`) or a binary beside them
+/// (`target/release/gateway-bench`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/debug/deps/e2e-<hash> → target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent()
+            .expect("deps lives in target/<profile>")
+            .to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
-fn binary(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
+fn binary(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace` first",
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace`, with \
+         `--release` for the benchmarks)",
         path.display()
     );
     path
@@ -67,15 +77,51 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts one of the workspace's binaries from [`bin_dir`].
     pub fn spawn(name: &str, program: &str, args: &[String]) -> Process {
-        let program = binary(program);
-        let child = start(&program, args);
-        Process {
+        Process::spawn_in(&bin_dir(), name, program, args)
+    }
+
+    /// Starts one of the workspace's binaries from `dir`.
+    pub fn spawn_in(dir: &Path, name: &str, program: &str, args: &[String]) -> Process {
+        Process::start(name, binary(dir, program), args).unwrap_or_else(|err| panic!("{err:#}"))
+    }
+
+    /// Starts `program`, a path or a name looked up in `PATH`, failing rather than panicking:
+    /// for tools that are not part of the workspace (nginx, redis-server) and may be missing.
+    pub fn start(name: &str, program: PathBuf, args: &[String]) -> anyhow::Result<Process> {
+        let child = start(&program, args)?;
+        Ok(Process {
             name: name.to_owned(),
             program,
             args: args.to_vec(),
             child,
+        })
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early: {status}", self.name);
         }
+        Ok(())
+    }
+
+    /// Waits until the process accepts connections on 127.0.0.1:`port`, failing at once if it
+    /// exits first.
+    pub async fn wait_for_port(&mut self, port: u16) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            self.check_running()?;
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} never listened on port {port}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Pid {
@@ -104,11 +150,11 @@ impl Process {
 
     /// Starts the same program with the same arguments again (after it exited or was killed).
     pub fn restart(&mut self) {
-        self.child = start(&self.program, &self.args);
+        self.child = start(&self.program, &self.args).unwrap_or_else(|err| panic!("{err:#}"));
     }
 }
 
-fn start(program: &Path, args: &[String]) -> Child {
+fn start(program: &Path, args: &[String]) -> anyhow::Result<Child> {
     Command::new(program)
         .args(args)
         .env(
@@ -118,12 +164,14 @@ fn start(program: &Path, args: &[String]) -> Child {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .unwrap_or_else(|err| panic!("starting {}: {err}", program.display()))
+        .with_context(|| format!("starting {}", program.display()))
 }
 
 /// Where the stack keeps its data.
 #[derive(Debug, Clone)]
 pub enum Storage {
+    /// Each process keeps its data in memory (`--store mem`), as the benchmarks run.
+    Memory,
     /// SQLite files in the stack's temporary directory (one per kv replica).
     Sqlite,
     /// One PostgreSQL database shared by every replica.
@@ -141,6 +189,8 @@ pub struct StackOptions {
     /// Authentication on, as users run it: a cluster secret on every node, a JWT key on the
     /// gateway and the kv text port. Off, every process runs in protected mode (loopback only).
     pub auth: bool,
+    /// Where the binaries are; [`bin_dir`] when `None`.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -151,6 +201,7 @@ impl Default for StackOptions {
             storage: Storage::Sqlite,
             heartbeat: (Duration::from_millis(500), Duration::from_secs(3)),
             auth: true,
+            bin_dir: None,
         }
     }
 }
@@ -247,6 +298,8 @@ pub struct Stack {
     pub gateway_port: u16,
     pub kv: Vec<KvReplica>,
     pub notice: Option<Process>,
+    /// notice-service's packet port, when it runs.
+    pub notice_port: Option<u16>,
     /// Sends the admin token with every request when authentication is on.
     pub http: reqwest::Client,
     pub secrets: Option<Secrets>,
@@ -255,6 +308,10 @@ pub struct Stack {
 impl Stack {
     pub async fn start(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let bin_dir = options.bin_dir.clone().unwrap_or_else(bin_dir);
+        let spawn = |name: &str, program: &str, args: &[String]| {
+            Process::spawn_in(&bin_dir, name, program, args)
+        };
         let secrets = options.auth.then(|| Secrets::generate(dir.path()));
         let cluster_flags = secrets
             .as_ref()
@@ -264,7 +321,7 @@ impl Stack {
         let distributor_port = free_port();
         let distributor_addr = format!("127.0.0.1:{distributor_port}");
         let (interval, timeout) = options.heartbeat;
-        let distributor = Process::spawn(
+        let distributor = spawn(
             "distributor",
             "distributor",
             &[
@@ -284,6 +341,7 @@ impl Stack {
         let kv = (0..options.kv_replicas)
             .map(|replica| {
                 let store = match &options.storage {
+                    Storage::Memory => "mem".to_owned(),
                     Storage::Sqlite => format!(
                         "sqlite:{}",
                         dir.path().join(format!("kv-{replica}.db")).display()
@@ -291,7 +349,7 @@ impl Stack {
                     Storage::Postgres { kv_url, .. } => kv_url.clone(),
                 };
                 let (port, text_port) = (free_port(), free_port());
-                let process = Process::spawn(
+                let process = spawn(
                     &format!("kv-{replica}"),
                     "kv-service",
                     &[
@@ -317,17 +375,19 @@ impl Stack {
             })
             .collect();
 
-        let notice = options.notice.then(|| {
+        let notice_port = options.notice.then(free_port);
+        let notice = notice_port.map(|port| {
             let store = match &options.storage {
+                Storage::Memory => "mem".to_owned(),
                 Storage::Sqlite => format!("sqlite:{}", dir.path().join("notices.db").display()),
                 Storage::Postgres { notice_url, .. } => notice_url.clone(),
             };
-            Process::spawn(
+            spawn(
                 "notice",
                 "notice-service",
                 &[
                     "--listen".into(),
-                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{port}"),
                     "--distributor".into(),
                     distributor_addr.clone(),
                     "--store".into(),
@@ -340,7 +400,7 @@ impl Stack {
         });
 
         let gateway_port = free_port();
-        let gateway = Process::spawn(
+        let gateway = spawn(
             "gateway",
             "gateway",
             &[
@@ -373,6 +433,7 @@ impl Stack {
             gateway_port,
             kv,
             notice,
+            notice_port,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .default_headers(headers)

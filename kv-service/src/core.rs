@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::store::{
-    Condition, Item, KvStore, PutOutcome, Store, StoreError, Versioned, Write, WriteOutcome,
+    Condition, Item, KvBackend, KvStore, PutOutcome, StoreError, Versioned, Write, WriteOutcome,
 };
 
 /// Keys are 1 to this many bytes of UTF-8.
@@ -56,11 +56,11 @@ pub struct Page {
 /// The key-value core: a cheap-to-clone handle on the store.
 #[derive(Clone)]
 pub struct Kv {
-    store: Arc<Store>,
+    store: Arc<KvBackend>,
 }
 
 impl Kv {
-    pub fn new(store: Store) -> Kv {
+    pub fn new(store: KvBackend) -> Kv {
         Kv {
             store: Arc::new(store),
         }
@@ -86,7 +86,7 @@ impl Kv {
         }
     }
 
-    /// Whether [`Kv::write_batch`] beats writing one at a time (see [`Store::queues_writes`]).
+    /// Whether [`Kv::write_batch`] beats writing one at a time (see [`KvBackend::queues_writes`]).
     pub fn queues_writes(&self) -> bool {
         self.store.queues_writes()
     }
@@ -97,7 +97,7 @@ impl Kv {
     pub async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, KvError>> {
         let mut results: Vec<Option<Result<WriteOutcome, KvError>>> = Vec::new();
         let mut valid = Vec::with_capacity(writes.len());
-        let mut conditions = Vec::with_capacity(writes.len());
+        let mut checks = Vec::with_capacity(writes.len());
         for write in writes {
             let checked = match &write {
                 Write::Put { key, value, .. } => check_key(key).and_then(|()| check_value(value)),
@@ -105,32 +105,31 @@ impl Kv {
             };
             match checked {
                 Ok(()) => {
-                    let key_and_condition = match &write {
-                        Write::Put { key, condition, .. } => (key.clone(), Some(*condition)),
-                        Write::Delete { key } => (key.clone(), None),
-                    };
-                    conditions.push(key_and_condition);
+                    checks.push(match &write {
+                        Write::Put { key, condition, .. } => ConflictCheck {
+                            key: key.clone(),
+                            condition: Some(*condition),
+                        },
+                        Write::Delete { key } => ConflictCheck {
+                            key: key.clone(),
+                            condition: None,
+                        },
+                    });
                     valid.push(write);
                     results.push(None);
                 }
                 Err(err) => results.push(Some(Err(err))),
             }
         }
-        let mut applied = self
-            .store
-            .write_batch(valid)
-            .await
-            .into_iter()
-            .zip(conditions);
+        let mut applied = self.store.write_batch(valid).await.into_iter().zip(checks);
         results
             .into_iter()
             .map(|result| {
                 result.unwrap_or_else(|| {
-                    let (outcome, (key, condition)) =
-                        applied.next().expect("one result per valid write");
-                    match (outcome?, condition) {
+                    let (outcome, check) = applied.next().expect("one result per valid write");
+                    match (outcome?, check.condition) {
                         (WriteOutcome::Put(PutOutcome::Conflict { current }), Some(condition)) => {
-                            Err(conflict(&key, condition, current))
+                            Err(conflict(&check.key, condition, current))
                         }
                         (outcome, _) => Ok(outcome),
                     }
@@ -172,6 +171,13 @@ impl Kv {
     }
 }
 
+/// What turns a batched write's conflict into the error a single put would give: its key and
+/// its condition (`None` for a delete, which never conflicts).
+struct ConflictCheck {
+    key: String,
+    condition: Option<Condition>,
+}
+
 fn conflict(key: &str, condition: Condition, current: Option<i64>) -> KvError {
     match condition {
         Condition::IfVersion(expected) => KvError::VersionMismatch {
@@ -203,7 +209,7 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn kv() -> Kv {
-        Kv::new(Store::Memory(MemoryStore::new()))
+        Kv::new(KvBackend::Memory(MemoryStore::new()))
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::Config;
 use crate::{
     core::Kv,
-    store::{Store, StoreError, StoreSpec},
+    store::{KvBackend, StoreError, StoreSpec},
 };
 
 /// The name the service registers under.
@@ -49,8 +49,9 @@ pub const READ_SCOPE: &str = "kv:read";
 /// The scope a caller needs to write keys (`PUT`, `POST`, `DELETE /kv`, `put<...>`, `del<...>`).
 pub const WRITE_SCOPE: &str = "kv:write";
 
+/// Why [`run`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub enum KvServiceError {
     #[error("cannot open the store {store:?}: {source}")]
     Store {
         store: StoreSpec,
@@ -68,11 +69,11 @@ pub async fn run(
     rest_listener: TcpListener,
     text_listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), RunError> {
+) -> Result<(), KvServiceError> {
     tracing::info!(store = ?config.store, "opening the store");
-    let store = Store::open(&config.store)
+    let store = KvBackend::open(&config.store)
         .await
-        .map_err(|source| RunError::Store {
+        .map_err(|source| KvServiceError::Store {
             store: config.store.clone(),
             source,
         })?;

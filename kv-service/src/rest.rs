@@ -1,5 +1,6 @@
 //! The REST door: handlers for the routes the gateway sends to `kv`, on shared's service
-//! runtime. They turn request params into core calls and core results into statuses.
+//! runtime. Each reads its params, calls the core and answers with what the core returned; the
+//! core's errors get their statuses in one place, `From<KvError> for ServiceError`.
 //!
 //! The gateway builds `params` from the query string, the JSON body's fields, `params` (the rest
 //! of the path: the key in `/kv/{key}`) and `body` (a body that is not JSON). Query fields arrive
@@ -16,13 +17,12 @@
 //! Reads need the scope `kv:read`, writes `kv:write` (`admin` implies both); a caller without it
 //! is answered 403 by the runtime before any handler runs.
 
-use futures::{future::UnwrapOrElse, TryFuture, TryFutureExt};
 use serde_json::{json, Map, Value};
-use shared::service::{Request, Response, Router};
+use shared::service::{with_state, Created, Json, Request, Router, ServiceError};
 use tracing::warn;
 
 use crate::{
-    core::{Kv, KvError, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT},
+    core::{Kv, KvError, Page, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT},
     store::Condition,
     READ_SCOPE, WRITE_SCOPE,
 };
@@ -32,138 +32,115 @@ use crate::{
 /// caller's identity (a request a cluster member makes itself carries none and is trusted).
 pub fn router(kv: Kv) -> Router {
     Router::new()
-        .route("GET", "/kv", handler(kv.clone(), get_or_list))
+        .route("GET", "/kv", with_state(kv.clone(), get_or_list))
         .scope(READ_SCOPE)
-        .route("PUT", "/kv", handler(kv.clone(), put))
+        .route("PUT", "/kv", with_state(kv.clone(), put))
         .scope(WRITE_SCOPE)
-        .route("POST", "/kv", handler(kv.clone(), create))
+        .route("POST", "/kv", with_state(kv.clone(), create))
         .scope(WRITE_SCOPE)
-        .route("DELETE", "/kv", handler(kv, delete))
+        .route("DELETE", "/kv", with_state(kv, delete))
         .scope(WRITE_SCOPE)
 }
 
-/// A handler answers `Err` with the 400 for a malformed parameter, so it can stop at the first
-/// one with `?`; the route answers either way.
-type Answer = Result<Response, Response>;
-
-fn handler<F, Fut>(
-    kv: Kv,
-    f: F,
-) -> impl Fn(Request) -> UnwrapOrElse<Fut, fn(Response) -> Response> + Send + Sync + 'static
-where
-    F: Fn(Kv, Request) -> Fut + Send + Sync + 'static,
-    Fut: TryFuture<Ok = Response, Error = Response>,
-{
-    move |request| f(kv.clone(), request).unwrap_or_else(std::convert::identity)
+/// The status of each core error. Store failures are logged here and answered without their
+/// internals.
+impl From<KvError> for ServiceError {
+    fn from(err: KvError) -> ServiceError {
+        match err {
+            KvError::InvalidKey(_) | KvError::ValueTooLong(_) | KvError::InvalidLimit(_) => {
+                ServiceError::BadRequest(err.to_string())
+            }
+            KvError::KeyExists(_) | KvError::VersionMismatch { .. } => {
+                ServiceError::Conflict(err.to_string())
+            }
+            KvError::Store(err) => {
+                warn!(%err, "store error");
+                ServiceError::Internal("the store failed; try again".into())
+            }
+        }
+    }
 }
 
-async fn get_or_list(kv: Kv, request: Request) -> Answer {
-    let params = Params::of(&request)?;
+/// `GET /kv/{key}` reads a key; `GET /kv` lists them.
+async fn get_or_list(kv: Kv, request: Request) -> Result<Json<Value>, ServiceError> {
+    let params = KvParams::of(&request)?;
     let Some(key) = params.path_key() else {
-        return list(&kv, &params).await;
+        return Ok(Json(json!(list(&kv, &params).await?)));
     };
-    Ok(match kv.get(key).await {
-        Ok(Some(found)) => Response::ok(json!({
-            "key": key,
-            "value": found.value,
-            "version": found.version,
-        })),
-        Ok(None) => not_found(key),
-        Err(err) => failure(err),
-    })
+    let found = kv.get(key).await?.ok_or_else(|| not_found(key))?;
+    Ok(Json(json!({
+        "key": key,
+        "value": found.value,
+        "version": found.version,
+    })))
 }
 
-async fn list(kv: &Kv, params: &Params<'_>) -> Answer {
+async fn list(kv: &Kv, params: &KvParams<'_>) -> Result<Page, ServiceError> {
     let prefix = params.string("prefix")?.unwrap_or("");
     let after = params.string("after")?.filter(|after| !after.is_empty());
     let limit = params.number("limit")?.unwrap_or(DEFAULT_LIST_LIMIT as i64);
-    let Ok(limit) = usize::try_from(limit) else {
-        return Err(Response::error(
-            400,
-            format!("limit must be between 1 and {MAX_LIST_LIMIT} (got {limit})"),
-        ));
-    };
-    Ok(match kv.list(prefix, after, limit).await {
-        Ok(page) => Response::ok(page),
-        Err(err) => failure(err),
-    })
+    let limit = usize::try_from(limit).map_err(|_| {
+        ServiceError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIST_LIMIT} (got {limit})"
+        ))
+    })?;
+    Ok(kv.list(prefix, after, limit).await?)
 }
-
-async fn put(kv: Kv, request: Request) -> Answer {
-    let params = Params::of(&request)?;
+async fn put(kv: Kv, request: Request) -> Result<Json<Value>, ServiceError> {
+    let params = KvParams::of(&request)?;
     let condition = match params.number("if_version")? {
         Some(version) => Condition::IfVersion(version),
         None => Condition::Always,
     };
-    Ok(write(&kv, params.key()?, params.value()?, condition, 200).await)
+    let written = write(&kv, params.key()?, params.value()?, condition).await?;
+    Ok(Json(written))
 }
 
-async fn create(kv: Kv, request: Request) -> Answer {
-    let params = Params::of(&request)?;
-    Ok(write(
-        &kv,
-        params.key()?,
-        params.value()?,
-        Condition::IfAbsent,
-        201,
-    )
-    .await)
+async fn create(kv: Kv, request: Request) -> Result<Created<Value>, ServiceError> {
+    let params = KvParams::of(&request)?;
+    let written = write(&kv, params.key()?, params.value()?, Condition::IfAbsent).await?;
+    Ok(Created(written))
 }
 
-async fn write(kv: &Kv, key: &str, value: &str, condition: Condition, status: u16) -> Response {
-    match kv.put(key, value.to_owned(), condition).await {
-        Ok(version) => Response::with_status(
-            status,
-            json!({ "key": key, "value": value, "version": version }),
-        ),
-        Err(err) => failure(err),
-    }
+/// Writes `value` under `key` and says what is stored now.
+async fn write(
+    kv: &Kv,
+    key: &str,
+    value: &str,
+    condition: Condition,
+) -> Result<Value, ServiceError> {
+    let version = kv.put(key, value.to_owned(), condition).await?;
+    Ok(json!({ "key": key, "value": value, "version": version }))
 }
 
-async fn delete(kv: Kv, request: Request) -> Answer {
-    let params = Params::of(&request)?;
+async fn delete(kv: Kv, request: Request) -> Result<Json<Value>, ServiceError> {
+    let params = KvParams::of(&request)?;
     let key = params.key()?;
-    Ok(match kv.delete(key).await {
-        Ok(true) => Response::ok(json!({ "key": key, "deleted": true })),
-        Ok(false) => not_found(key),
-        Err(err) => failure(err),
-    })
-}
-
-fn not_found(key: &str) -> Response {
-    Response::error(404, format!("no such key: {key}"))
-}
-
-/// The status and message for a core error. Store failures are logged here and answered
-/// without their internals.
-fn failure(err: KvError) -> Response {
-    match err {
-        KvError::InvalidKey(_) | KvError::ValueTooLong(_) | KvError::InvalidLimit(_) => {
-            Response::error(400, err.to_string())
-        }
-        KvError::KeyExists(_) | KvError::VersionMismatch { .. } => {
-            Response::error(409, err.to_string())
-        }
-        KvError::Store(err) => {
-            warn!(%err, "store error");
-            Response::error(500, "the store failed; try again")
-        }
+    if !kv.delete(key).await? {
+        return Err(not_found(key));
     }
+    Ok(Json(json!({ "key": key, "deleted": true })))
+}
+
+fn not_found(key: &str) -> ServiceError {
+    ServiceError::NotFound(format!("no such key: {key}"))
 }
 
 /// A request's params object, read field by field with a 400 for each kind of mistake.
-struct Params<'a> {
+struct KvParams<'a> {
     fields: Option<&'a Map<String, Value>>,
 }
 
-impl<'a> Params<'a> {
-    fn of(request: &'a Request) -> Result<Params<'a>, Response> {
+impl<'a> KvParams<'a> {
+    fn of(request: &'a Request) -> Result<KvParams<'a>, ServiceError> {
         match &request.params {
-            Value::Object(fields) => Ok(Params {
+            Value::Object(fields) => Ok(KvParams {
                 fields: Some(fields),
             }),
-            Value::Null => Ok(Params { fields: None }),
-            _ => Err(Response::error(400, "params must be a JSON object")),
+            Value::Null => Ok(KvParams { fields: None }),
+            _ => Err(ServiceError::BadRequest(
+                "params must be a JSON object".into(),
+            )),
         }
     }
 
@@ -171,16 +148,16 @@ impl<'a> Params<'a> {
         self.fields?.get(name).filter(|value| !value.is_null())
     }
 
-    fn string(&self, name: &str) -> Result<Option<&'a str>, Response> {
+    fn string(&self, name: &str) -> Result<Option<&'a str>, ServiceError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(text)) => Ok(Some(text)),
-            Some(_) => Err(Response::error(400, format!("{name} must be a string"))),
+            Some(_) => Err(ServiceError::BadRequest(format!("{name} must be a string"))),
         }
     }
 
     /// A whole number, given as a JSON number or a numeric string (query fields are strings).
-    fn number(&self, name: &str) -> Result<Option<i64>, Response> {
+    fn number(&self, name: &str) -> Result<Option<i64>, ServiceError> {
         let number = match self.get(name) {
             None => return Ok(None),
             Some(Value::Number(number)) => number.as_i64(),
@@ -189,7 +166,7 @@ impl<'a> Params<'a> {
         };
         number
             .map(Some)
-            .ok_or_else(|| Response::error(400, format!("{name} must be a whole number")))
+            .ok_or_else(|| ServiceError::BadRequest(format!("{name} must be a whole number")))
     }
 
     /// The key in `/kv/{key}`, if the path had one.
@@ -201,29 +178,27 @@ impl<'a> Params<'a> {
     }
 
     /// The key from the path, else from a `key` field.
-    fn key(&self) -> Result<&'a str, Response> {
+    fn key(&self) -> Result<&'a str, ServiceError> {
         if let Some(key) = self.path_key() {
             return Ok(key);
         }
         match self.string("key")? {
             Some(key) => Ok(key),
-            None => Err(Response::error(
-                400,
-                "missing key: use /kv/{key} or a \"key\" field",
+            None => Err(ServiceError::BadRequest(
+                "missing key: use /kv/{key} or a \"key\" field".into(),
             )),
         }
     }
 
     /// The value from a `value` field, else a plain text body.
-    fn value(&self) -> Result<&'a str, Response> {
+    fn value(&self) -> Result<&'a str, ServiceError> {
         if let Some(value) = self.string("value")? {
             return Ok(value);
         }
         match self.string("body")? {
             Some(value) => Ok(value),
-            None => Err(Response::error(
-                400,
-                "missing value: send {\"value\": \"...\"} or a plain text body",
+            None => Err(ServiceError::BadRequest(
+                "missing value: send {\"value\": \"...\"} or a plain text body".into(),
             )),
         }
     }

@@ -333,7 +333,7 @@ async fn both_doors_share_one_core() {
 
 #[tokio::test]
 async fn routes_register_as_the_issue_names_them() {
-    let store = kv_service::store::Store::Memory(kv_service::store::MemoryStore::new());
+    let store = kv_service::store::KvBackend::Memory(kv_service::store::MemoryStore::new());
     let router = kv_service::rest::router(kv_service::core::Kv::new(store));
     assert_eq!(router.urls(), ["DELETE/kv", "GET/kv", "POST/kv", "PUT/kv"]);
 }
@@ -374,7 +374,7 @@ async fn call_as(
 
 #[test]
 fn reads_declare_kv_read_and_writes_kv_write() {
-    let kv = kv_service::core::Kv::new(kv_service::store::Store::Memory(Default::default()));
+    let kv = kv_service::core::Kv::new(kv_service::store::KvBackend::Memory(Default::default()));
     let scopes = kv_service::rest::router(kv).scopes();
     assert_eq!(
         scopes.into_iter().collect::<Vec<_>>(),

@@ -6,24 +6,28 @@ mod common;
 use std::{collections::BTreeSet, sync::Arc};
 
 use common::{Backend, StoreFixture};
-use kv_service::store::{Condition, KvStore, PutOutcome, Store, Versioned, Write, WriteOutcome};
+use kv_service::store::{
+    Condition, KvBackend, KvStore, PutOutcome, Versioned, Write, WriteOutcome,
+};
 
 /// An opened store and what keeps its data alive.
 struct Opened {
-    store: Arc<Store>,
+    store: Arc<KvBackend>,
     fixture: StoreFixture,
 }
 
 async fn open(backend: Backend) -> Option<Opened> {
     let fixture = StoreFixture::new(backend).await?;
-    let store = Store::open(&fixture.config).await.expect("the store opens");
+    let store = KvBackend::open(&fixture.config)
+        .await
+        .expect("the store opens");
     Some(Opened {
         store: Arc::new(store),
         fixture,
     })
 }
 
-async fn put(store: &Store, key: &str, value: &str) -> i64 {
+async fn put(store: &KvBackend, key: &str, value: &str) -> i64 {
     match store
         .put(key, value.to_owned(), Condition::Always)
         .await
@@ -41,11 +45,11 @@ fn versioned(value: &str, version: i64) -> Option<Versioned> {
     })
 }
 
-async fn get_of_a_missing_key_is_none(store: Arc<Store>) {
+async fn get_of_a_missing_key_is_none(store: Arc<KvBackend>) {
     assert_eq!(store.get("missing").await.unwrap(), None);
 }
 
-async fn put_creates_at_version_1_and_each_replace_adds_one(store: Arc<Store>) {
+async fn put_creates_at_version_1_and_each_replace_adds_one(store: Arc<KvBackend>) {
     assert_eq!(put(&store, "k", "a").await, 1);
     assert_eq!(put(&store, "k", "b").await, 2);
     assert_eq!(put(&store, "k", "c").await, 3);
@@ -54,7 +58,7 @@ async fn put_creates_at_version_1_and_each_replace_adds_one(store: Arc<Store>) {
     assert_eq!(put(&store, "other", "x").await, 1);
 }
 
-async fn any_utf8_round_trips(store: Arc<Store>) {
+async fn any_utf8_round_trips(store: Arc<KvBackend>) {
     let cases = [
         ("plain", "value"),
         ("pilcrow¶key", "a¶b¶"),
@@ -84,7 +88,7 @@ async fn any_utf8_round_trips(store: Arc<Store>) {
     assert_eq!(store.get(&long_key).await.unwrap(), versioned("v", 1));
 }
 
-async fn if_version_replaces_only_the_current_version(store: Arc<Store>) {
+async fn if_version_replaces_only_the_current_version(store: Arc<KvBackend>) {
     assert_eq!(
         store
             .put("k", "a".into(), Condition::IfVersion(1))
@@ -112,7 +116,7 @@ async fn if_version_replaces_only_the_current_version(store: Arc<Store>) {
     assert_eq!(store.get("k").await.unwrap(), versioned("b", 2));
 }
 
-async fn if_absent_creates_only_once(store: Arc<Store>) {
+async fn if_absent_creates_only_once(store: Arc<KvBackend>) {
     assert_eq!(
         store
             .put("k", "first".into(), Condition::IfAbsent)
@@ -130,7 +134,7 @@ async fn if_absent_creates_only_once(store: Arc<Store>) {
     assert_eq!(store.get("k").await.unwrap(), versioned("first", 1));
 }
 
-async fn delete_removes_and_says_whether_it_did(store: Arc<Store>) {
+async fn delete_removes_and_says_whether_it_did(store: Arc<KvBackend>) {
     assert!(!store.delete("k").await.unwrap());
     put(&store, "k", "a").await;
     put(&store, "k", "b").await;
@@ -148,7 +152,7 @@ async fn delete_removes_and_says_whether_it_did(store: Arc<Store>) {
     );
 }
 
-async fn list_is_in_byte_order_and_filters_by_prefix(store: Arc<Store>) {
+async fn list_is_in_byte_order_and_filters_by_prefix(store: Arc<KvBackend>) {
     let keys = [
         "b", "a", "ab", "a\u{0}", "aa", "a~", "aé", "a日", "a🦀", "B", "ba", "c", "é",
     ];
@@ -192,7 +196,7 @@ async fn list_is_in_byte_order_and_filters_by_prefix(store: Arc<Store>) {
     assert_eq!(listed, ["a", "a\u{0}", "aa"]);
 }
 
-async fn concurrent_puts_on_one_key_never_lose_an_increment(store: Arc<Store>) {
+async fn concurrent_puts_on_one_key_never_lose_an_increment(store: Arc<KvBackend>) {
     const TASKS: usize = 16;
     const PUTS: usize = 25;
     let mut tasks = Vec::new();
@@ -224,7 +228,7 @@ async fn concurrent_puts_on_one_key_never_lose_an_increment(store: Arc<Store>) {
     assert_eq!(store.get("hot").await.unwrap().unwrap().version, total);
 }
 
-async fn concurrent_compare_and_set_counts_every_increment(store: Arc<Store>) {
+async fn concurrent_compare_and_set_counts_every_increment(store: Arc<KvBackend>) {
     const TASKS: usize = 8;
     const INCREMENTS: usize = 10;
     put(&store, "counter", "0").await;
@@ -258,7 +262,7 @@ async fn concurrent_compare_and_set_counts_every_increment(store: Arc<Store>) {
     );
 }
 
-async fn concurrent_creates_of_one_key_have_one_winner(store: Arc<Store>) {
+async fn concurrent_creates_of_one_key_have_one_winner(store: Arc<KvBackend>) {
     let mut tasks = Vec::new();
     for task in 0..16 {
         let store = store.clone();
@@ -289,7 +293,7 @@ async fn concurrent_creates_of_one_key_have_one_winner(store: Arc<Store>) {
     );
 }
 
-async fn write_batches_apply_in_order(store: Arc<Store>) {
+async fn write_batches_apply_in_order(store: Arc<KvBackend>) {
     let put = |key: &str, value: &str, condition| Write::Put {
         key: key.into(),
         value: value.into(),
@@ -345,7 +349,7 @@ async fn data_survives_reopening(opened: Opened) {
     store.close().await;
     drop(store);
 
-    let reopened = Store::open(&fixture.config).await.unwrap();
+    let reopened = KvBackend::open(&fixture.config).await.unwrap();
     assert_eq!(reopened.get("kept").await.unwrap(), versioned("b", 2));
     assert_eq!(reopened.get("gone").await.unwrap(), None);
     // Migrations already applied are skipped, not re-run.

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::{
     hub::{Hub, PresenceChange, SubscriberInfo},
     notice::{from_millis, OutgoingNotice, Whispers},
-    store::{NoticeQuery, Selector, Store, StoreError, PUBLISHED_CHANNEL},
+    store::{NoticeBackend, NoticeQuery, NoticeStore, Selector, StoreError, PUBLISHED_CHANNEL},
 };
 
 /// NOTIFY channel asking the other instances to kick a name.
@@ -46,6 +46,15 @@ struct KickMessage {
     origin: String,
 }
 
+/// A subscriber of another instance as `notice_subscribers` keeps it: topics as a JSON array,
+/// `since` in Unix milliseconds.
+#[derive(sqlx::FromRow)]
+struct PresenceRow {
+    name: Option<String>,
+    topics: String,
+    since: i64,
+}
+
 /// This instance's membership in the cluster.
 #[derive(Clone)]
 pub struct Cluster {
@@ -60,7 +69,7 @@ impl Cluster {
     /// a subscriber: noted later, the notices committed in between would reach nobody live.
     pub async fn join(
         pool: PgPool,
-        store: &dyn Store,
+        store: &NoticeBackend,
     ) -> Result<(Cluster, ClusterListener), StoreError> {
         let instance_id = uuid::Uuid::new_v4().to_string();
         sqlx::query("INSERT INTO notice_instances (instance_id) VALUES ($1)")
@@ -84,7 +93,7 @@ impl Cluster {
 
     /// Subscribers of the other live instances.
     pub async fn remote_presence(&self) -> Result<Vec<SubscriberInfo>, StoreError> {
-        let rows: Vec<(Option<String>, String, i64)> = sqlx::query_as(
+        let rows: Vec<PresenceRow> = sqlx::query_as(
             "SELECT s.name, s.topics, s.since FROM notice_subscribers s
              JOIN notice_instances i ON i.instance_id = s.instance_id
              WHERE s.instance_id <> $1 AND i.heartbeat_at > now() - make_interval(secs => $2)",
@@ -95,10 +104,10 @@ impl Cluster {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(name, topics, since)| SubscriberInfo {
-                name,
-                topics: serde_json::from_str(&topics).unwrap_or_default(),
-                since: from_millis(since),
+            .map(|row| SubscriberInfo {
+                name: row.name,
+                topics: serde_json::from_str(&row.topics).unwrap_or_default(),
+                since: from_millis(row.since),
             })
             .collect())
     }
@@ -165,8 +174,9 @@ impl Cluster {
         let mut tx = self.pool.begin().await?;
         for change in changes {
             match change {
-                PresenceChange::Joined(id, info) => {
-                    insert_subscriber(&mut tx, &self.instance_id, *id, info).await?;
+                PresenceChange::Joined(present) => {
+                    insert_subscriber(&mut tx, &self.instance_id, present.id, &present.info)
+                        .await?;
                 }
                 PresenceChange::Left(id) => {
                     sqlx::query(
@@ -191,8 +201,8 @@ impl Cluster {
             .bind(&self.instance_id)
             .execute(&mut *tx)
             .await?;
-        for (id, info) in hub.presence() {
-            insert_subscriber(&mut tx, &self.instance_id, id, &info).await?;
+        for present in hub.presence() {
+            insert_subscriber(&mut tx, &self.instance_id, present.id, &present.info).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -233,7 +243,7 @@ pub async fn run_fan_out(
         mut listener,
         last_fanned_out: mut last,
     }: ClusterListener,
-    store: Arc<dyn Store>,
+    store: Arc<NoticeBackend>,
     hub: Hub,
     shutdown: CancellationToken,
 ) {
@@ -282,7 +292,7 @@ fn handle_notification(cluster: &Cluster, hub: &Hub, channel: &str, payload: &st
     }
 }
 
-async fn catch_up(store: &dyn Store, hub: &Hub, last: &mut i64) -> Result<(), StoreError> {
+async fn catch_up(store: &NoticeBackend, hub: &Hub, last: &mut i64) -> Result<(), StoreError> {
     loop {
         let notices = store
             .query(&NoticeQuery {

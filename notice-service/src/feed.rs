@@ -11,7 +11,7 @@ use std::{collections::VecDeque, sync::Arc};
 use crate::{
     hub::{EndReason, Subscription},
     notice::{Notice, OutgoingNotice},
-    store::{NoticeQuery, Selector, Store, StoreError},
+    store::{NoticeBackend, NoticeQuery, NoticeStore, Selector, StoreError},
 };
 
 /// Stored notices are replayed in pages of this size, so a long catch-up never loads the whole
@@ -28,7 +28,7 @@ pub enum FeedEnd {
 
 pub struct Feed {
     subscription: Subscription,
-    store: Arc<dyn Store>,
+    store: Arc<NoticeBackend>,
     /// `Some(id)` while stored notices after `id` may remain to be replayed.
     replay_after: Option<i64>,
     page: VecDeque<Notice>,
@@ -37,7 +37,7 @@ pub struct Feed {
 
 impl Feed {
     /// `subscription` must already be live; `after` asks for a replay of what followed that id.
-    pub fn new(subscription: Subscription, store: Arc<dyn Store>, after: Option<i64>) -> Feed {
+    pub fn new(subscription: Subscription, store: Arc<NoticeBackend>, after: Option<i64>) -> Feed {
         Feed {
             subscription,
             store,

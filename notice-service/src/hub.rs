@@ -6,10 +6,15 @@
 //! last id with a new subscription), so one slow reader can neither hold up the others nor make
 //! memory grow. The hub lock is a std mutex held only for map updates and `try_send`s, never
 //! across an await.
+//!
+//! A poisoned lock is used anyway (`unwrap_or_else(PoisonError::into_inner)`), the policy of every
+//! std mutex in the workspace's services: the sections holding one only update maps and offer to
+//! channels, calls that leave each collection whole, so a panic elsewhere in a task cannot leave
+//! them half-updated, and refusing the lock would turn one failed request into failing them all.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
 };
 
 use chrono::{DateTime, Utc};
@@ -54,11 +59,19 @@ fn serialize_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok
     s.serialize_str(&format_time(t))
 }
 
+/// One subscriber of this instance, with the id its presence rows are kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSubscriber {
+    pub id: u64,
+    pub info: SubscriberInfo,
+}
+
 /// Presence changes, for whoever mirrors this instance's presence elsewhere (the PostgreSQL
 /// presence table).
 #[derive(Debug, Clone)]
 pub enum PresenceChange {
-    Joined(u64, SubscriberInfo),
+    Joined(LocalSubscriber),
+    /// The id of a subscriber that left.
     Left(u64),
 }
 
@@ -158,6 +171,13 @@ impl Hub {
         }
     }
 
+    fn state(&self) -> MutexGuard<'_, HubState> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn observe(&self, change: PresenceChange) {
         if let Some(observer) = &self.shared.observer {
             let _ = observer.send(change);
@@ -173,7 +193,7 @@ impl Hub {
             since: Utc::now(),
         };
         let id = {
-            let mut state = self.shared.state.lock().unwrap();
+            let mut state = self.state();
             if state.shut_down {
                 return Err(SubscribeError::ShuttingDown);
             }
@@ -196,7 +216,7 @@ impl Hub {
             state.subscribers.insert(id, entry);
             id
         };
-        self.observe(PresenceChange::Joined(id, info));
+        self.observe(PresenceChange::Joined(LocalSubscriber { id, info }));
         Ok(Subscription {
             id,
             hub: self.clone(),
@@ -211,7 +231,7 @@ impl Hub {
         let mut delivery = Delivery::default();
         let mut lagged = Vec::new();
         {
-            let mut state = self.shared.state.lock().unwrap();
+            let mut state = self.state();
             let state = &mut *state;
             let mut offer = |id: &u64, entry: &Entry| match entry.sender.try_send(notice.clone()) {
                 Ok(()) => delivery.delivered += 1,
@@ -254,7 +274,7 @@ impl Hub {
     /// Ends every subscription with this name; returns how many there were.
     pub fn kick(&self, name: &str) -> usize {
         let kicked: Vec<u64> = {
-            let mut state = self.shared.state.lock().unwrap();
+            let mut state = self.state();
             let ids: Vec<u64> = state
                 .by_name
                 .get(name)
@@ -276,7 +296,7 @@ impl Hub {
     /// Ends every subscription and refuses new ones.
     pub fn shut_down(&self) {
         let ids: Vec<u64> = {
-            let mut state = self.shared.state.lock().unwrap();
+            let mut state = self.state();
             state.shut_down = true;
             let ids: Vec<u64> = state.subscribers.keys().copied().collect();
             for id in &ids {
@@ -292,24 +312,27 @@ impl Hub {
     }
 
     /// Who is subscribed here now, oldest first.
-    pub fn presence(&self) -> Vec<(u64, SubscriberInfo)> {
-        let state = self.shared.state.lock().unwrap();
-        let mut all: Vec<(u64, SubscriberInfo)> = state
+    pub fn presence(&self) -> Vec<LocalSubscriber> {
+        let state = self.state();
+        let mut all: Vec<LocalSubscriber> = state
             .subscribers
             .iter()
-            .map(|(id, entry)| (*id, entry.info.clone()))
+            .map(|(id, entry)| LocalSubscriber {
+                id: *id,
+                info: entry.info.clone(),
+            })
             .collect();
-        all.sort_by_key(|(id, _)| *id);
+        all.sort_by_key(|present| present.id);
         all
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shared.state.lock().unwrap().subscribers.len()
+        self.state().subscribers.len()
     }
 
     fn unsubscribe(&self, id: u64) {
-        let removed = self.shared.state.lock().unwrap().remove(id).is_some();
+        let removed = self.state().remove(id).is_some();
         if removed {
             self.observe(PresenceChange::Left(id));
         }
@@ -451,7 +474,11 @@ mod tests {
         // Kicked wins over what is still buffered.
         assert_eq!(first.recv().await.unwrap_err(), EndReason::Kicked);
         assert_eq!(second.ended().await, EndReason::Kicked);
-        let names: Vec<_> = hub.presence().into_iter().map(|(_, i)| i.name).collect();
+        let names: Vec<_> = hub
+            .presence()
+            .into_iter()
+            .map(|present| present.info.name)
+            .collect();
         assert_eq!(names, [Some("bob".to_string())]);
     }
 
@@ -463,7 +490,7 @@ mod tests {
         assert_eq!(hub.len(), 1);
         drop(sub);
         assert_eq!(hub.len(), 0);
-        let state = hub.shared.state.lock().unwrap();
+        let state = hub.state();
         assert!(state.by_topic.is_empty() && state.by_name.is_empty());
         drop(state);
         assert!(matches!(changes.try_recv(), Ok(PresenceChange::Joined(..))));

@@ -10,7 +10,8 @@
 //!
 //! Layout:
 //! - [`notice`]: the notice, its validation, and who may receive it ([`notice::Interest`]).
-//! - [`store`]: the [`store::Store`] trait with its memory, SQLite and PostgreSQL backends.
+//! - [`store`]: the [`store::NoticeStore`] trait with its memory, SQLite and PostgreSQL
+//!   backends, and [`store::NoticeBackend`], the one `--store` picks.
 //! - [`hub`]: this instance's live subscribers and the bounded, never-blocking fan-out.
 //! - [`feed`]: one subscriber's replay-then-live sequence.
 //! - [`service`]: the operations (publish, list, subscribe, presence, kick), wire-independent.
@@ -28,7 +29,7 @@ pub mod scheduler;
 pub mod service;
 pub mod store;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use shared::{cluster::ClusterPolicy, server::ConnectionLimits, service::ServiceConfig};
 use tokio::{net::TcpListener, sync::mpsc};
@@ -39,7 +40,7 @@ use crate::{
     cluster::Cluster,
     hub::Hub,
     service::NoticeService,
-    store::{Retention, StoreError, StoreSpec},
+    store::{NoticeBackend, Retention, StoreError, StoreSpec},
 };
 
 /// The name the service registers under with the distributor.
@@ -67,8 +68,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for embedding and tests: no distributor, no retention cap.
-    pub fn new(store: StoreSpec) -> Config {
+    /// An unregistered service over `store` with no retention cap (embedding and tests).
+    pub fn standalone(store: StoreSpec) -> Config {
         Config {
             store,
             distributor: None,
@@ -82,8 +83,9 @@ impl Config {
     }
 }
 
+/// Why [`run`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum NoticeError {
+pub enum NoticeServiceError {
     #[error("could not open the notice store: {0}")]
     Store(#[from] StoreError),
     #[error("serving failed: {0}")]
@@ -96,13 +98,14 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<(), NoticeError> {
+) -> Result<(), NoticeServiceError> {
     info!(store = ?config.store, retention = ?config.retention, "opening the notice store");
-    let opened = store::open(&config.store).await?;
+    let store = Arc::new(NoticeBackend::open(&config.store).await?);
+    let postgres = store.postgres_pool().cloned();
     let background = shutdown.child_token();
     let tasks = TaskTracker::new();
 
-    let (observer, presence_changes) = match opened.postgres {
+    let (observer, presence_changes) = match postgres {
         Some(_) => {
             let (observer, changes) = mpsc::unbounded_channel();
             (Some(observer), Some(changes))
@@ -110,13 +113,13 @@ pub async fn run(
         None => (None, None),
     };
     let hub = Hub::new(config.subscriber_buffer, config.max_subscribers, observer);
-    let cluster = match (opened.postgres, presence_changes) {
+    let cluster = match (postgres, presence_changes) {
         (Some(pool), Some(changes)) => {
-            let (cluster, listener) = Cluster::join(pool, opened.store.as_ref()).await?;
+            let (cluster, listener) = Cluster::join(pool, &store).await?;
             tasks.spawn(cluster::run_fan_out(
                 cluster.clone(),
                 listener,
-                opened.store.clone(),
+                store.clone(),
                 hub.clone(),
                 background.clone(),
             ));
@@ -130,7 +133,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let service = NoticeService::new(opened.store, hub.clone(), cluster, config.retention);
+    let service = NoticeService::new(store.clone(), hub.clone(), cluster, config.retention);
     tasks.spawn(scheduler::run_scheduler(
         service.clone(),
         background.clone(),
@@ -173,6 +176,7 @@ pub async fn run(
     background.cancel();
     tasks.close();
     tasks.wait().await;
+    store.close().await;
     served?;
     Ok(())
 }

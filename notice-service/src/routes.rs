@@ -18,7 +18,10 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared::service::{Event, EventSink, Request, Response, Router};
+use shared::service::{
+    with_state, Accepted, Created, Event, EventSink, IntoAnswer, Json, Request, Response, Router,
+    ServiceError,
+};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -43,32 +46,56 @@ const MAX_LIMIT: u32 = 1000;
 
 /// `streams` tracks the running subscriptions, so shutdown can wait for their final events.
 pub fn router(service: NoticeService, streams: TaskTracker) -> Router {
-    let publish = service.clone();
-    let list = service.clone();
     let stream = service.clone();
-    let presence = service.clone();
-    let kick = service;
     Router::new()
-        .route("POST", "/notices", move |request| {
-            publish_notice(publish.clone(), request)
-        })
+        .route(
+            "POST",
+            "/notices",
+            with_state(service.clone(), publish_notice),
+        )
         .scope(PUBLISH_SCOPE)
-        .route("GET", "/notices", move |request| {
-            list_notices(list.clone(), request)
-        })
+        .route("GET", "/notices", with_state(service.clone(), list_notices))
         .scope(SUBSCRIBE_SCOPE)
         .stream("GET", "/notices/stream", move |request, sink| {
             streams.track_future(stream_notices(stream.clone(), request, sink))
         })
         .scope(SUBSCRIBE_SCOPE)
-        .route("GET", "/notices/subscribers", move |request| {
-            list_subscribers(presence.clone(), request)
-        })
+        .route(
+            "GET",
+            "/notices/subscribers",
+            with_state(service.clone(), list_subscribers),
+        )
         .scope(NOTICE_ADMIN_SCOPE)
-        .route("DELETE", "/notices/subscribers", move |request| {
-            kick_subscribers(kick.clone(), request)
-        })
+        .route(
+            "DELETE",
+            "/notices/subscribers",
+            with_state(service, kick_subscribers),
+        )
         .scope(NOTICE_ADMIN_SCOPE)
+}
+
+/// A full store refuses for now; any other failure stays in the logs, and the caller learns
+/// only that the store failed.
+impl From<StoreError> for ServiceError {
+    fn from(err: StoreError) -> ServiceError {
+        match err {
+            StoreError::Full(reason) => ServiceError::Unavailable(reason),
+            err => {
+                warn!(%err, "notice store failed");
+                ServiceError::Internal("the notice store is unavailable, try again later".into())
+            }
+        }
+    }
+}
+
+impl From<SubscribeError> for ServiceError {
+    fn from(err: SubscribeError) -> ServiceError {
+        match err {
+            SubscribeError::Full(_) | SubscribeError::ShuttingDown => {
+                ServiceError::Unavailable(err.to_string())
+            }
+        }
+    }
 }
 
 /// True for a caller that may act for anyone: a cluster member calling directly (no `auth`),
@@ -87,25 +114,14 @@ fn readable_whispers(request: &Request) -> Whispers {
     }
 }
 
-/// The store's details stay in the logs; the caller learns only that it failed.
-fn store_failure(err: StoreError) -> Response {
-    match err {
-        StoreError::Full(reason) => Response::error(503, reason),
-        err => {
-            warn!(%err, "notice store failed");
-            Response::error(500, "the notice store is unavailable, try again later")
-        }
-    }
-}
-
 /// A route registered as `METHOD/notices` also receives `METHOD /notices/anything` (the
 /// gateway's prefix routing); those paths do not exist.
-fn no_extra_path(request: &Request) -> Result<(), Response> {
+fn no_extra_path(request: &Request) -> Result<(), ServiceError> {
     match request.path_param() {
-        Some(rest) if !rest.is_empty() => Err(Response::error(
-            404,
-            format!("no such resource: {}/{rest}", request.uri),
-        )),
+        Some(rest) if !rest.is_empty() => Err(ServiceError::NotFound(format!(
+            "no such resource: {}/{rest}",
+            request.uri
+        ))),
         _ => Ok(()),
     }
 }
@@ -115,7 +131,7 @@ fn non_empty(value: Option<String>) -> Option<String> {
 }
 
 /// A non-negative integer param given as a number or a numeric string.
-fn integer_param(field: &str, value: Option<&Value>) -> Result<Option<i64>, Response> {
+fn integer_param(field: &str, value: Option<&Value>) -> Result<Option<i64>, ServiceError> {
     let parsed = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(s)) if s.is_empty() => return Ok(None),
@@ -125,10 +141,9 @@ fn integer_param(field: &str, value: Option<&Value>) -> Result<Option<i64>, Resp
     };
     match parsed {
         Some(n) if n >= 0 => Ok(Some(n)),
-        _ => Err(Response::error(
-            400,
-            format!("{field} must be a non-negative integer"),
-        )),
+        _ => Err(ServiceError::BadRequest(format!(
+            "{field} must be a non-negative integer"
+        ))),
     }
 }
 
@@ -144,47 +159,50 @@ struct PublishParams {
     from: Option<Value>,
 }
 
-async fn publish_notice(service: NoticeService, request: Request) -> Response {
-    if let Err(response) = no_extra_path(&request) {
-        return response;
+/// 201 with the stored notice, or 202 with the time a scheduled one will be published.
+impl IntoAnswer for Published {
+    fn into_answer(self) -> Response {
+        match self {
+            Published::Stored(notice) => Created(notice).into_answer(),
+            Published::Scheduled(at) => {
+                Accepted(json!({"scheduled": true, "at": format_time(&at)})).into_answer()
+            }
+        }
     }
-    let params: PublishParams = match request.parse() {
-        Ok(params) => params,
-        Err(response) => return response,
-    };
+}
+
+async fn publish_notice(
+    service: NoticeService,
+    request: Request,
+) -> Result<Published, ServiceError> {
+    no_extra_path(&request)?;
+    let params: PublishParams = request.params_as()?;
     if params.message.is_none() && params.body.is_some() {
-        return Response::error(
-            400,
-            "message is required: send a JSON body like {\"message\": \"hello\"}",
-        );
+        return Err(ServiceError::BadRequest(
+            "message is required: send a JSON body like {\"message\": \"hello\"}".into(),
+        ));
     }
     if params.from.is_some() {
-        return Response::error(
-            400,
-            "from cannot be set: it is the subject of the publisher's token",
-        );
+        return Err(ServiceError::BadRequest(
+            "from cannot be set: it is the subject of the publisher's token".into(),
+        ));
     }
-    let notice = match NewNotice::new(params.message, params.topic, params.to) {
-        Ok(notice) => notice.sent_by(request.subject().map(str::to_string)),
-        Err(reason) => return Response::error(400, reason),
-    };
-    let at = match non_empty(params.at).map(|at| DateTime::parse_from_rfc3339(&at)) {
+    let notice = NewNotice::new(params.message, params.topic, params.to)
+        .map_err(ServiceError::BadRequest)?
+        .sent_by(request.subject().map(str::to_string));
+    let at = match non_empty(params.at) {
         None => None,
-        Some(Ok(at)) => Some(at.with_timezone(&Utc)),
-        Some(Err(err)) => {
-            return Response::error(
-                400,
-                format!("at must be an RFC 3339 time like 2030-01-01T12:00:00Z ({err})"),
-            )
-        }
+        Some(at) => Some(
+            DateTime::parse_from_rfc3339(&at)
+                .map_err(|err| {
+                    ServiceError::BadRequest(format!(
+                        "at must be an RFC 3339 time like 2030-01-01T12:00:00Z ({err})"
+                    ))
+                })?
+                .with_timezone(&Utc),
+        ),
     };
-    match service.publish(notice, at).await {
-        Ok(Published::Stored(notice)) => Response::with_status(201, notice),
-        Ok(Published::Scheduled(at)) => {
-            Response::with_status(202, json!({"scheduled": true, "at": format_time(&at)}))
-        }
-        Err(err) => store_failure(err),
-    }
+    Ok(service.publish(notice, at).await?)
 }
 
 #[derive(Deserialize)]
@@ -194,29 +212,25 @@ struct ListParams {
     limit: Option<Value>,
 }
 
-async fn list_notices(service: NoticeService, request: Request) -> Response {
-    let query = match list_query(&request) {
-        Ok(query) => query,
-        Err(response) => return response,
-    };
-    match service.list(&query).await {
-        Ok(items) => Response::ok(json!({ "items": items })),
-        Err(err) => store_failure(err),
-    }
+async fn list_notices(
+    service: NoticeService,
+    request: Request,
+) -> Result<Json<Value>, ServiceError> {
+    let items = service.list(&list_query(&request)?).await?;
+    Ok(Json(json!({ "items": items })))
 }
 
-fn list_query(request: &Request) -> Result<NoticeQuery, Response> {
+fn list_query(request: &Request) -> Result<NoticeQuery, ServiceError> {
     no_extra_path(request)?;
-    let params: ListParams = request.parse()?;
+    let params: ListParams = request.params_as()?;
     let after = integer_param("after", params.after.as_ref())?.unwrap_or(0);
     let limit = match integer_param("limit", params.limit.as_ref())? {
         None => DEFAULT_LIMIT,
         Some(limit) if (1..=i64::from(MAX_LIMIT)).contains(&limit) => limit as u32,
         Some(_) => {
-            return Err(Response::error(
-                400,
-                format!("limit must be between 1 and {MAX_LIMIT}"),
-            ))
+            return Err(ServiceError::BadRequest(format!(
+                "limit must be between 1 and {MAX_LIMIT}"
+            )))
         }
     };
     let selector = match non_empty(params.topic) {
@@ -241,8 +255,8 @@ struct StreamParams {
 }
 
 /// Who subscribes and from which id to replay (`None`: live notices only).
-fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> {
-    let params: StreamParams = request.parse()?;
+fn subscription(request: &Request) -> Result<(Interest, Option<i64>), ServiceError> {
+    let params: StreamParams = request.params_as()?;
     let topics: Vec<String> = match &params.topics {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(list)) => list.split(',').map(|t| t.trim().to_string()).collect(),
@@ -250,11 +264,10 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
             .iter()
             .map(|item| item.as_str().map(str::to_string))
             .collect::<Option<_>>()
-            .ok_or_else(|| Response::error(400, "topics must be strings"))?,
+            .ok_or_else(|| ServiceError::BadRequest("topics must be strings".into()))?,
         Some(_) => {
-            return Err(Response::error(
-                400,
-                "topics must be a comma-separated string or a list of strings",
+            return Err(ServiceError::BadRequest(
+                "topics must be a comma-separated string or a list of strings".into(),
             ))
         }
     };
@@ -262,17 +275,16 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
     topics.sort();
     topics.dedup();
     if topics.len() > MAX_TOPICS {
-        return Err(Response::error(
-            400,
-            format!("at most {MAX_TOPICS} topics per subscription"),
-        ));
+        return Err(ServiceError::BadRequest(format!(
+            "at most {MAX_TOPICS} topics per subscription"
+        )));
     }
     for topic in &topics {
-        validate_label("topic", topic).map_err(|reason| Response::error(400, reason))?;
+        validate_label("topic", topic).map_err(ServiceError::BadRequest)?;
     }
     let name = non_empty(params.name);
     if let Some(name) = &name {
-        validate_label("name", name).map_err(|reason| Response::error(400, reason))?;
+        validate_label("name", name).map_err(ServiceError::BadRequest)?;
     }
     let name = subscriber_name(request, name)?;
     // A reconnecting EventSource sends Last-Event-ID with its original URL: the header wins.
@@ -287,13 +299,15 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), Response> 
 /// subscribes as itself; only an admin may take another name (to watch a user's whispers, or
 /// for a service subscribing on someone's behalf). Callers without a subject (cluster members,
 /// anonymous callers the gateway granted `notice:subscribe`) name themselves freely.
-fn subscriber_name(request: &Request, asked: Option<String>) -> Result<Option<String>, Response> {
+fn subscriber_name(
+    request: &Request,
+    asked: Option<String>,
+) -> Result<Option<String>, ServiceError> {
     let Some(subject) = request.subject() else {
         // A verified caller without a subject (anonymous, granted scopes by the gateway) has no
         // name of its own: taking someone else's would hand it their whispers.
         return match asked {
-            Some(name) if request.auth.is_some() && !is_admin(request) => Err(Response::error(
-                403,
+            Some(name) if request.auth.is_some() && !is_admin(request) => Err(ServiceError::Forbidden(
                 format!(
                     "name {name:?} is not yours: an anonymous caller cannot take a name;                      that needs a token for it, or the scope {NOTICE_ADMIN_SCOPE:?}"
                 ),
@@ -304,13 +318,10 @@ fn subscriber_name(request: &Request, asked: Option<String>) -> Result<Option<St
     match asked {
         None => Ok(Some(subject.to_string())),
         Some(name) if name == subject || is_admin(request) => Ok(Some(name)),
-        Some(name) => Err(Response::error(
-            403,
-            format!(
-                "name {name:?} is not yours: a subscription takes the name of its token's \
+        Some(name) => Err(ServiceError::Forbidden(format!(
+            "name {name:?} is not yours: a subscription takes the name of its token's \
                  subject ({subject:?}); another name needs the scope {NOTICE_ADMIN_SCOPE:?}"
-            ),
-        )),
+        ))),
     }
 }
 
@@ -320,10 +331,10 @@ fn stream_notices(
     service: NoticeService,
     request: Request,
     sink: EventSink,
-) -> impl Future<Output = Response> {
+) -> impl Future<Output = Result<Json<Value>, ServiceError>> {
     match no_extra_path(&request).and_then(|()| subscription(&request)) {
         Ok((interest, after)) => send_notices(service, interest, after, sink).left_future(),
-        Err(response) => std::future::ready(response).right_future(),
+        Err(refusal) => std::future::ready(Err(refusal)).right_future(),
     }
 }
 
@@ -332,17 +343,12 @@ async fn send_notices(
     interest: Interest,
     after: Option<i64>,
     sink: EventSink,
-) -> Response {
-    let mut feed = match service.subscribe(interest, after) {
-        Ok(feed) => feed,
-        Err(err @ (SubscribeError::Full(_) | SubscribeError::ShuttingDown)) => {
-            return Response::error(503, err.to_string())
-        }
-    };
+) -> Result<Json<Value>, ServiceError> {
+    let mut feed = service.subscribe(interest, after)?;
     // Accepted: tell the caller now (the gateway then sends its HTTP headers), not only when
     // the first notice comes.
     if sink.open().await.is_err() {
-        return Response::ok(Value::Null);
+        return Ok(Json(Value::Null));
     }
     loop {
         match feed.next().await {
@@ -354,7 +360,7 @@ async fn send_notices(
                 };
                 if sink.send(event).await.is_err() {
                     // The caller is gone; dropping the feed frees the subscription.
-                    return Response::ok(Value::Null);
+                    return Ok(Json(Value::Null));
                 }
             }
             Err(FeedEnd::Ended(reason)) => {
@@ -366,24 +372,26 @@ async fn send_notices(
                 };
                 drop(feed);
                 let _ = sink.send(event).await;
-                return Response::ok(json!({ "ended": name }));
+                return Ok(Json(json!({ "ended": name })));
             }
-            Err(FeedEnd::Store(err)) => return store_failure(err),
+            Err(FeedEnd::Store(err)) => return Err(err.into()),
         }
     }
 }
 
-async fn list_subscribers(service: NoticeService, request: Request) -> Response {
-    if let Err(response) = no_extra_path(&request) {
-        return response;
-    }
-    match service.presence().await {
-        Ok(items) => Response::ok(json!({ "items": items })),
-        Err(err) => store_failure(err),
-    }
+async fn list_subscribers(
+    service: NoticeService,
+    request: Request,
+) -> Result<Json<Value>, ServiceError> {
+    no_extra_path(&request)?;
+    let items = service.presence().await?;
+    Ok(Json(json!({ "items": items })))
 }
 
-async fn kick_subscribers(service: NoticeService, request: Request) -> Response {
+async fn kick_subscribers(
+    service: NoticeService,
+    request: Request,
+) -> Result<Json<Value>, ServiceError> {
     let name = non_empty(request.path_param().map(str::to_string)).or_else(|| {
         non_empty(
             request
@@ -393,13 +401,14 @@ async fn kick_subscribers(service: NoticeService, request: Request) -> Response 
                 .map(str::to_string),
         )
     });
-    let Some(name) = name else {
-        return Response::error(400, "name is required: DELETE /notices/subscribers/{name}");
-    };
-    match service.kick(&name).await {
-        Ok(0) => Response::error(404, format!("no subscriber named {name:?}")),
-        Ok(kicked) => Response::ok(json!({ "kicked": kicked })),
-        Err(err) => store_failure(err),
+    let name = name.ok_or_else(|| {
+        ServiceError::BadRequest("name is required: DELETE /notices/subscribers/{name}".into())
+    })?;
+    match service.kick(&name).await? {
+        0 => Err(ServiceError::NotFound(format!(
+            "no subscriber named {name:?}"
+        ))),
+        kicked => Ok(Json(json!({ "kicked": kicked }))),
     }
 }
 
@@ -431,7 +440,7 @@ mod tests {
     fn name_of(request: &Request) -> Result<Option<String>, u16> {
         subscription(request)
             .map(|(interest, _)| interest.name)
-            .map_err(|response| response.status)
+            .map_err(|refusal| refusal.status())
     }
 
     #[test]
@@ -517,11 +526,11 @@ mod tests {
             (json!({"name": "a\nb"}), "name must not"),
             (json!("oops"), "invalid parameters"),
         ] {
-            let response = subscription(&request(params)).unwrap_err();
-            assert_eq!(response.status, 400);
+            let refusal = subscription(&request(params)).unwrap_err();
+            assert_eq!(refusal.status(), 400);
             assert!(
-                response.error.as_deref().unwrap().contains(reason),
-                "{response:?} should say {reason}"
+                refusal.message().contains(reason),
+                "{refusal:?} should say {reason}"
             );
         }
     }
@@ -529,7 +538,7 @@ mod tests {
     #[test]
     fn the_routes_register_the_documented_urls() {
         let service = NoticeService::new(
-            std::sync::Arc::new(crate::store::MemoryStore::default()),
+            std::sync::Arc::new(crate::store::NoticeBackend::Memory(Default::default())),
             crate::hub::Hub::new(8, 8, None),
             None,
             Default::default(),
@@ -549,7 +558,7 @@ mod tests {
     #[test]
     fn every_route_declares_its_scope() {
         let service = NoticeService::new(
-            std::sync::Arc::new(crate::store::MemoryStore::default()),
+            std::sync::Arc::new(crate::store::NoticeBackend::Memory(Default::default())),
             crate::hub::Hub::new(8, 8, None),
             None,
             Default::default(),
@@ -575,8 +584,8 @@ mod tests {
         assert!(matches!(query.selector, Selector::All));
         assert_eq!((query.after, query.limit), (0, 5));
         let bad = list_query(&request(json!({"limit": "0"}))).unwrap_err();
-        assert_eq!(bad.status, 400);
+        assert_eq!(bad.status(), 400);
         let extra = list_query(&request(json!({"params": "7"}))).unwrap_err();
-        assert_eq!(extra.status, 404);
+        assert_eq!(extra.status(), 404);
     }
 }

@@ -7,7 +7,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::service::NoticeService;
+use crate::{service::NoticeService, store::NoticeStore};
 
 /// The longest the scheduler sleeps without looking at the store: schedules made by other
 /// instances sharing the database are only seen by polling, and this keeps them within 1 s.

@@ -12,7 +12,7 @@ use crate::{
     feed::Feed,
     hub::{Hub, SubscribeError, SubscriberInfo},
     notice::{Interest, NewNotice, Notice, OutgoingNotice},
-    store::{NoticeQuery, Retention, Store, StoreError},
+    store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, StoreError},
 };
 
 /// How many due scheduled notices one scheduler round publishes at most.
@@ -32,7 +32,7 @@ pub struct NoticeService {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    store: Arc<NoticeBackend>,
     hub: Hub,
     /// Single instance: held while a notice is stored and handed to the hub, so ids reach the
     /// hub in increasing order (the replay logic relies on it). With a cluster the store's
@@ -45,7 +45,7 @@ struct Inner {
 
 impl NoticeService {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<NoticeBackend>,
         hub: Hub,
         cluster: Option<Cluster>,
         retention: Retention,
@@ -62,7 +62,7 @@ impl NoticeService {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<NoticeBackend> {
         &self.inner.store
     }
 
@@ -146,7 +146,7 @@ impl NoticeService {
             .hub
             .presence()
             .into_iter()
-            .map(|(_, info)| info)
+            .map(|present| present.info)
             .collect();
         if let Some(cluster) = &self.inner.cluster {
             all.extend(cluster.remote_presence().await?);
@@ -170,11 +170,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{feed::FeedEnd, hub::EndReason, store::MemoryStore};
+    use crate::{feed::FeedEnd, hub::EndReason};
 
     fn service(buffer: usize) -> NoticeService {
         NoticeService::new(
-            Arc::new(MemoryStore::default()),
+            Arc::new(NoticeBackend::Memory(Default::default())),
             Hub::new(buffer, 10_000, None),
             None,
             Retention::default(),

@@ -42,7 +42,7 @@ macro_rules! on_every_store {
             async fn sqlite() {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("notices.db");
-                let service = TestService::start(Config::new(StoreSpec::Sqlite(path))).await;
+                let service = TestService::start(Config::standalone(StoreSpec::Sqlite(path))).await;
                 super::$scenario(&service).await;
             }
 
@@ -52,7 +52,8 @@ macro_rules! on_every_store {
                     return;
                 };
                 let url = pg.create_database(stringify!($scenario)).await;
-                let service = TestService::start(Config::new(StoreSpec::Postgres(url))).await;
+                let service =
+                    TestService::start(Config::standalone(StoreSpec::Postgres(url))).await;
                 super::$scenario(&service).await;
             }
         }
@@ -308,7 +309,7 @@ async fn from_records_the_publishers_subject_and_cannot_be_forged(service: &Test
 #[tokio::test]
 async fn from_survives_a_restart_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let config = || Config::new(StoreSpec::Sqlite(dir.path().join("notices.db")));
+    let config = || Config::standalone(StoreSpec::Sqlite(dir.path().join("notices.db")));
     let id = {
         let service = TestService::start(config()).await;
         let client = service.client().await;

@@ -13,7 +13,7 @@ use shared::{codec::PacketCodec, connection::PacketReader, Packet};
 use tokio::io::AsyncWriteExt;
 
 fn sqlite_config(dir: &tempfile::TempDir) -> Config {
-    Config::new(StoreSpec::Sqlite(dir.path().join("notices.db")))
+    Config::standalone(StoreSpec::Sqlite(dir.path().join("notices.db")))
 }
 
 /// Reads notice events until the one with `marker` as its message; returns the messages before.
@@ -373,7 +373,7 @@ async fn a_cancelled_or_dropped_subscription_is_freed_at_once() {
 /// subscriber keeps receiving everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_is_cut_off_without_holding_up_others() {
-    let mut config = Config::new(StoreSpec::Memory);
+    let mut config = Config::standalone(StoreSpec::Memory);
     config.subscriber_buffer = 64;
     let service = TestService::start(config).await;
     let client = service.client().await;

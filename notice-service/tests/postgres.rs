@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use common::*;
@@ -10,7 +10,7 @@ use notice_service::{
     cluster::{self, Cluster},
     hub::Hub,
     notice::{Interest, NewNotice},
-    store::{self, StoreSpec},
+    store::{NoticeBackend, NoticeStore, StoreSpec},
     Config,
 };
 use serde_json::json;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// A fresh database on a throwaway cluster, and two instances on it.
 async fn two_instances(pg: &TestPostgres, db: &str) -> (TestService, TestService) {
     let url = pg.create_database(db).await;
-    let config = || Config::new(StoreSpec::Postgres(url.clone()));
+    let config = || Config::standalone(StoreSpec::Postgres(url.clone()));
     let a = TestService::start(config()).await;
     let b = TestService::start(config()).await;
     (a, b)
@@ -227,9 +227,13 @@ async fn replay_on_one_instance_while_another_publishes_misses_nothing() {
 async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
     let Some(pg) = postgres().await else { return };
     let url = pg.create_database("joining").await;
-    let opened = store::open(&StoreSpec::Postgres(url)).await.unwrap();
-    let pool = opened.postgres.clone().unwrap();
-    let (cluster, listener) = Cluster::join(pool, opened.store.as_ref()).await.unwrap();
+    let store = Arc::new(
+        NoticeBackend::open(&StoreSpec::Postgres(url))
+            .await
+            .unwrap(),
+    );
+    let pool = store.postgres_pool().cloned().unwrap();
+    let (cluster, listener) = Cluster::join(pool, &store).await.unwrap();
     let hub = Hub::new(16, 16, None);
     let mut subscription = hub.subscribe(Interest::default()).unwrap();
     let notice = NewNotice {
@@ -238,14 +242,14 @@ async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
         to: None,
         from: None,
     };
-    let stored = opened.store.insert(notice, Utc::now()).await.unwrap();
+    let stored = store.insert(notice, Utc::now()).await.unwrap();
 
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     tokio::spawn(cluster::run_fan_out(
         cluster,
         listener,
-        opened.store.clone(),
+        store.clone(),
         hub.clone(),
         shutdown,
     ));

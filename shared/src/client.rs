@@ -120,12 +120,25 @@ struct Link<P> {
 
 enum Waiter<P> {
     Once(oneshot::Sender<Packet<P>>),
+    /// A [`PacketClient::call`] before its first answer. Most answers are one plain packet, so
+    /// the channel for a stream's further events is made only when the first answer turns out to
+    /// be one, and handed over with it.
+    First(oneshot::Sender<FirstAnswer<P>>),
     Stream {
         /// Boxed: the channel allocates its slots in blocks, and a block of pointers is a small
         /// fraction of a block of packets, which matters with thousands of idle streams.
         events: mpsc::Sender<Box<Packet<P>>>,
         lagged: Arc<AtomicBool>,
     },
+}
+
+/// A call's first answer, with the rest of the stream when the answer is a stream's event.
+type FirstAnswer<P> = (Packet<P>, Option<StreamEvents<P>>);
+
+/// The events of a stream after its first, and whether the node got ahead of their consumer.
+struct StreamEvents<P> {
+    events: mpsc::Receiver<Box<Packet<P>>>,
+    lagged: Arc<AtomicBool>,
 }
 
 impl PacketClient {
@@ -203,17 +216,11 @@ impl<P: Params> PacketClient<P> {
     /// node answers, such as the gateway, which turns a stream into Server-Sent Events even when
     /// the request did not ask for one.
     pub async fn call(&self, packet: Packet) -> Result<ResponseStream<P>, ClientError> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let lagged = Arc::new(AtomicBool::new(false));
-        let waiter = Waiter::Stream {
-            events: tx,
-            lagged: lagged.clone(),
-        };
-        let pending = self.send(packet, waiter).await?;
+        let (tx, rx) = oneshot::channel();
+        let pending = self.send(packet, Waiter::First(tx)).await?;
         Ok(ResponseStream {
             pending: Some(pending),
-            events: rx,
-            lagged,
+            answers: Answers::First(rx),
             finished: false,
         })
     }
@@ -282,10 +289,16 @@ impl<P> Drop for Pending<P> {
 
 /// The answers to a stream request, in order. Dropping it before the end cancels the stream.
 pub struct ResponseStream<P = Value> {
+    // Dropped before `answers`: the waiter is gone before the first answer's channel closes.
     pending: Option<Pending<P>>,
-    events: mpsc::Receiver<Box<Packet<P>>>,
-    lagged: Arc<AtomicBool>,
+    answers: Answers<P>,
     finished: bool,
+}
+
+/// Where a [`ResponseStream`]'s next answer comes from.
+enum Answers<P> {
+    First(oneshot::Receiver<FirstAnswer<P>>),
+    Rest(StreamEvents<P>),
 }
 
 impl<P> ResponseStream<P> {
@@ -295,7 +308,26 @@ impl<P> ResponseStream<P> {
         if self.finished {
             return None;
         }
-        match self.events.recv().await {
+        let rest = match &mut self.answers {
+            Answers::First(first) => {
+                return match first.await {
+                    Ok((packet, Some(rest))) => {
+                        self.answers = Answers::Rest(rest);
+                        Some(Ok(packet))
+                    }
+                    Ok((packet, None)) => {
+                        self.finish();
+                        Some(Ok(packet))
+                    }
+                    Err(_) => {
+                        self.finish();
+                        Some(Err(ClientError::ConnectionClosed))
+                    }
+                };
+            }
+            Answers::Rest(rest) => rest,
+        };
+        match rest.events.recv().await {
             Some(packet) => {
                 if is_final(&packet) {
                     self.finish();
@@ -303,7 +335,7 @@ impl<P> ResponseStream<P> {
                 Some(Ok(*packet))
             }
             None => {
-                let lagged = self.lagged.load(Ordering::Relaxed);
+                let lagged = rest.lagged.load(Ordering::Relaxed);
                 if lagged {
                     if let Some(pending) = &self.pending {
                         pending.cancel();
@@ -501,6 +533,24 @@ fn deliver<P>(link: &Link<P>, packet: Packet<P>) {
                     send_cancel(link, &packet);
                 }
                 let _ = tx.send(packet);
+            }
+        }
+        Some(Waiter::First(_)) => {
+            if let Some(Waiter::First(first)) = waiters.remove(&key) {
+                if final_packet {
+                    let _ = first.send((packet, None));
+                    return;
+                }
+                let (events, rest) = mpsc::channel(STREAM_BUFFER);
+                let lagged = Arc::new(AtomicBool::new(false));
+                let rest = StreamEvents {
+                    events: rest,
+                    lagged: lagged.clone(),
+                };
+                // A consumer gone already cancelled the stream when it dropped it.
+                if first.send((packet, Some(rest))).is_ok() {
+                    waiters.insert(key, Waiter::Stream { events, lagged });
+                }
             }
         }
         Some(Waiter::Stream { events, lagged }) => {

@@ -193,9 +193,14 @@ impl<T, I: Serialize> Encoder<I> for PacketCodec<T> {
     }
 }
 
+/// What [`encode_frame`] reserves up front: room for a typical request or answer (a gateway
+/// request with its request id and caller is about 150 bytes), so serializing one does not
+/// reallocate the buffer as it grows from empty.
+const FRAME_CAPACITY: usize = 256;
+
 /// Encodes one value as a complete frame, delimiter included.
 pub fn encode_frame(item: impl Serialize) -> Result<bytes::Bytes, CodecError> {
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(FRAME_CAPACITY);
     PacketCodec::<()>::new().encode(item, &mut buf)?;
     Ok(buf.freeze())
 }

@@ -24,6 +24,11 @@ use crate::codec::{CodecError, PacketCodec};
 /// How many encoded frames may wait for the writer before senders wait too.
 pub const OUTGOING_CAPACITY: usize = 1024;
 
+/// The room a reader's buffer starts with. A read takes whatever has arrived up to the room
+/// left, so this bounds how many packets one `read` can bring in: a buffer only as large as one
+/// packet would cost a system call per packet on a connection that receives them in batches.
+const READ_BUFFER_CAPACITY: usize = 8 * 1024;
+
 /// Batches are written once they reach this size, even if more frames are queued.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
@@ -42,13 +47,16 @@ impl<R: AsyncRead + Unpin, T: DeserializeOwned> PacketReader<R, T> {
     pub fn new(reader: R, codec: PacketCodec<T>) -> Self {
         PacketReader {
             reader,
-            buffer: BytesMut::with_capacity(8 * 1024),
+            buffer: BytesMut::with_capacity(READ_BUFFER_CAPACITY),
             codec,
         }
     }
 
     /// A reader that starts with `buffer`, bytes already read off `reader` (past a handshake).
-    pub fn with_buffer(reader: R, buffer: BytesMut, codec: PacketCodec<T>) -> Self {
+    /// The buffer is given the room of a new reader's: what a handshake leaves is often an empty
+    /// buffer with no room at all, which would otherwise grow only to the first packet's size.
+    pub fn with_buffer(reader: R, mut buffer: BytesMut, codec: PacketCodec<T>) -> Self {
+        buffer.reserve(READ_BUFFER_CAPACITY.saturating_sub(buffer.len()));
         PacketReader {
             reader,
             buffer,
@@ -172,5 +180,59 @@ pub fn tune_socket(stream: &TcpStream) {
         .with_retries(3);
     if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::debug!(%err, "set_tcp_keepalive failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+    use crate::{codec::encode_frame, Packet};
+
+    /// Bytes that have all arrived, handed out as a socket would: as many as the read has room
+    /// for. Counts the reads.
+    struct Arrived {
+        bytes: Vec<u8>,
+        reads: usize,
+    }
+
+    impl AsyncRead for Arrived {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.reads += 1;
+            let taken = buf.remaining().min(self.bytes.len());
+            let rest = self.bytes.split_off(taken);
+            buf.put_slice(&std::mem::replace(&mut self.bytes, rest));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_past_a_handshake_takes_a_batch_of_packets_in_one_read() {
+        let mut bytes = Vec::new();
+        for key in 1..=20 {
+            let packet = Packet {
+                key,
+                ..Packet::request("GET", "/kv", serde_json::json!({"params": "hello"}))
+            };
+            bytes.extend_from_slice(&encode_frame(&packet).unwrap());
+        }
+        let arrived = Arrived { bytes, reads: 0 };
+        // What a connection without a handshake secret passes on: an empty buffer.
+        let mut reader = PacketReader::with_buffer(arrived, BytesMut::new(), PacketCodec::new());
+        for key in 1..=20 {
+            let packet: Packet = reader.next().await.unwrap().unwrap();
+            assert_eq!(packet.key, key);
+        }
+        assert_eq!(reader.reader.reads, 1);
     }
 }

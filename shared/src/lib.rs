@@ -13,7 +13,8 @@
 //!   registered with the distributor.
 //! - [`distributor_client`]: registration and topology updates, for services and the gateway.
 //! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
-//! - [`store_spec`]: the `--store` flag of the services that keep data.
+//! - [`store_spec`]: the `--store` flag of the services that keep data, and `postgres` (feature
+//!   `postgres`): connecting to PostgreSQL at start-up, waiting for a server that is not up yet.
 //! - [`cluster`]: the cluster secret, the handshake every packet connection starts with, and
 //!   protected mode.
 //! - [`server`]: the accept loop every TCP server shares, with its connection limits.
@@ -28,6 +29,8 @@ pub mod codec;
 pub mod connection;
 pub mod distributor_client;
 pub mod packet;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod secrets;
 pub mod server;
 pub mod service;

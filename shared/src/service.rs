@@ -12,6 +12,37 @@
 //!   registered across distributor restarts.
 //!
 //! The services themselves then hold only their own logic.
+//!
+//! # The shape of a service
+//!
+//! kv-service and notice-service are built the same way, and a third service copies it:
+//! - A core that knows nothing of packets (`kv_service::core::Kv`,
+//!   `notice_service::service::NoticeService`): a cheap-to-clone handle with a `thiserror` error.
+//! - Next to the routes, `impl From<CoreError> for ServiceError`: the one place that gives each
+//!   of the core's errors its named status ([`ServiceError::NotFound`],
+//!   [`ServiceError::Conflict`], ...) and logs the failures a caller only sees as
+//!   [`ServiceError::Internal`].
+//! - `pub fn router(core) -> Router`: each route with its scope, the core bound to each handler
+//!   with [`with_state`].
+//! - Thin handlers, such as
+//!   `async fn get(kv: Kv, request: Request) -> Result<Json<Item>, ServiceError>`: read the
+//!   params ([`Request::params_as`], or a small reader of the service's own), call the core with
+//!   `?`, and wrap what it returns in [`Json`] (200), [`Created`] (201) or [`Accepted`] (202).
+//!   Handlers never write a status number; anything implementing [`IntoAnswer`] can be returned.
+//! - A stream handler checks its request before it builds the future that lives as long as the
+//!   stream (a refusal is then a plain answer), opens the [`EventSink`], and ends with an answer
+//!   like any other handler.
+//! - `lib.rs`'s `run` builds the core and calls [`serve`] with the router and a
+//!   [`ServiceConfig`].
+//!
+//! Inside, a connection's packets go one of three ways (`Connection::dispatch`): control
+//! packets (a cancel, a heartbeat, a handshake this node cannot take) are handled on the spot,
+//! a one-shot request gets a task that answers it once, and a stream gets a task that lives until
+//! its handler returns or the caller cancels.
+
+mod answer;
+
+pub use answer::{Accepted, Created, IntoAnswer, Json, Response, ServiceError};
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,6 +53,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::{
@@ -29,7 +61,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::{
     cluster::{self, ClusterPolicy},
@@ -70,50 +102,25 @@ impl Request {
         self.params.get("params").and_then(Value::as_str)
     }
 
-    /// Reads the params as `T`, or a 400 response saying what is wrong with them.
-    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Response> {
+    /// Reads the params as `T`, or a [`ServiceError::BadRequest`] saying what is wrong with them.
+    pub fn params_as<T: DeserializeOwned>(&self) -> Result<T, ServiceError> {
         T::deserialize(&self.params)
-            .map_err(|err| Response::error(400, format!("invalid parameters: {err}")))
-    }
-}
-
-/// What a handler answers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Response {
-    pub status: u16,
-    pub params: Value,
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(params: impl Serialize) -> Response {
-        Response::with_status(200, params)
+            .map_err(|err| ServiceError::BadRequest(format!("invalid parameters: {err}")))
     }
 
-    pub fn with_status(status: u16, params: impl Serialize) -> Response {
-        match serde_json::to_value(params) {
-            Ok(params) => Response {
-                status,
-                params,
-                error: None,
-            },
-            Err(err) => Response::error(500, format!("could not encode the answer: {err}")),
-        }
+    /// [`Request::params_as`] for a handler that builds its [`Response`] by hand.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Response> {
+        self.params_as().map_err(IntoAnswer::into_answer)
     }
 
-    pub fn error(status: u16, message: impl Into<String>) -> Response {
-        Response {
-            status,
-            params: Value::Null,
-            error: Some(message.into()),
-        }
-    }
-
-    fn into_packet(self, to: &Packet) -> Packet {
-        Packet {
-            status: (self.status != 200).then_some(self.status),
-            error: self.error,
-            ..Packet::reply_to(to, self.params)
+    /// Takes what a handler needs out of a request packet, leaving the rest to answer it with.
+    fn take_from(packet: &mut Packet) -> Request {
+        Request {
+            uri: packet.uri.clone(),
+            method: packet.method.clone(),
+            params: std::mem::take(&mut packet.params),
+            request_id: packet.request_id.take(),
+            auth: packet.auth.take(),
         }
     }
 }
@@ -135,7 +142,7 @@ pub struct SinkClosed;
 /// Where a stream handler pushes its events.
 ///
 /// A handler first checks its request and may still answer with a plain error (by returning a
-/// `Response` with status >= 400 before sending anything). Once it accepts, it calls
+/// [`ServiceError`] before sending anything). Once it accepts, it calls
 /// [`EventSink::open`] (or sends its first event), which tells the caller at once that the stream
 /// has started, even if the first real event is a long time coming.
 pub struct EventSink {
@@ -199,9 +206,12 @@ impl EventSink {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+type UnaryHandler = dyn Fn(Request) -> BoxFuture<Response> + Send + Sync;
+type StreamHandler = dyn Fn(Request, EventSink) -> BoxFuture<Response> + Send + Sync;
+
 enum Handler {
-    Unary(Box<dyn Fn(Request) -> BoxFuture<Response> + Send + Sync>),
-    Stream(Box<dyn Fn(Request, EventSink) -> BoxFuture<Response> + Send + Sync>),
+    Unary(Box<UnaryHandler>),
+    Stream(Box<StreamHandler>),
 }
 
 /// A handler and the scope a verified caller needs to reach it.
@@ -223,25 +233,31 @@ impl Router {
         Self::default()
     }
 
-    /// Adds a handler answering `method uri` with one response.
+    /// Adds a handler answering `method uri` with one answer.
     pub fn route<H, F>(self, method: &str, uri: &str, handler: H) -> Self
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
-        F: Future<Output = Response> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: IntoAnswer,
     {
-        let handler = Handler::Unary(Box::new(move |request| Box::pin(handler(request))));
+        let handler = Handler::Unary(Box::new(move |request| {
+            Box::pin(handler(request).map(IntoAnswer::into_answer))
+        }));
         self.insert(method, uri, handler)
     }
 
     /// Adds a handler answering `method uri` with a stream of events. The stream ends with the
-    /// response the handler returns; the handler's future is dropped if the caller cancels first.
+    /// answer the handler returns; the handler's future is dropped if the caller cancels first.
     pub fn stream<H, F>(self, method: &str, uri: &str, handler: H) -> Self
     where
         H: Fn(Request, EventSink) -> F + Send + Sync + 'static,
-        F: Future<Output = Response> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: IntoAnswer,
     {
         let handler = Handler::Stream(Box::new(move |request, sink| {
-            Box::pin(handler(request, sink))
+            // A combinator rather than an `async` block, which would hold the handler's future
+            // twice over in every idle stream.
+            Box::pin(handler(request, sink).map(IntoAnswer::into_answer))
         }));
         self.insert(method, uri, handler)
     }
@@ -274,8 +290,21 @@ impl Router {
         self
     }
 
-    fn route_for(&self, method: &str, uri: &str) -> Option<&Route> {
-        self.routes.get(uri)?.get(method)
+    /// The route `request` is for, if it exists and its caller may use it.
+    fn route_for(&self, request: &Request) -> Result<&Route, ServiceError> {
+        let route = self
+            .routes
+            .get(&request.uri)
+            .and_then(|methods| methods.get(&request.method))
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!("no handler for {} {}", request.method, request.uri))
+            })?;
+        match &route.scope {
+            Some(scope) if !request.allows(scope) => Err(ServiceError::Forbidden(format!(
+                "this needs the scope {scope:?}"
+            ))),
+            _ => Ok(route),
+        }
     }
 
     /// The urls to register with the distributor, e.g. `GET/kv`, sorted.
@@ -300,6 +329,17 @@ impl Router {
             })
             .collect()
     }
+}
+
+/// Binds a handler to the state it needs, so that it can be an `async fn` taking both:
+/// `.route("GET", "/kv", with_state(kv.clone(), get))` with
+/// `async fn get(kv: Kv, request: Request) -> Result<Json<Item>, ServiceError>`.
+pub fn with_state<S, H, F>(state: S, handler: H) -> impl Fn(Request) -> F + Send + Sync + 'static
+where
+    S: Clone + Send + Sync + 'static,
+    H: Fn(S, Request) -> F + Send + Sync + 'static,
+{
+    move |request| handler(state.clone(), request)
 }
 
 /// How the service presents itself to the distributor.
@@ -413,10 +453,13 @@ async fn serve_connection(
     };
     let (outgoing, frames) = mpsc::channel(OUTGOING_CAPACITY);
     let writer = tokio::spawn(write_frames(write_half, frames));
-    let streams = Arc::new(Streams::default());
-    // Cancelled when this connection ends, which ends every stream it carries.
-    let connection_closed = CancellationToken::new();
-    let requests = TaskTracker::new();
+    let connection = Connection {
+        router,
+        outgoing,
+        streams: Arc::default(),
+        closed: CancellationToken::new(),
+        requests: TaskTracker::new(),
+    };
     // A packet an original-design peer sent instead of the handshake comes first.
     let mut first = first.map(Ok);
 
@@ -430,24 +473,18 @@ async fn serve_connection(
         };
         match frame {
             None => break,
-            Some(Ok(packet)) => dispatch(
-                packet,
-                &router,
-                &outgoing,
-                &streams,
-                &connection_closed,
-                &requests,
-            ),
+            Some(Ok(packet)) => connection.dispatch(packet),
             Some(Err(err)) => {
                 warn!(%err, "bad packet");
                 if let CodecError::Json { key: Some(key), .. } = &err {
+                    let refusal = ServiceError::BadRequest(err.to_string()).into_answer();
                     let answer = Packet {
                         key: *key,
-                        status: Some(400),
-                        error: Some(err.to_string()),
+                        status: Some(refusal.status),
+                        error: refusal.error,
                         ..Packet::default()
                     };
-                    send_packet(&outgoing, &answer).await;
+                    send_packet(&connection.outgoing, &answer).await;
                 }
                 if !err.is_recoverable() {
                     break;
@@ -456,125 +493,129 @@ async fn serve_connection(
         }
     }
 
-    connection_closed.cancel();
-    requests.close();
-    requests.wait().await;
-    drop(outgoing);
+    connection.close().await;
     if let Ok(Err(err)) = writer.await {
         debug!(%err, "connection write failed");
     }
 }
 
-fn dispatch(
-    mut packet: Packet,
-    router: &Router,
-    outgoing: &mpsc::Sender<Bytes>,
-    streams: &Arc<Streams>,
-    connection_closed: &CancellationToken,
-    requests: &TaskTracker,
-) {
-    if packet.key == 0 {
-        // An original-design caller puts the key in params.key; we answer it at the top level.
-        packet.key = key_in(&serde_json::json!({ "params": &packet.params })).unwrap_or(0);
-    }
-    if packet.cancel {
-        streams.cancel(packet.key);
-        return;
-    }
-    if packet.is_heartbeat() {
-        let outgoing = outgoing.clone();
-        tokio::spawn(async move { send_packet(&outgoing, &packet).await });
-        return;
-    }
-    if packet.uri == cluster::HANDSHAKE_URI {
-        // Only reached when this node has no secret: the handshake happens before dispatch.
-        let answer = Response::error(
-            401,
-            "this node has no cluster secret: give every node the same --cluster-secret-file",
-        )
-        .into_packet(&packet);
-        let outgoing = outgoing.clone();
-        requests.spawn(async move { send_packet(&outgoing, &answer).await });
-        return;
-    }
-    let route = router.route_for(&packet.method, &packet.uri);
-    let request = Request {
-        uri: packet.uri.clone(),
-        method: packet.method.clone(),
-        params: std::mem::take(&mut packet.params),
-        request_id: packet.request_id.take(),
-        auth: packet.auth.take(),
-    };
-    let outgoing = outgoing.clone();
-    let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
-        key = packet.key, request_id = request.request_id.as_deref());
-    let route = match route {
-        None => Err(Response::error(
-            404,
-            format!("no handler for {} {}", packet.method, packet.uri),
-        )),
-        Some(route) => match &route.scope {
-            Some(scope) if !request.allows(scope) => Err(Response::error(
-                403,
-                format!("this needs the scope {scope:?}"),
-            )),
-            _ => Ok(route),
-        },
-    };
-    let route = match route {
-        Ok(route) => route,
-        Err(refusal) => {
-            let answer = refusal.into_packet(&packet);
-            requests.spawn(async move { send_packet(&outgoing, &answer).await });
-            return;
+/// What the requests of one connection share.
+struct Connection {
+    router: Arc<Router>,
+    outgoing: mpsc::Sender<Bytes>,
+    streams: Arc<Streams>,
+    /// Cancelled when the connection ends, which ends every stream it carries.
+    closed: CancellationToken,
+    /// The one-shot requests in flight, which the connection waits for before it closes.
+    requests: TaskTracker,
+}
+
+impl Connection {
+    /// Sends `packet` its own way: a control packet, a one-shot request or a stream.
+    fn dispatch(&self, mut packet: Packet) {
+        if packet.key == 0 {
+            // An original-design caller puts the key in params.key; we answer it at the top level.
+            packet.key = key_in(&serde_json::json!({ "params": &packet.params })).unwrap_or(0);
         }
-    };
-    match &route.handler {
-        Handler::Unary(handler) => {
-            let answering = span.in_scope(|| handler(request));
-            requests.spawn(
-                async move {
-                    let answer = answering.await.into_packet(&packet);
-                    send_packet(&outgoing, &answer).await;
-                }
-                .instrument(span),
+        if packet.cancel || packet.is_heartbeat() || packet.uri == cluster::HANDSHAKE_URI {
+            return self.control(packet);
+        }
+        let request = Request::take_from(&mut packet);
+        let route = match self.router.route_for(&request) {
+            Ok(route) => route,
+            Err(refusal) => return self.answer_now(&packet, refusal),
+        };
+        let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
+            key = packet.key, request_id = request.request_id.as_deref());
+        match &route.handler {
+            Handler::Unary(handler) => self.one_shot(packet, handler, request, span),
+            Handler::Stream(handler) => self.stream(packet, handler, request, span),
+        }
+    }
+
+    /// Packets about the connection rather than a route: a cancel ends the stream it names, a
+    /// heartbeat is echoed, and a handshake reaching dispatch is refused (it only can when this
+    /// node has no secret: with one, the handshake happens before dispatch).
+    fn control(&self, packet: Packet) {
+        if packet.cancel {
+            self.streams.cancel(packet.key);
+        } else if packet.is_heartbeat() {
+            let outgoing = self.outgoing.clone();
+            tokio::spawn(async move { send_packet(&outgoing, &packet).await });
+        } else {
+            let refusal = ServiceError::Unauthorized(
+                "this node has no cluster secret: give every node the same --cluster-secret-file"
+                    .into(),
             );
+            self.answer_now(&packet, refusal);
         }
-        Handler::Stream(handler) => {
-            let cancelled = connection_closed.child_token();
-            let serial = streams.start(packet.key, cancelled.clone());
-            let streams = streams.clone();
-            // The task keeps only what answers repeat of the request, shared with the sink: it
-            // lives as long as the subscription, idle most of the time.
-            let reply = Arc::new(Packet::reply_to(&packet, Value::Null));
-            let sink = EventSink {
-                request: reply.clone(),
-                outgoing: outgoing.clone(),
-                cancelled: cancelled.clone(),
-                opened: Default::default(),
-            };
-            // Called here rather than in the task, so that the task holds the handler's future
-            // but not the request as well.
-            let handling = span.in_scope(|| handler(request, sink));
-            // Streams are not tracked with the requests: shutdown cancels them rather than
-            // waiting for them, since a subscription may never end on its own.
-            tokio::spawn(
-                async move {
-                    let end = cancelled.run_until_cancelled(handling).await;
-                    streams.finished(reply.key, serial);
-                    let Some(response) = end else { return };
-                    let Some(frame) = encode_answer(&Packet {
-                        end: true,
-                        ..response.into_packet(&reply)
-                    }) else {
-                        return;
-                    };
-                    // Not a waiting send: that would size the task of every idle subscription.
-                    queue_frame(&outgoing, frame);
-                }
-                .instrument(span),
-            );
-        }
+    }
+
+    /// Answers `request` without a handler (a refusal by the runtime itself).
+    fn answer_now(&self, request: &Packet, answer: impl IntoAnswer) {
+        let answer = answer.into_answer().into_packet(request);
+        let outgoing = self.outgoing.clone();
+        self.requests
+            .spawn(async move { send_packet(&outgoing, &answer).await });
+    }
+
+    /// Runs a one-shot handler on a task of its own and sends its answer.
+    fn one_shot(&self, packet: Packet, handler: &UnaryHandler, request: Request, span: Span) {
+        let answering = span.in_scope(|| handler(request));
+        let outgoing = self.outgoing.clone();
+        self.requests.spawn(
+            async move {
+                let answer = answering.await.into_packet(&packet);
+                send_packet(&outgoing, &answer).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Runs a stream handler on a task of its own, until it returns (its answer then ends the
+    /// stream) or the stream is cancelled.
+    fn stream(&self, packet: Packet, handler: &StreamHandler, request: Request, span: Span) {
+        let cancelled = self.closed.child_token();
+        let serial = self.streams.start(packet.key, cancelled.clone());
+        let streams = self.streams.clone();
+        // The task keeps only what answers repeat of the request, shared with the sink: it
+        // lives as long as the subscription, idle most of the time.
+        let reply = Arc::new(Packet::reply_to(&packet, Value::Null));
+        let outgoing = self.outgoing.clone();
+        let sink = EventSink {
+            request: reply.clone(),
+            outgoing: outgoing.clone(),
+            cancelled: cancelled.clone(),
+            opened: Default::default(),
+        };
+        // Called here rather than in the task, so that the task holds the handler's future
+        // but not the request as well.
+        let handling = span.in_scope(|| handler(request, sink));
+        // Streams are not tracked with the requests: shutdown cancels them rather than
+        // waiting for them, since a subscription may never end on its own.
+        tokio::spawn(
+            async move {
+                let end = cancelled.run_until_cancelled(handling).await;
+                streams.finished(reply.key, serial);
+                let Some(response) = end else { return };
+                let Some(frame) = encode_answer(&Packet {
+                    end: true,
+                    ..response.into_packet(&reply)
+                }) else {
+                    return;
+                };
+                // Not a waiting send: that would size the task of every idle subscription.
+                queue_frame(&outgoing, frame);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Ends the connection's streams and waits for its one-shot requests to be answered.
+    async fn close(self) {
+        self.closed.cancel();
+        self.requests.close();
+        self.requests.wait().await;
     }
 }
 

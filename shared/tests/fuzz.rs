@@ -1,8 +1,8 @@
 //! Bounded fuzzing of every parser a peer can reach before it is trusted: the `¶` codec, the
 //! cluster handshake, and the bearer-token verifier. Inputs come from proptest: random bytes,
-//! and valid frames or tokens mutated and cut at random points. The properties: nothing
-//! panics, the decoder's buffer stays within its frame limit, a valid frame still decodes after
-//! garbage, and a token is never accepted once any byte of it changed.
+//! and valid frames or tokens mutated and cut at random points, and JSON nested 100,000 deep. The
+//! properties: nothing panics, the decoder's buffer stays within its frame limit, a valid frame
+//! still decodes after garbage, and a token is never accepted once any byte of it changed.
 
 use std::time::Duration;
 
@@ -174,4 +174,17 @@ fn base64url_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+#[test]
+fn a_frame_nested_a_hundred_thousand_deep_is_an_error_not_a_crash() {
+    let depth = 100_000;
+    let mut input = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
+    input.extend_from_slice("¶".as_bytes());
+    input.extend_from_slice(&valid_frame());
+    let mut codec = PacketCodec::<Packet>::with_max_frame_length(4 * depth);
+    let mut buf = BytesMut::from(&input[..]);
+    assert!(codec.decode(&mut buf).is_err(), "too deep: an error");
+    let next = codec.decode(&mut buf).expect("the next frame decodes");
+    assert_eq!(next.map(|packet| packet.key), Some(9));
 }

@@ -10,12 +10,17 @@
 //!
 //! Lock order: a shard, then the index. `list` never holds both: it reads candidate keys from the
 //! index, lets it go, then looks each key up in its shard.
+//!
+//! A poisoned lock is used anyway (`unwrap_or_else(PoisonError::into_inner)`), the policy of every
+//! std mutex in the workspace's services: a section holding one only calls a map or set method,
+//! each of which leaves its collection whole, so a panic elsewhere in the task cannot leave it
+//! half-updated, and refusing the lock would turn one failed request into failing them all.
 
 use std::{
     collections::BTreeSet,
     hash::BuildHasher,
     ops::Bound,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use hashbrown::{hash_table::Entry as Slot, DefaultHashBuilder, HashTable};
@@ -54,14 +59,6 @@ impl Default for MemoryStore {
     }
 }
 
-/// A panic while holding a lock cannot leave a map half-updated (every update is a single map
-/// call), so a poisoned lock is still safe to use.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
@@ -75,7 +72,10 @@ impl MemoryStore {
     fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Shard>) {
         let hash = self.hash(key);
         let shard = (hash >> SHARD_SHIFT) as usize % SHARDS;
-        (hash, lock(&self.shards[shard]))
+        let shard = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (hash, shard)
     }
 
     fn get_entry(&self, key: &str) -> Option<Versioned> {
@@ -87,7 +87,9 @@ impl MemoryStore {
 
     /// Up to `limit` keys in the index after `start` that begin with `prefix`.
     fn candidates(&self, start: Bound<&str>, prefix: &str, limit: usize) -> Vec<Arc<str>> {
-        lock(&self.index)
+        self.index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .range::<str, _>((start, Bound::Unbounded))
             .take_while(|key| key.starts_with(prefix))
             .take(limit)
@@ -133,7 +135,10 @@ impl KvStore for MemoryStore {
                     versioned: Versioned { value, version: 1 },
                 };
                 shard.insert_unique(hash, entry, |entry| self.hash(&entry.key));
-                lock(&self.index).insert(key);
+                self.index
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(key);
                 return Ok(PutOutcome::Written { version: 1 });
             }
         };
@@ -152,7 +157,10 @@ impl KvStore for MemoryStore {
         ) {
             Slot::Occupied(entry) => {
                 entry.remove();
-                lock(&self.index).remove(key);
+                self.index
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(key);
                 Ok(true)
             }
             Slot::Vacant(_) => Ok(false),

@@ -9,8 +9,10 @@
 //! - keys are listed in byte order, which for UTF-8 is code point order;
 //! - with SQLite and PostgreSQL, a put has been committed to disk when it returns.
 //!
-//! [`Store`] picks a backend at run time from the `--store` flag, as an enum rather than a boxed
-//! trait object, so the in-memory hot path costs no allocation or indirect call.
+//! [`KvBackend`] picks a backend at run time from the `--store` flag, as an enum rather than a
+//! boxed trait object, so the in-memory hot path costs no allocation or indirect call. The SQL
+//! stores run the same statements ([`sql`]): sqlx numbers `$1`, `$2`... for SQLite as PostgreSQL
+//! does.
 
 mod memory;
 mod postgres;
@@ -150,44 +152,44 @@ pub fn parse_store_flag(flag: &str) -> Result<StoreSpec, String> {
 }
 
 /// The backend chosen by `--store`.
-pub enum Store {
+pub enum KvBackend {
     Memory(MemoryStore),
     Sqlite(SqliteStore),
     Postgres(PostgresStore),
 }
 
-impl Store {
+impl KvBackend {
     /// Opens (or creates) the store and applies its migrations.
-    pub async fn open(config: &StoreSpec) -> Result<Store, StoreError> {
-        Ok(match config {
-            StoreSpec::Memory => Store::Memory(MemoryStore::new()),
-            StoreSpec::Sqlite(path) => Store::Sqlite(SqliteStore::open(path).await?),
-            StoreSpec::Postgres(url) => Store::Postgres(PostgresStore::open(url).await?),
+    pub async fn open(spec: &StoreSpec) -> Result<KvBackend, StoreError> {
+        Ok(match spec {
+            StoreSpec::Memory => KvBackend::Memory(MemoryStore::new()),
+            StoreSpec::Sqlite(path) => KvBackend::Sqlite(SqliteStore::open(path).await?),
+            StoreSpec::Postgres(url) => KvBackend::Postgres(PostgresStore::open(url).await?),
         })
     }
 
     /// Whether [`KvStore::write_batch`] is worth calling: the store queues writes, so a batch
     /// shares one commit instead of waiting for one commit per write.
     pub fn queues_writes(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
+        matches!(self, KvBackend::Sqlite(_))
     }
 
     /// Finishes pending writes and closes database connections.
     pub async fn close(&self) {
         match self {
-            Store::Memory(_) => {}
-            Store::Sqlite(store) => store.close().await,
-            Store::Postgres(store) => store.close().await,
+            KvBackend::Memory(_) => {}
+            KvBackend::Sqlite(store) => store.close().await,
+            KvBackend::Postgres(store) => store.close().await,
         }
     }
 }
 
-impl KvStore for Store {
+impl KvStore for KvBackend {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         match self {
-            Store::Memory(store) => store.get(key).await,
-            Store::Sqlite(store) => store.get(key).await,
-            Store::Postgres(store) => store.get(key).await,
+            KvBackend::Memory(store) => store.get(key).await,
+            KvBackend::Sqlite(store) => store.get(key).await,
+            KvBackend::Postgres(store) => store.get(key).await,
         }
     }
 
@@ -198,17 +200,17 @@ impl KvStore for Store {
         condition: Condition,
     ) -> Result<PutOutcome, StoreError> {
         match self {
-            Store::Memory(store) => store.put(key, value, condition).await,
-            Store::Sqlite(store) => store.put(key, value, condition).await,
-            Store::Postgres(store) => store.put(key, value, condition).await,
+            KvBackend::Memory(store) => store.put(key, value, condition).await,
+            KvBackend::Sqlite(store) => store.put(key, value, condition).await,
+            KvBackend::Postgres(store) => store.put(key, value, condition).await,
         }
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         match self {
-            Store::Memory(store) => store.delete(key).await,
-            Store::Sqlite(store) => store.delete(key).await,
-            Store::Postgres(store) => store.delete(key).await,
+            KvBackend::Memory(store) => store.delete(key).await,
+            KvBackend::Sqlite(store) => store.delete(key).await,
+            KvBackend::Postgres(store) => store.delete(key).await,
         }
     }
 
@@ -219,17 +221,17 @@ impl KvStore for Store {
         limit: usize,
     ) -> Result<Vec<Item>, StoreError> {
         match self {
-            Store::Memory(store) => store.list(prefix, after, limit).await,
-            Store::Sqlite(store) => store.list(prefix, after, limit).await,
-            Store::Postgres(store) => store.list(prefix, after, limit).await,
+            KvBackend::Memory(store) => store.list(prefix, after, limit).await,
+            KvBackend::Sqlite(store) => store.list(prefix, after, limit).await,
+            KvBackend::Postgres(store) => store.list(prefix, after, limit).await,
         }
     }
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
         match self {
-            Store::Memory(store) => store.write_batch(writes).await,
-            Store::Sqlite(store) => store.write_batch(writes).await,
-            Store::Postgres(store) => store.write_batch(writes).await,
+            KvBackend::Memory(store) => store.write_batch(writes).await,
+            KvBackend::Sqlite(store) => store.write_batch(writes).await,
+            KvBackend::Postgres(store) => store.write_batch(writes).await,
         }
     }
 }
@@ -253,28 +255,86 @@ fn utf8(bytes: Vec<u8>) -> Result<String, StoreError> {
     String::from_utf8(bytes).map_err(|_| StoreError::Corrupt)
 }
 
-/// A `(value, version)` row of the SQL stores as a [`Versioned`].
-fn versioned_row(row: Option<(Vec<u8>, i64)>) -> Result<Option<Versioned>, StoreError> {
-    row.map(|(value, version)| {
-        Ok(Versioned {
-            value: utf8(value)?,
-            version,
-        })
-    })
-    .transpose()
+/// A value as the SQL stores keep it: bytes, so that keys sort by bytes in every store.
+#[derive(sqlx::FromRow)]
+struct ValueRow {
+    value: Vec<u8>,
+    version: i64,
 }
 
-/// `(key, value, version)` rows of the SQL stores as listing [`Item`]s.
-fn item_rows(rows: Vec<(Vec<u8>, Vec<u8>, i64)>) -> Result<Vec<Item>, StoreError> {
-    rows.into_iter()
-        .map(|(key, value, version)| {
-            Ok(Item {
-                key: utf8(key)?,
-                value: utf8(value)?,
-                version,
-            })
+impl ValueRow {
+    fn into_versioned(self) -> Result<Versioned, StoreError> {
+        Ok(Versioned {
+            value: utf8(self.value)?,
+            version: self.version,
         })
-        .collect()
+    }
+}
+
+/// A listing entry as the SQL stores keep it.
+#[derive(sqlx::FromRow)]
+struct ItemRow {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    version: i64,
+}
+
+impl ItemRow {
+    fn into_item(self) -> Result<Item, StoreError> {
+        Ok(Item {
+            key: utf8(self.key)?,
+            value: utf8(self.value)?,
+            version: self.version,
+        })
+    }
+}
+
+/// Listing rows of the SQL stores as [`Item`]s.
+fn items(rows: Vec<ItemRow>) -> Result<Vec<Item>, StoreError> {
+    rows.into_iter().map(ItemRow::into_item).collect()
+}
+
+/// The statements of the SQL stores, written once for both.
+mod sql {
+    use super::Condition;
+
+    pub const GET: &str = "SELECT value, version FROM kv WHERE key = $1";
+
+    pub const VERSION: &str = "SELECT version FROM kv WHERE key = $1";
+
+    pub const DELETE: &str = "DELETE FROM kv WHERE key = $1";
+
+    /// Binds the key, the value and (for [`Condition::IfVersion`]) the expected version; returns
+    /// the new version, or no row when the condition does not hold.
+    pub fn put(condition: Condition) -> &'static str {
+        match condition {
+            Condition::Always => {
+                "INSERT INTO kv (key, value, version) VALUES ($1, $2, 1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = kv.version + 1
+                 RETURNING version"
+            }
+            Condition::IfVersion(_) => {
+                "UPDATE kv SET value = $2, version = version + 1
+                 WHERE key = $1 AND version = $3 RETURNING version"
+            }
+            Condition::IfAbsent => {
+                "INSERT INTO kv (key, value, version) VALUES ($1, $2, 1)
+                 ON CONFLICT (key) DO NOTHING RETURNING version"
+            }
+        }
+    }
+
+    /// Binds the lower bound (see [`super::lower_bound`]), the upper bound or NULL, and the
+    /// limit.
+    pub fn list(inclusive: bool) -> &'static str {
+        if inclusive {
+            "SELECT key, value, version FROM kv
+             WHERE key >= $1 AND (key < $2 OR $2 IS NULL) ORDER BY key LIMIT $3"
+        } else {
+            "SELECT key, value, version FROM kv
+             WHERE key > $1 AND (key < $2 OR $2 IS NULL) ORDER BY key LIMIT $3"
+        }
+    }
 }
 
 /// The lowest key a listing may return: past `after`, and at or past the prefix.

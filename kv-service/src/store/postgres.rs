@@ -5,24 +5,19 @@
 //! the version in one step, so concurrent puts on one key (from one replica or many) never lose
 //! an increment. No replica caches anything, so a write through one is read through any other.
 //! A put is answered after its commit, which PostgreSQL makes durable before returning.
+//!
+//! At start, a server that does not answer yet is waited for (shared's `postgres::connect`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool,
-};
+use sqlx::{postgres::PgPoolOptions, PgPool};
 
 use super::{
-    item_rows, lower_bound, prefix_upper_bound, versioned_row, Condition, Item, KvStore,
-    PutOutcome, StoreError, Versioned,
+    items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
+    StoreError, ValueRow, Versioned,
 };
 
 const MAX_CONNECTIONS: u32 = 16;
-
-/// How long start-up keeps retrying a database that does not answer yet (it may be starting
-/// alongside the service, e.g. under docker-compose).
-const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -30,23 +25,13 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
-        let started = Instant::now();
-        loop {
-            // Migrations take an advisory lock, so replicas starting together apply them once.
-            match sqlx::migrate!("./migrations/postgres").run(&pool).await {
-                Ok(()) => return Ok(PostgresStore { pool }),
-                Err(err) if is_unreachable(&err) && started.elapsed() < CONNECT_PATIENCE => {
-                    tracing::warn!(%err, "PostgreSQL not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
+            .acquire_timeout(Duration::from_secs(10));
+        let pool = shared::postgres::connect(url, pool).await?;
+        // Migrations take an advisory lock, so replicas starting together apply them once.
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(PostgresStore { pool })
     }
 
     pub async fn close(&self) {
@@ -54,23 +39,13 @@ impl PostgresStore {
     }
 }
 
-/// Errors worth waiting out at start-up: the server is not up (yet). Wrong credentials or a
-/// missing database fail at once.
-fn is_unreachable(err: &sqlx::migrate::MigrateError) -> bool {
-    matches!(
-        err,
-        sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
-    )
-}
-
 impl KvStore for PostgresStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let row: Option<(Vec<u8>, i64)> =
-            sqlx::query_as("SELECT value, version FROM kv WHERE key = $1")
-                .bind(key.as_bytes())
-                .fetch_optional(&self.pool)
-                .await?;
-        versioned_row(row)
+        let row: Option<ValueRow> = sqlx::query_as(sql::GET)
+            .bind(key.as_bytes())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(ValueRow::into_versioned).transpose()
     }
 
     async fn put(
@@ -79,22 +54,7 @@ impl KvStore for PostgresStore {
         value: String,
         condition: Condition,
     ) -> Result<PutOutcome, StoreError> {
-        let sql = match condition {
-            Condition::Always => {
-                "INSERT INTO kv (key, value, version) VALUES ($1, $2, 1)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = kv.version + 1
-                 RETURNING version"
-            }
-            Condition::IfVersion(_) => {
-                "UPDATE kv SET value = $2, version = version + 1
-                 WHERE key = $1 AND version = $3 RETURNING version"
-            }
-            Condition::IfAbsent => {
-                "INSERT INTO kv (key, value, version) VALUES ($1, $2, 1)
-                 ON CONFLICT (key) DO NOTHING RETURNING version"
-            }
-        };
-        let mut query = sqlx::query_scalar(sql)
+        let mut query = sqlx::query_scalar(sql::put(condition))
             .bind(key.as_bytes())
             .bind(value.as_bytes());
         if let Condition::IfVersion(expected) = condition {
@@ -106,7 +66,7 @@ impl KvStore for PostgresStore {
         }
         // The condition failed; report the version seen now (it may have moved on since, which
         // is fine: the caller only learns why its put was refused).
-        let current: Option<i64> = sqlx::query_scalar("SELECT version FROM kv WHERE key = $1")
+        let current: Option<i64> = sqlx::query_scalar(sql::VERSION)
             .bind(key.as_bytes())
             .fetch_optional(&self.pool)
             .await?;
@@ -114,7 +74,7 @@ impl KvStore for PostgresStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let result = sqlx::query("DELETE FROM kv WHERE key = $1")
+        let result = sqlx::query(sql::DELETE)
             .bind(key.as_bytes())
             .execute(&self.pool)
             .await?;
@@ -129,19 +89,12 @@ impl KvStore for PostgresStore {
     ) -> Result<Vec<Item>, StoreError> {
         let (lower, inclusive) = lower_bound(prefix, after);
         let upper = prefix_upper_bound(prefix.as_bytes());
-        let sql = if inclusive {
-            "SELECT key, value, version FROM kv
-             WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) ORDER BY key LIMIT $3"
-        } else {
-            "SELECT key, value, version FROM kv
-             WHERE key > $1 AND ($2::bytea IS NULL OR key < $2) ORDER BY key LIMIT $3"
-        };
-        let rows: Vec<(Vec<u8>, Vec<u8>, i64)> = sqlx::query_as(sql)
+        let rows: Vec<ItemRow> = sqlx::query_as(sql::list(inclusive))
             .bind(lower)
             .bind(upper)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        item_rows(rows)
+        items(rows)
     }
 }

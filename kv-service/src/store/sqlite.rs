@@ -12,7 +12,11 @@
 //! `SQLITE_BUSY`. Reads use a separate pool of read-only connections, which WAL lets run
 //! alongside the writer.
 
-use std::{path::Path, sync::Mutex, time::Duration};
+use std::{
+    path::Path,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -25,8 +29,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    item_rows, lower_bound, prefix_upper_bound, versioned_row, Condition, Item, KvStore,
-    PutOutcome, StoreError, Versioned, Write, WriteOutcome,
+    items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
+    StoreError, ValueRow, Versioned, Write, WriteOutcome,
 };
 
 /// Writes applied in one transaction at most; bounds the latency a batch adds to its first write.
@@ -84,7 +88,11 @@ impl SqliteStore {
     /// Applies the writes already queued, then closes the database.
     pub async fn close(&self) {
         self.stop_writer.cancel();
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(writer) = writer {
             let _ = writer.await;
         }
@@ -112,12 +120,11 @@ impl SqliteStore {
 
 impl KvStore for SqliteStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let row: Option<(Vec<u8>, i64)> =
-            sqlx::query_as("SELECT value, version FROM kv WHERE key = ?1")
-                .bind(key.as_bytes())
-                .fetch_optional(&self.readers)
-                .await?;
-        versioned_row(row)
+        let row: Option<ValueRow> = sqlx::query_as(sql::GET)
+            .bind(key.as_bytes())
+            .fetch_optional(&self.readers)
+            .await?;
+        row.map(ValueRow::into_versioned).transpose()
     }
 
     async fn put(
@@ -155,20 +162,13 @@ impl KvStore for SqliteStore {
     ) -> Result<Vec<Item>, StoreError> {
         let (lower, inclusive) = lower_bound(prefix, after);
         let upper = prefix_upper_bound(prefix.as_bytes());
-        let sql = if inclusive {
-            "SELECT key, value, version FROM kv WHERE key >= ?1 AND (?2 IS NULL OR key < ?2)
-             ORDER BY key LIMIT ?3"
-        } else {
-            "SELECT key, value, version FROM kv WHERE key > ?1 AND (?2 IS NULL OR key < ?2)
-             ORDER BY key LIMIT ?3"
-        };
-        let rows: Vec<(Vec<u8>, Vec<u8>, i64)> = sqlx::query_as(sql)
+        let rows: Vec<ItemRow> = sqlx::query_as(sql::list(inclusive))
             .bind(lower)
             .bind(upper)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.readers)
             .await?;
-        item_rows(rows)
+        items(rows)
     }
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
@@ -253,22 +253,7 @@ async fn apply(conn: &mut SqliteConnection, write: &Write) -> Result<WriteOutcom
             value,
             condition,
         } => {
-            let sql = match condition {
-                Condition::Always => {
-                    "INSERT INTO kv (key, value, version) VALUES (?1, ?2, 1)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = kv.version + 1
-                     RETURNING version"
-                }
-                Condition::IfVersion(_) => {
-                    "UPDATE kv SET value = ?2, version = version + 1
-                     WHERE key = ?1 AND version = ?3 RETURNING version"
-                }
-                Condition::IfAbsent => {
-                    "INSERT INTO kv (key, value, version) VALUES (?1, ?2, 1)
-                     ON CONFLICT (key) DO NOTHING RETURNING version"
-                }
-            };
-            let mut query = sqlx::query_scalar(sql)
+            let mut query = sqlx::query_scalar(sql::put(*condition))
                 .bind(key.as_bytes())
                 .bind(value.as_bytes());
             if let Condition::IfVersion(expected) = condition {
@@ -278,18 +263,17 @@ async fn apply(conn: &mut SqliteConnection, write: &Write) -> Result<WriteOutcom
             let outcome = match written {
                 Some(version) => PutOutcome::Written { version },
                 None => {
-                    let current: Option<i64> =
-                        sqlx::query_scalar("SELECT version FROM kv WHERE key = ?1")
-                            .bind(key.as_bytes())
-                            .fetch_optional(&mut *conn)
-                            .await?;
+                    let current: Option<i64> = sqlx::query_scalar(sql::VERSION)
+                        .bind(key.as_bytes())
+                        .fetch_optional(&mut *conn)
+                        .await?;
                     PutOutcome::Conflict { current }
                 }
             };
             Ok(WriteOutcome::Put(outcome))
         }
         Write::Delete { key } => {
-            let result = sqlx::query("DELETE FROM kv WHERE key = ?1")
+            let result = sqlx::query(sql::DELETE)
                 .bind(key.as_bytes())
                 .execute(&mut *conn)
                 .await?;

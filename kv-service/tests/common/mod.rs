@@ -70,7 +70,7 @@ pub struct Service {
     pub rest_addr: SocketAddr,
     pub text_addr: SocketAddr,
     shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), kv_service::RunError>>>,
+    task: Option<JoinHandle<Result<(), kv_service::KvServiceError>>>,
 }
 
 impl Service {

@@ -1,16 +1,17 @@
 //! The in-memory store (`--store mem`): for development and tests. Nothing survives a restart,
 //! and its memory is bounded by the retention caps when they are set, plus a fixed cap on
 //! pending schedules.
+//!
+//! A poisoned lock is used anyway, as everywhere in the service (see `hub`).
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{NoticeQuery, Retention, Store, StoreError};
+use super::{NoticeQuery, NoticeStore, Retention, StoreError};
 use crate::notice::{NewNotice, Notice};
 
 /// Scheduled notices wait in memory here, so their number needs a cap of its own.
@@ -26,9 +27,15 @@ struct MemoryState {
     last_id: i64,
     /// In id order, which makes `after` a binary search.
     notices: VecDeque<Notice>,
-    /// Keyed by (due time in ms, arrival order) so equal times keep their order.
-    scheduled: BTreeMap<(i64, u64), NewNotice>,
+    scheduled: BTreeMap<DueKey, NewNotice>,
     scheduled_seq: u64,
+}
+
+/// Where a scheduled notice waits: by due time, then by arrival, so equal times keep their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct DueKey {
+    due_millis: i64,
+    arrival: u64,
 }
 
 impl MemoryState {
@@ -40,45 +47,53 @@ impl MemoryState {
     }
 }
 
-#[async_trait]
-impl Store for MemoryStore {
+impl MemoryStore {
+    fn state(&self) -> MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl NoticeStore for MemoryStore {
     async fn insert(
         &self,
         notice: NewNotice,
         created_at: DateTime<Utc>,
     ) -> Result<Notice, StoreError> {
-        Ok(self.state.lock().unwrap().push(notice, created_at))
+        Ok(self.state().push(notice, created_at))
     }
 
     async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state();
         if state.scheduled.len() >= MAX_PENDING_SCHEDULED {
             return Err(StoreError::Full(format!(
                 "{MAX_PENDING_SCHEDULED} notices are already scheduled"
             )));
         }
         state.scheduled_seq += 1;
-        let key = (at.timestamp_millis(), state.scheduled_seq);
+        let key = DueKey {
+            due_millis: at.timestamp_millis(),
+            arrival: state.scheduled_seq,
+        };
         state.scheduled.insert(key, notice);
         Ok(())
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let state = self.state.lock().unwrap();
+        let state = self.state();
         Ok(state
             .scheduled
             .keys()
             .next()
-            .map(|(millis, _)| crate::notice::from_millis(*millis)))
+            .map(|key| crate::notice::from_millis(key.due_millis)))
     }
 
     async fn claim_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Notice>, StoreError> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state();
         let now_millis = now.timestamp_millis();
         let mut claimed = Vec::new();
         while claimed.len() < limit as usize {
             match state.scheduled.first_key_value() {
-                Some((&(due, _), _)) if due <= now_millis => {
+                Some((key, _)) if key.due_millis <= now_millis => {
                     let (_, notice) = state.scheduled.pop_first().expect("first key exists");
                     claimed.push(state.push(notice, now));
                 }
@@ -89,7 +104,7 @@ impl Store for MemoryStore {
     }
 
     async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
-        let state = self.state.lock().unwrap();
+        let state = self.state();
         let start = state.notices.partition_point(|n| n.id <= query.after);
         Ok(state
             .notices
@@ -101,11 +116,11 @@ impl Store for MemoryStore {
     }
 
     async fn last_id(&self) -> Result<i64, StoreError> {
-        Ok(self.state.lock().unwrap().last_id)
+        Ok(self.state().last_id)
     }
 
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state();
         let before = state.notices.len();
         if let Some(max) = retention.max_count {
             while state.notices.len() as u64 > max {
@@ -118,15 +133,5 @@ impl Store for MemoryStore {
             }
         }
         Ok((before - state.notices.len()) as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn memory_store_conformance() {
-        crate::store::conformance::run_all(&MemoryStore::default()).await;
     }
 }

@@ -1,20 +1,23 @@
-//! Where notices live: the [`Store`] trait and its three backends (memory, SQLite, PostgreSQL).
+//! Where notices live: the [`NoticeStore`] trait and its three backends (memory, SQLite,
+//! PostgreSQL).
 //!
 //! Every backend gives notices ids from one increasing sequence that is never reused (retention
 //! deletes old rows, so a plain "max + 1" would hand out an id twice), stores a notice before the
 //! caller acknowledges it, and moves a due scheduled notice into the notices in one atomic step,
 //! so a scheduled notice is published exactly once even when the service restarts or several
-//! instances share a database.
+//! instances share a database (tests/store_contract.rs runs one suite against all three).
+//!
+//! [`NoticeBackend`] picks a backend at run time from the `--store` flag, as an enum with native
+//! async methods rather than a boxed trait object, the same shape as kv-service's store. The SQL
+//! stores share the statements that differ only in their placeholders ([`sql`]): sqlx numbers
+//! `$1`, `$2`... for SQLite as PostgreSQL does.
 
-#[cfg(test)]
-pub(crate) mod conformance;
 mod memory;
 mod postgres;
 mod sqlite;
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::notice::{Interest, NewNotice, Notice, Whispers};
@@ -82,64 +85,149 @@ pub enum StoreError {
     Full(String),
 }
 
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
+/// The operations the service needs from a backend. See the module docs for the guarantees.
+pub trait NoticeStore: Send + Sync {
     /// Stores a notice now and returns it with its id.
-    async fn insert(
+    fn insert(
         &self,
         notice: NewNotice,
         created_at: DateTime<Utc>,
-    ) -> Result<Notice, StoreError>;
+    ) -> impl Future<Output = Result<Notice, StoreError>> + Send;
 
-    /// Keeps a notice to be published at `at` (see [`Store::claim_due`]).
-    async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Keeps a notice to be published at `at` (see [`NoticeStore::claim_due`]).
+    fn schedule(
+        &self,
+        notice: NewNotice,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The earliest time a scheduled notice is due, if any is waiting.
-    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    fn next_due(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>, StoreError>> + Send;
 
     /// Atomically turns up to `limit` scheduled notices due at `now` into stored notices (with
     /// fresh ids, in due order) and returns them. A notice is claimed by exactly one caller.
-    async fn claim_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Notice>, StoreError>;
+    fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Notice>, StoreError>> + Send;
 
-    async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError>;
+    fn query(
+        &self,
+        query: &NoticeQuery,
+    ) -> impl Future<Output = Result<Vec<Notice>, StoreError>> + Send;
 
     /// An id that every notice committed from now on will exceed: the largest committed id
     /// (0 when none). The cluster fan-out starts reading after it.
-    async fn last_id(&self) -> Result<i64, StoreError>;
+    fn last_id(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
     /// Deletes notices beyond the retention cap and returns how many went.
-    async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError>;
+    fn prune(
+        &self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 pub use shared::store_spec::StoreSpec;
 
-/// An opened store; PostgreSQL also hands out its pool, which the cluster layer uses for
-/// LISTEN/NOTIFY and presence.
-pub struct OpenedStore {
-    pub store: Arc<dyn Store>,
-    pub postgres: Option<sqlx::PgPool>,
+/// The backend chosen by `--store`.
+pub enum NoticeBackend {
+    Memory(MemoryStore),
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
-/// Opens (and migrates) the store a spec names.
-pub async fn open(spec: &StoreSpec) -> Result<OpenedStore, StoreError> {
-    Ok(match spec {
-        StoreSpec::Memory => OpenedStore {
-            store: Arc::new(MemoryStore::default()),
-            postgres: None,
-        },
-        StoreSpec::Sqlite(path) => OpenedStore {
-            store: Arc::new(SqliteStore::open(path).await?),
-            postgres: None,
-        },
-        StoreSpec::Postgres(url) => {
-            let store = PostgresStore::open(url).await?;
-            let pool = store.pool().clone();
-            OpenedStore {
-                store: Arc::new(store),
-                postgres: Some(pool),
-            }
+impl NoticeBackend {
+    /// Opens (or creates) the store and applies its migrations. A PostgreSQL server that does
+    /// not answer yet is waited for a while (shared's `postgres::connect`).
+    pub async fn open(spec: &StoreSpec) -> Result<NoticeBackend, StoreError> {
+        Ok(match spec {
+            StoreSpec::Memory => NoticeBackend::Memory(MemoryStore::default()),
+            StoreSpec::Sqlite(path) => NoticeBackend::Sqlite(SqliteStore::open(path).await?),
+            StoreSpec::Postgres(url) => NoticeBackend::Postgres(PostgresStore::open(url).await?),
+        })
+    }
+
+    /// The PostgreSQL pool, which the cluster layer uses for LISTEN/NOTIFY and presence; `None`
+    /// for the stores that serve one instance.
+    pub fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        match self {
+            NoticeBackend::Postgres(store) => Some(store.pool()),
+            NoticeBackend::Memory(_) | NoticeBackend::Sqlite(_) => None,
         }
-    })
+    }
+
+    /// Closes database connections.
+    pub async fn close(&self) {
+        match self {
+            NoticeBackend::Memory(_) => {}
+            NoticeBackend::Sqlite(store) => store.close().await,
+            NoticeBackend::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+impl NoticeStore for NoticeBackend {
+    async fn insert(
+        &self,
+        notice: NewNotice,
+        created_at: DateTime<Utc>,
+    ) -> Result<Notice, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.insert(notice, created_at).await,
+            NoticeBackend::Sqlite(store) => store.insert(notice, created_at).await,
+            NoticeBackend::Postgres(store) => store.insert(notice, created_at).await,
+        }
+    }
+
+    async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.schedule(notice, at).await,
+            NoticeBackend::Sqlite(store) => store.schedule(notice, at).await,
+            NoticeBackend::Postgres(store) => store.schedule(notice, at).await,
+        }
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.next_due().await,
+            NoticeBackend::Sqlite(store) => store.next_due().await,
+            NoticeBackend::Postgres(store) => store.next_due().await,
+        }
+    }
+
+    async fn claim_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Notice>, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.claim_due(now, limit).await,
+            NoticeBackend::Sqlite(store) => store.claim_due(now, limit).await,
+            NoticeBackend::Postgres(store) => store.claim_due(now, limit).await,
+        }
+    }
+
+    async fn query(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.query(query).await,
+            NoticeBackend::Sqlite(store) => store.query(query).await,
+            NoticeBackend::Postgres(store) => store.query(query).await,
+        }
+    }
+
+    async fn last_id(&self) -> Result<i64, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.last_id().await,
+            NoticeBackend::Sqlite(store) => store.last_id().await,
+            NoticeBackend::Postgres(store) => store.last_id().await,
+        }
+    }
+
+    async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.prune(retention, now).await,
+            NoticeBackend::Sqlite(store) => store.prune(retention, now).await,
+            NoticeBackend::Postgres(store) => store.prune(retention, now).await,
+        }
+    }
 }
 
 /// Row shape shared by the SQL backends; `recipient` is the `to` field and `sender` the `from`
@@ -185,5 +273,56 @@ impl ScheduledRow {
             to: self.recipient,
             from: self.sender,
         }
+    }
+}
+
+/// The statements of the SQL stores, written once for both where only their placeholders
+/// would differ.
+mod sql {
+    use super::Selector;
+
+    pub const INSERT: &str = "INSERT INTO notices (message, topic, recipient, sender, created_at)
+         VALUES ($1, $2, $3, $4, $5) RETURNING id";
+
+    pub const SCHEDULE: &str =
+        "INSERT INTO scheduled_notices (message, topic, recipient, sender, due_at)
+         VALUES ($1, $2, $3, $4, $5)";
+
+    pub const NEXT_DUE: &str = "SELECT MIN(due_at) FROM scheduled_notices";
+
+    /// Binds the time and the limit; returns the claimed rows in any order.
+    pub const CLAIM_DUE: &str = "DELETE FROM scheduled_notices WHERE id IN (
+             SELECT id FROM scheduled_notices WHERE due_at <= $1
+             ORDER BY due_at, id LIMIT $2)
+         RETURNING id, message, topic, recipient, sender, due_at";
+
+    /// Binds the number of notices to keep.
+    pub const PRUNE_BEYOND_COUNT: &str = "DELETE FROM notices WHERE id <= (
+             SELECT id FROM notices ORDER BY id DESC LIMIT 1 OFFSET $1)";
+
+    /// Binds the oldest creation time kept.
+    pub const PRUNE_OLDER_THAN: &str = "DELETE FROM notices WHERE created_at < $1";
+
+    /// The query for `selector`. Every query binds whether the reader sees every whisper ($1),
+    /// the name whose whispers it sees ($2), the id to read after ($3) and the limit ($4); a
+    /// topic binds it as $5; an interest binds its topics as $5, read by `topic_in_list` (how a
+    /// backend writes "topic is one of the list $5"), and its name as $6.
+    pub fn query(selector: &Selector, topic_in_list: &str) -> String {
+        // The whisper rule (`Whispers::admits`), the same in every query.
+        let visible = "($1 OR recipient IS NULL OR recipient = $2)";
+        let selected = match selector {
+            Selector::All => String::new(),
+            Selector::Topic(_) => "AND topic = $5".to_owned(),
+            // The same rule as `Interest::wants`, in SQL.
+            Selector::Interest(_) => format!(
+                "AND ((recipient IS NULL AND topic IS NULL)
+                      OR (recipient IS NULL AND {topic_in_list})
+                      OR recipient = $6)"
+            ),
+        };
+        format!(
+            "SELECT id, message, topic, recipient, sender, created_at FROM notices
+             WHERE id > $3 AND {visible} {selected} ORDER BY id LIMIT $4"
+        )
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use notice_service::{store::StoreSpec, Config, NoticeError};
+use notice_service::{store::StoreSpec, Config, NoticeServiceError};
 use serde_json::{json, Value};
 use shared::{packet::Identity, Dialect, Packet, PacketClient, ResponseStream};
 use tokio::task::JoinHandle;
@@ -18,7 +18,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestService {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), NoticeError>>>,
+    task: Option<JoinHandle<Result<(), NoticeServiceError>>>,
 }
 
 impl TestService {
@@ -35,7 +35,7 @@ impl TestService {
     }
 
     pub async fn with_store(store: &str) -> TestService {
-        TestService::start(Config::new(store.parse::<StoreSpec>().unwrap())).await
+        TestService::start(Config::standalone(store.parse::<StoreSpec>().unwrap())).await
     }
 
     /// A connected packet client.

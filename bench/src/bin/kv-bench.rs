@@ -13,7 +13,7 @@
 //! redis-server runs its commands.
 //!
 //! ```text
-//! cargo build --release -p kv-service
+//! cargo build --release -p kv-service -p bench
 //! target/release/kv-bench                          # mem and sqlite, P=1 and P=16, 50 connections
 //! target/release/kv-bench --stores mem --pipeline 16 --requests 1000000
 //! target/release/kv-bench --addr 127.0.0.1:8395    # a kv-service that is already running
@@ -29,10 +29,11 @@ use std::{
 use anyhow::{bail, Context};
 use bytes::{BufMut, BytesMut};
 use clap::Parser;
+use e2e::{free_port, wait_for_port, Process};
 use hdrhistogram::Histogram;
 use kv_service::text_protocol::{OwnedReply, ReplyCodec, Request, Token};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     process::{Child, Command},
 };
@@ -262,6 +263,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 figures,
             });
         }
+    }
+    for service in &mut services {
+        service.process.check_running()?;
     }
     print_table(&rows);
     drop(services);
@@ -557,9 +561,10 @@ fn format_key(buffer: &mut [u8; 16], mut n: u64) -> &[u8] {
     &buffer[..]
 }
 
-/// A kv-service process started for the run; killed on drop.
+/// A kv-service process started for the run, on its own, without a distributor; killed on
+/// drop.
 struct Service {
-    _child: Child,
+    process: Process,
     _dir: Option<tempfile::TempDir>,
     text_addr: SocketAddr,
 }
@@ -567,15 +572,6 @@ struct Service {
 impl Service {
     /// `store` is `mem`, or `sqlite` for a database in a fresh temporary directory.
     async fn start(args: &Args, store: &str) -> anyhow::Result<Service> {
-        let binary = match &args.service_bin {
-            Some(binary) => binary.clone(),
-            None => std::env::current_exe()?.with_file_name("kv-service"),
-        };
-        anyhow::ensure!(
-            binary.is_file(),
-            "{} not found: build it (cargo build --release -p kv-service) or pass --service-bin",
-            binary.display()
-        );
         let (dir, store) = if store == "sqlite" {
             let dir = tempfile::tempdir()?;
             let flag = format!("sqlite:{}", dir.path().join("kv.db").display());
@@ -583,40 +579,31 @@ impl Service {
         } else {
             (None, store.to_owned())
         };
-        let mut child = Command::new(&binary)
-            .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
-            .args(["--distributor", "", "--store", &store])
-            .args(["--threads", &args.service_threads.to_string()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let text_addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if line.contains("serving the text protocol") {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|word| word.strip_prefix("addr="))
-                    {
-                        return Ok(addr.parse::<SocketAddr>()?);
-                    }
-                }
-            }
-            bail!("kv-service exited before serving")
-        })
-        .await
-        .context("kv-service did not start in time")??;
-        // Keep draining the log so the service never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let text_port = free_port();
+        let flags: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--text-listen",
+            &format!("127.0.0.1:{text_port}"),
+            "--distributor",
+            "",
+            "--store",
+            &store,
+            "--threads",
+            &args.service_threads.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut process = match &args.service_bin {
+            Some(binary) => Process::start("kv-service", binary.clone(), &flags)?,
+            None => Process::spawn("kv-service", "kv-service", &flags),
+        };
+        wait_for_port(text_port).await;
+        process.check_running()?;
         Ok(Service {
-            _child: child,
+            process,
             _dir: dir,
-            text_addr,
+            text_addr: SocketAddr::from(([127, 0, 0, 1], text_port)),
         })
     }
 }
@@ -638,9 +625,7 @@ impl Redis {
                 .await;
             anyhow::ensure!(found.is_ok(), "{tool} is not installed");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])

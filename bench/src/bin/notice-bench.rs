@@ -14,13 +14,11 @@
 //!
 //! Latency is measured from just before the POST is sent to the moment a subscriber has parsed
 //! the event, on one clock (this process publishes and subscribes). Build everything with
-//! `cargo build --release -p distributor -p gateway -p notice-service`, then run
+//! `cargo build --release -p distributor -p gateway -p notice-service -p bench`, then run
 //! `target/release/notice-bench`.
 
 use std::{
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -30,13 +28,9 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use e2e::{sse::EventStream, Process, Stack, Storage};
 use hdrhistogram::Histogram;
 use shared::{Dialect, Packet, PacketClient};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    process::{Child, Command},
-};
 
 #[derive(Debug, Parser)]
 #[command(about = "notice-service fan-out benchmark through the real gateway")]
@@ -68,114 +62,21 @@ struct Args {
     bin_dir: Option<PathBuf>,
 }
 
-/// The processes under test; dropping them kills them.
-struct Stack {
-    _distributor: Child,
-    gateway: Child,
-    notice: Child,
-    notice_addr: String,
-    gateway_url: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn spawn(bin_dir: &Path, name: &str, args: &[String], log_dir: &Path) -> anyhow::Result<Child> {
-    let path = bin_dir.join(name);
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
-    Command::new(&path)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {} (build it first)", path.display()))
-}
-
-impl Stack {
-    async fn start(args: &Args) -> anyhow::Result<Stack> {
-        let bin_dir = match &args.bin_dir {
-            Some(dir) => dir.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("no executable directory")?
-                .to_path_buf(),
-        };
-        let dir = tempfile::tempdir()?;
-        let (distributor_port, gateway_port, notice_port) =
-            (free_port()?, free_port()?, free_port()?);
-        let distributor_addr = format!("127.0.0.1:{distributor_port}");
-        let store = match args.store.as_str() {
-            "mem" => "mem".to_string(),
-            "sqlite" => format!("sqlite:{}", dir.path().join("notices.db").display()),
-            other => bail!("--store must be sqlite or mem, not {other}"),
-        };
-        let distributor = spawn(
-            &bin_dir,
-            "distributor",
-            &["--listen".into(), distributor_addr.clone()],
-            dir.path(),
-        )?;
-        let gateway = spawn(
-            &bin_dir,
-            "gateway",
-            &[
-                "--listen".into(),
-                format!("127.0.0.1:{gateway_port}"),
-                "--distributor".into(),
-                distributor_addr.clone(),
-            ],
-            dir.path(),
-        )?;
-        let notice = spawn(
-            &bin_dir,
-            "notice-service",
-            &[
-                "--listen".into(),
-                format!("127.0.0.1:{notice_port}"),
-                "--distributor".into(),
-                distributor_addr,
-                "--store".into(),
-                store,
-            ],
-            dir.path(),
-        )?;
-        Ok(Stack {
-            _distributor: distributor,
-            gateway,
-            notice,
-            notice_addr: format!("127.0.0.1:{notice_port}"),
-            gateway_url: format!("http://127.0.0.1:{gateway_port}"),
-            _dir: dir,
-        })
-    }
-
-    /// Waits until the gateway routes the notice routes.
-    async fn ready(&self, http: &reqwest::Client) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let answer = http
-                .get(format!("{}/notices?limit=1", self.gateway_url))
-                .send()
-                .await;
-            if matches!(&answer, Ok(a) if a.status().is_success()) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the gateway did not route /notices within 30 s: {answer:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+/// Starts distributor, gateway and notice-service (no kv-service) and waits until the gateway
+/// routes the notice routes.
+async fn start_stack(args: &Args) -> anyhow::Result<Stack> {
+    let storage = match args.store.as_str() {
+        "mem" => Storage::Memory,
+        "sqlite" => Storage::Sqlite,
+        other => bail!("--store must be sqlite or mem, not {other}"),
+    };
+    let options = bench::stack_options(0, true, storage, args.bin_dir.clone());
+    Ok(Stack::start(options).await)
 }
 
 /// Resident memory of a process, in KiB.
-fn rss_kib(child: &Child) -> anyhow::Result<u64> {
-    let pid = child.id().context("process already exited")?;
+fn rss_kib(process: &Process) -> anyhow::Result<u64> {
+    let pid = process.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -223,65 +124,40 @@ fn sequence_of(event: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
-/// One SSE subscriber on a plain TCP connection: records, per notice, the publish-to-delivery
-/// latency. A minimal HTTP/1.1 reader keeps the load generator's own cost per event low, so the
-/// figures are about the gateway and the service rather than the client. Each SSE event is one
-/// chunk of the chunked body, so chunk-size lines only ever sit between events and a plain scan
-/// for complete events (`\n\n`) is enough.
+/// One SSE subscriber on its own connection through the gateway: records, per notice, the
+/// publish-to-delivery latency. The harness's plain-socket reader keeps the load generator's
+/// own cost per event low, so the figures are about the gateway and the service rather than
+/// the client.
 async fn subscriber(
     addr: String,
     path: String,
     shared: Arc<Shared>,
     histogram: Arc<std::sync::Mutex<Histogram<u64>>>,
 ) -> anyhow::Result<()> {
-    let mut socket = TcpStream::connect(&addr).await?;
-    socket.set_nodelay(true)?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
-    socket.write_all(request.as_bytes()).await?;
-    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut headers_done = false;
-    loop {
-        let read = socket.read_buf(&mut buffer).await?;
-        if read == 0 {
-            return Ok(());
-        }
-        if !headers_done {
-            let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
-            if !head.starts_with("HTTP/1.1 200") {
-                bail!("subscribe failed: {}", head.lines().next().unwrap_or(""));
-            }
-            buffer.drain(..end + 4);
-            headers_done = true;
-            shared.connected.fetch_add(1, Ordering::Relaxed);
-        }
-        // Only complete events are read; the rest waits for the next read.
-        let Some(last) = buffer.windows(2).rposition(|w| w == b"\n\n") else {
-            continue;
-        };
-        let received_at = now_nanos(&shared);
-        let complete = String::from_utf8_lossy(&buffer[..last + 2]).to_string();
-        buffer.drain(..last + 2);
-        for event in complete.split("\n\n") {
-            if event.contains("event: lagged") {
+    let mut events = EventStream::connect(&addr, &path)
+        .await
+        .context("subscribing")?;
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    while let Some(event) = events.next().await? {
+        match event.event.as_deref() {
+            Some("lagged") => {
                 shared.lagged.fetch_add(1, Ordering::Relaxed);
             }
-            if event.contains("event: error") {
+            Some("error") => {
                 shared.cut_off.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(seq) = sequence_of(event) {
-                let sent = shared.sent_at[seq].load(Ordering::Relaxed);
-                // Recorded straight into the shared histogram: merging a per-subscriber one
-                // after every read walks all of its buckets, which cost more than the reading.
-                let latency = received_at.saturating_sub(sent).max(1);
-                histogram.lock().unwrap().saturating_record(latency);
-                shared.delivered.fetch_add(1, Ordering::Relaxed);
-            }
+            _ => {}
+        }
+        if let Some(seq) = sequence_of(&event.data) {
+            let sent = shared.sent_at[seq].load(Ordering::Relaxed);
+            let latency = now_nanos(&shared).saturating_sub(sent).max(1);
+            // Recorded straight into the shared histogram: merging a per-subscriber one after
+            // every read walks all of its buckets, which cost more than the reading.
+            histogram.lock().unwrap().saturating_record(latency);
+            shared.delivered.fetch_add(1, Ordering::Relaxed);
         }
     }
+    Ok(())
 }
 
 /// How notices are published and presence is asked: through the gateway over HTTP, or
@@ -402,14 +278,21 @@ fn ms(nanos: u64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let load_at_start = load_average();
-    let stack = Stack::start(&args).await?;
+    let stack = start_stack(&args).await?;
+    let notice = stack
+        .notice
+        .as_ref()
+        .context("notice-service was not started")?;
+    let notice_addr = format!(
+        "127.0.0.1:{}",
+        stack.notice_port.context("notice-service has no port")?
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.publishers.max(8))
         .build()?;
-    stack.ready(&http).await?;
     let direct = args
         .direct
-        .then(|| PacketClient::connect(stack.notice_addr.clone(), Dialect::Packet));
+        .then(|| PacketClient::connect(notice_addr, Dialect::Packet));
     let publisher = match &direct {
         Some(client) => {
             tokio::time::timeout(Duration::from_secs(10), client.connected())
@@ -419,10 +302,10 @@ async fn main() -> anyhow::Result<()> {
         }
         None => Publisher::Http {
             http: http.clone(),
-            base: stack.gateway_url.clone(),
+            base: stack.url(""),
         },
     };
-    let rss_before = (rss_kib(&stack.notice)?, rss_kib(&stack.gateway)?);
+    let rss_before = (rss_kib(notice)?, rss_kib(&stack.gateway)?);
 
     let paced_count = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
     let total = paced_count + args.burst as usize;
@@ -441,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
     )?));
     // Through the gateway each subscriber has its own connection, as browsers would; direct
     // subscribers share one, as the gateway's do.
-    let gateway_addr = stack.gateway_url.trim_start_matches("http://").to_string();
+    let gateway_addr = format!("127.0.0.1:{}", stack.gateway_port);
     let mut subscribers = Vec::new();
     for _ in 0..args.subscribers {
         let (shared, histogram) = (shared.clone(), histogram.clone());
@@ -472,7 +355,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = (rss_kib(&stack.notice)?, rss_kib(&stack.gateway)?);
+    let rss_idle = (rss_kib(notice)?, rss_kib(&stack.gateway)?);
 
     // Paced phase.
     let period = Duration::from_secs_f64(1.0 / args.rate as f64);

@@ -1,12 +1,63 @@
-//! One behavioural test suite that every store backend must pass, so memory, SQLite and
-//! PostgreSQL cannot drift apart. Each backend's test module calls [`run_all`] on a fresh store.
+//! The store contract: one suite of cases, run against each backend (memory, SQLite, and a
+//! throwaway PostgreSQL server per test), so the three cannot drift apart. Whatever the service
+//! relies on is asserted here.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
+use notice_service::{
+    notice::{Interest, NewNotice, Whispers},
+    store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreSpec},
+};
+use shared::testing::TestPostgres;
 
-use super::{NoticeQuery, Retention, Selector, Store};
-use crate::notice::{Interest, NewNotice, Whispers};
+/// The bound on one case.
+const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// An opened store and what keeps its data alive.
+struct Opened {
+    store: Arc<NoticeBackend>,
+    spec: StoreSpec,
+    _dir: Option<tempfile::TempDir>,
+    _postgres: Option<TestPostgres>,
+}
+
+/// A fresh store; `None` only when PostgreSQL cannot be started outside CI (TestPostgres says
+/// why).
+async fn open(backend: Backend) -> Option<Opened> {
+    let (spec, dir, postgres) = match backend {
+        Backend::Memory => (StoreSpec::Memory, None, None),
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            (
+                StoreSpec::Sqlite(dir.path().join("notices.db")),
+                Some(dir),
+                None,
+            )
+        }
+        Backend::Postgres => {
+            let postgres = tokio::time::timeout(Duration::from_secs(180), TestPostgres::start())
+                .await
+                .expect("PostgreSQL did not start in time")?;
+            let url = postgres.create_database("contract").await;
+            (StoreSpec::Postgres(url), None, Some(postgres))
+        }
+    };
+    let store = NoticeBackend::open(&spec).await.expect("the store opens");
+    Some(Opened {
+        store: Arc::new(store),
+        spec,
+        _dir: dir,
+        _postgres: postgres,
+    })
+}
 
 fn new(message: &str, topic: Option<&str>, to: Option<&str>) -> NewNotice {
     NewNotice::new(
@@ -26,15 +77,7 @@ fn all_after(after: i64) -> NoticeQuery {
     }
 }
 
-pub async fn run_all(store: &dyn Store) {
-    ids_increase_and_queries_filter(store).await;
-    whispers_are_listed_only_to_their_addressee(store).await;
-    the_sender_is_kept_now_and_when_scheduled(store).await;
-    schedules_are_claimed_once_in_due_order(store).await;
-    retention_caps_count_and_age_without_reusing_ids(store).await;
-}
-
-async fn ids_increase_and_queries_filter(store: &dyn Store) {
+async fn ids_increase_and_queries_filter(store: Arc<NoticeBackend>) {
     assert_eq!(store.last_id().await.unwrap(), 0);
     let now = Utc::now();
     let a = store.insert(new("one", None, None), now).await.unwrap();
@@ -101,7 +144,7 @@ async fn ids_increase_and_queries_filter(store: &dyn Store) {
     assert_eq!(anonymous_two_topics, vec![a.clone(), b.clone(), d.clone()]);
 }
 
-async fn whispers_are_listed_only_to_their_addressee(store: &dyn Store) {
+async fn whispers_are_listed_only_to_their_addressee(store: Arc<NoticeBackend>) {
     let start = store.last_id().await.unwrap();
     let now = Utc::now();
     let all = store.insert(new("all", None, None), now).await.unwrap();
@@ -158,7 +201,7 @@ async fn whispers_are_listed_only_to_their_addressee(store: &dyn Store) {
     }
 }
 
-async fn the_sender_is_kept_now_and_when_scheduled(store: &dyn Store) {
+async fn the_sender_is_kept_now_and_when_scheduled(store: Arc<NoticeBackend>) {
     let start = store.last_id().await.unwrap();
     let now = Utc::now();
     let signed = store
@@ -182,7 +225,7 @@ async fn the_sender_is_kept_now_and_when_scheduled(store: &dyn Store) {
     assert_eq!(stored, vec![signed, unsigned, claimed[0].clone()]);
 }
 
-async fn schedules_are_claimed_once_in_due_order(store: &dyn Store) {
+async fn schedules_are_claimed_once_in_due_order(store: Arc<NoticeBackend>) {
     let now = Utc::now();
     let last = store.last_id().await.unwrap();
     assert_eq!(store.next_due().await.unwrap(), None);
@@ -228,7 +271,7 @@ async fn schedules_are_claimed_once_in_due_order(store: &dyn Store) {
     assert_eq!(store.next_due().await.unwrap(), None);
 }
 
-async fn retention_caps_count_and_age_without_reusing_ids(store: &dyn Store) {
+async fn retention_caps_count_and_age_without_reusing_ids(store: Arc<NoticeBackend>) {
     let now = Utc::now();
     for i in 0..5 {
         store
@@ -263,4 +306,69 @@ async fn retention_caps_count_and_age_without_reusing_ids(store: &dyn Store) {
         .await
         .unwrap();
     assert!(fresh.id > last, "ids are never reused");
+}
+
+/// Notices and schedules written before the store is closed are there when it is opened again,
+/// and ids keep increasing (SQL stores only).
+async fn data_survives_reopening(opened: Opened) {
+    let Opened { store, spec, .. } = &opened;
+    let now = Utc::now();
+    let kept = store.insert(new("kept", None, None), now).await.unwrap();
+    store.schedule(new("later", None, None), now).await.unwrap();
+    store.close().await;
+
+    let reopened = NoticeBackend::open(spec).await.unwrap();
+    assert_eq!(
+        reopened.query(&all_after(0)).await.unwrap(),
+        vec![kept.clone()]
+    );
+    let claimed = reopened.claim_due(now, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(claimed[0].id > kept.id);
+    reopened.close().await;
+}
+
+macro_rules! contract {
+    ($backend:ident: $kind:expr) => {
+        mod $backend {
+            use super::*;
+
+            macro_rules! case {
+                ($case:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let Some(opened) = open($kind).await else {
+                            return;
+                        };
+                        tokio::time::timeout(WAIT, super::$case(opened.store.clone()))
+                            .await
+                            .expect("the case finished in time");
+                        opened.store.close().await;
+                    }
+                };
+            }
+
+            case!(ids_increase_and_queries_filter);
+            case!(whispers_are_listed_only_to_their_addressee);
+            case!(the_sender_is_kept_now_and_when_scheduled);
+            case!(schedules_are_claimed_once_in_due_order);
+            case!(retention_caps_count_and_age_without_reusing_ids);
+        }
+    };
+}
+
+contract!(memory: Backend::Memory);
+contract!(sqlite: Backend::Sqlite);
+contract!(postgres: Backend::Postgres);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_data_survives_reopening() {
+    data_survives_reopening(open(Backend::Sqlite).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_data_survives_reopening() {
+    if let Some(opened) = open(Backend::Postgres).await {
+        data_survives_reopening(opened).await;
+    }
 }

@@ -1,0 +1,33 @@
+//! Load tools for the workspace's binaries, each measured next to what a user would run
+//! instead (redis, nginx, HAProxy) on the same machine in the same run.
+//!
+//! The binaries live in `src/bin/`; they start their processes with the end-to-end harness of
+//! the `e2e` crate, so a benchmark brings a stack up the way the tests do. Build them with the
+//! binaries they start: `cargo build --release -p distributor -p gateway -p kv-service
+//! -p notice-service -p bench`. docs/BENCHMARKS.md has the figures and the commands.
+
+use std::path::PathBuf;
+
+use e2e::{StackOptions, Storage};
+
+/// A stack as the benchmarks run it: no cluster secret (every process in protected mode, on
+/// loopback, as a single machine runs without one), and the distributor's own heartbeat
+/// defaults, so that a node busy under load is not evicted sooner than in a real deployment.
+pub fn stack_options(
+    kv_replicas: usize,
+    notice: bool,
+    storage: Storage,
+    bin_dir: Option<PathBuf>,
+) -> StackOptions {
+    StackOptions {
+        kv_replicas,
+        notice,
+        storage,
+        heartbeat: (
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(10),
+        ),
+        auth: false,
+        bin_dir,
+    }
+}
