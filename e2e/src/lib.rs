@@ -17,7 +17,6 @@
 //! these tests alone.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -60,13 +59,7 @@ fn binary(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
-}
+pub use shared::testing::free_port;
 
 /// One child process of the stack. Dropping it kills it.
 pub struct Process {

@@ -28,11 +28,6 @@ fn notice_service(args: &[&str]) -> Command {
     command
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// A raw connection; the write half stays open so that only the server can end it.
 type Peer = (
     PacketReader<tokio::net::tcp::OwnedReadHalf, Packet>,
@@ -112,7 +107,7 @@ async fn a_non_loopback_address_without_a_secret_is_refused_at_start() {
 async fn with_a_secret_only_peers_that_know_it_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = write_secret(dir.path(), "cluster.secret", "right horse battery staple");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", shared::testing::free_port());
     let _service = notice_service(&["--listen", &addr, "--cluster-secret-file", &secret_file])
         .spawn()
         .unwrap();

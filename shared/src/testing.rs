@@ -157,7 +157,7 @@ impl TestPostgres {
 
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            let port = free_port()?;
+            let port = free_port();
             match start_server(&bin, dir.path(), port, user).await {
                 Ok((wrapper, stop)) => {
                     return Ok(TestPostgres {
@@ -300,13 +300,15 @@ async fn init_cluster(
     Ok(())
 }
 
-/// A port that was free a moment ago. The server may still lose it to someone else; the caller
-/// retries with another one then.
-fn free_port() -> Result<u16, String> {
+/// A port on 127.0.0.1 that was free a moment ago, for a server a test starts as a process (one
+/// that cannot be handed a bound listener). The server may still lose it to someone else; a
+/// caller that can retries with another one then. Every test of the workspace takes its ports
+/// from here.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
-        .map_err(|err| format!("cannot find a free port: {err}"))
+        .expect("binding 127.0.0.1:0 finds a free port")
 }
 
 async fn start_server(
