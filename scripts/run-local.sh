@@ -97,7 +97,8 @@ start kv-service --listen 127.0.0.1:9010 --text-listen 127.0.0.1:8395 --distribu
     --store "sqlite:$stack/kv.db" "${cluster[@]}" "${jwt[@]}"
 start notice-service --listen 127.0.0.1:9020 --distributor 127.0.0.1:9000 \
     --store "sqlite:$stack/notices.db" "${cluster[@]}"
-start gateway --listen "127.0.0.1:$gateway_port" --distributor 127.0.0.1:9000 "${cluster[@]}" "${jwt[@]}"
+start gateway --listen "127.0.0.1:$gateway_port" --distributor 127.0.0.1:9000 \
+    --topology-cache "$stack/gateway-topology.json" "${cluster[@]}" "${jwt[@]}"
 
 gateway=http://localhost:$gateway_port
 healthy() { curl -sf --max-time 2 "$gateway/healthz" >/dev/null; }

@@ -31,3 +31,15 @@ pub fn stack_options(
         bin_dir,
     }
 }
+
+/// A histogram of latencies in microseconds, from 1 µs to one minute at three significant
+/// digits: the resolution kv-bench and gateway-bench both record at, so their figures compare.
+pub fn microsecond_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
+}
+
+/// The cores this machine offers (0 when unknown), printed in each benchmark's heading because
+/// every figure depends on it.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, usize::from)
+}

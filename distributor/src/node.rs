@@ -10,6 +10,10 @@
 //!   every interval and must echo it, so a frozen process is noticed even though its socket is
 //!   still open.
 //!
+//! A node's heartbeats may carry its readiness (`{"ready": bool}`, false while it cannot serve,
+//! e.g. its store is down): a change is recorded on its entry and broadcast like any other, so
+//! gateways route around the node. A node that never says is ready.
+//!
 //! Original-design nodes never get heartbeats (they would not know what to do with them): they
 //! stay registered while their connection is open and accepts writes.
 //!
@@ -44,7 +48,7 @@ use shared::{
     cluster::HANDSHAKE_URI,
     codec::{encode_frame, CodecError, PacketCodec},
     connection::{tune_socket, write_frames, PacketReader},
-    packet::{heartbeat_packet, NodeInfo, Registration, DISTRIBUTES_URI},
+    packet::{heartbeat_packet, readiness_in, NodeInfo, Registration, DISTRIBUTES_URI},
     Packet,
 };
 use tokio::{
@@ -132,6 +136,7 @@ pub(crate) async fn serve_node(
         outgoing,
         speaks_heartbeats: false,
         registered: false,
+        ready: true,
         topology_due: false,
         answer_in_flight: None,
     };
@@ -175,6 +180,8 @@ struct NodeConnection {
     outgoing: mpsc::Sender<Bytes>,
     speaks_heartbeats: bool,
     registered: bool,
+    /// What the node last said of its readiness in a heartbeat; ready until it says otherwise.
+    ready: bool,
     /// The node is owed the latest topology: it changed, or the node just registered.
     topology_due: bool,
     /// Resolves once the last answer to `GET /distributes` has left the writer.
@@ -271,6 +278,9 @@ impl NodeConnection {
         topology: &watch::Receiver<Topology>,
     ) -> Result<(), Departure> {
         if packet.is_heartbeat() {
+            if let Some(ready) = readiness_in(&packet) {
+                self.set_ready(ready);
+            }
             return Ok(());
         }
         match (packet.method.as_str(), packet.uri.as_str()) {
@@ -335,6 +345,20 @@ impl NodeConnection {
         }
     }
 
+    /// Records the node's readiness; a change reaches every node with the next topology. A node
+    /// may say it before it registers, and its entry then starts with it.
+    fn set_ready(&mut self, ready: bool) {
+        if ready == self.ready {
+            return;
+        }
+        self.ready = ready;
+        match self.registry.set_ready(self.id, ready) {
+            Ok(true) => info!(peer = %self.peer, ready, "node readiness changed"),
+            Ok(false) => {}
+            Err(err) => warn!(peer = %self.peer, ready, %err, "readiness change not published"),
+        }
+    }
+
     /// Builds the topology entry for a registration, or says what is wrong with it.
     fn node_from(&self, params: &Value) -> Result<NodeInfo, String> {
         // Serde would also take the fields positionally from an array; only an object is valid.
@@ -364,6 +388,7 @@ impl NodeConnection {
             urls: registration.urls,
             scopes: registration.scopes,
             protocol: registration.protocol,
+            ready: self.ready,
         })
     }
 

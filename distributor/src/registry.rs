@@ -243,6 +243,39 @@ impl Registry {
         Ok(())
     }
 
+    /// Records whether the node on connection `id` is ready to serve, publishing the topology
+    /// when that changes it. False when nothing changed (no node on `id`, or the same
+    /// readiness). A change that would take the topology past its bound is refused.
+    pub fn set_ready(&self, id: ConnectionId, ready: bool) -> Result<bool, RegisterError> {
+        let limits = &self.shared.limits;
+        let mut state = self.shared.state.lock().unwrap();
+        let json_length = state.json_length;
+        let nodes = state.nodes.len();
+        let Some(entry) = state.nodes.get_mut(&id) else {
+            return Ok(false);
+        };
+        if entry.node.ready == ready {
+            return Ok(false);
+        }
+        let mut node = entry.node.clone();
+        node.ready = ready;
+        let json = node_json(&node);
+        let json_length = json_length + json.len() - entry.json.len();
+        let length = topology_length(nodes, json_length) - DELIMITER.len();
+        if length + ANSWER_HEADROOM > limits.max_topology_length {
+            return Err(RegisterError::TopologyTooLarge {
+                length,
+                max: limits.max_topology_length,
+            });
+        }
+        entry.node = node;
+        entry.json = json;
+        state.json_length = json_length;
+        let topology = encode_topology(&state.nodes, state.json_length);
+        self.shared.topology.send_replace(topology);
+        Ok(true)
+    }
+
     /// Removes the node on connection `id`, if it registered one.
     pub fn remove(&self, id: ConnectionId) -> Option<NodeInfo> {
         let mut state = self.shared.state.lock().unwrap();
@@ -536,6 +569,29 @@ mod tests {
         registry
             .register(u64::from(port), PEER, node(port))
             .unwrap();
+    }
+
+    #[test]
+    fn readiness_changes_publish_and_repeats_do_not() {
+        let registry = Registry::default();
+        registry.register(1, PEER, node(9010)).unwrap();
+        let mut topology = registry.subscribe();
+        topology.borrow_and_update();
+        assert_eq!(registry.set_ready(1, true), Ok(false));
+        assert!(!topology.has_changed().unwrap());
+
+        assert_eq!(registry.set_ready(1, false), Ok(true));
+        assert!(topology.has_changed().unwrap());
+        let text = String::from_utf8(topology.borrow_and_update().frame.to_vec()).unwrap();
+        assert!(text.contains(r#""ready":false"#), "{text}");
+        assert!(!registry.nodes()[0].ready);
+        assert_eq!(registry.set_ready(1, false), Ok(false));
+
+        assert_eq!(registry.set_ready(1, true), Ok(true));
+        let text = String::from_utf8(topology.borrow_and_update().frame.to_vec()).unwrap();
+        assert!(!text.contains("ready"), "{text}");
+        // Nothing registered on the connection: nothing to change.
+        assert_eq!(registry.set_ready(2, false), Ok(false));
     }
 
     #[test]

@@ -171,6 +171,17 @@ pub enum Storage {
     Postgres { kv_url: String, notice_url: String },
 }
 
+impl Storage {
+    /// Databases `kv` and `notices` on `postgres`, one for each service (all its replicas share
+    /// it).
+    pub async fn postgres(postgres: &shared::testing::TestPostgres) -> Storage {
+        Storage::Postgres {
+            kv_url: postgres.create_database("kv").await,
+            notice_url: postgres.create_database("notices").await,
+        }
+    }
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -251,7 +262,7 @@ impl Secrets {
     }
 
     /// The flags that give a node the cluster secret.
-    fn cluster_flags(&self) -> Vec<String> {
+    pub fn cluster_flags(&self) -> Vec<String> {
         vec![
             "--cluster-secret-file".into(),
             self.cluster_secret_file.display().to_string(),
@@ -274,6 +285,9 @@ fn rand_u128() -> u128 {
         .expect("reading /dev/urandom");
     u128::from_le_bytes(bytes)
 }
+
+/// The name of the gateway's topology cache in the stack's directory.
+const TOPOLOGY_CACHE: &str = "gateway-topology.json";
 
 /// A kv-service replica and its ports.
 pub struct KvReplica {
@@ -403,6 +417,9 @@ impl Stack {
                 distributor_addr,
                 "--request-timeout".into(),
                 "5s".into(),
+                // In the stack's directory: tests running side by side must not share one.
+                "--topology-cache".into(),
+                dir.path().join(TOPOLOGY_CACHE).display().to_string(),
             ]
             .into_iter()
             .chain(cluster_flags.iter().cloned())
@@ -438,6 +455,11 @@ impl Stack {
             .wait_until_routed(options.kv_replicas, options.notice)
             .await;
         stack
+    }
+
+    /// The gateway's topology cache file (`--topology-cache`).
+    pub fn topology_cache(&self) -> PathBuf {
+        self.dir.path().join(TOPOLOGY_CACHE)
     }
 
     /// `http://127.0.0.1:PORT/path` on the gateway.
@@ -502,15 +524,22 @@ impl Stack {
     }
 }
 
-/// How many connected nodes serve `url` (e.g. `GET/kv`) in a `GET /_/topology` answer:
+/// The nodes serving `url` (e.g. `GET/kv`) in a `GET /_/topology` answer:
 /// `{"routes": [{"url": "GET/kv", "nodes": [{"addr", "name", "connected": bool}, ...]}], ...}`.
-pub fn connected_nodes(topology: &Value, url: &str) -> usize {
+pub fn route_nodes<'t>(topology: &'t Value, url: &str) -> Vec<&'t Value> {
     topology["routes"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|route| route["url"] == url)
         .flat_map(|route| route["nodes"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// How many connected nodes serve `url` in a `GET /_/topology` answer.
+pub fn connected_nodes(topology: &Value, url: &str) -> usize {
+    route_nodes(topology, url)
+        .into_iter()
         .filter(|node| node["connected"] == true)
         .count()
 }

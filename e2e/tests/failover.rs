@@ -105,10 +105,7 @@ impl Traffic {
 
 async fn postgres_stack(kv_replicas: usize) -> Option<(TestPostgres, Stack)> {
     let postgres = TestPostgres::start().await?;
-    let storage = Storage::Postgres {
-        kv_url: postgres.create_database("kv").await,
-        notice_url: postgres.create_database("notices").await,
-    };
+    let storage = Storage::postgres(&postgres).await;
     let stack = Stack::start(StackOptions {
         kv_replicas,
         notice: false,

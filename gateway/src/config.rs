@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use shared::{cluster::ClusterSecret, token::TokenVerifier};
+use shared::{cluster::ClusterSecret, token::TokenVerifier, topology_cache::TopologyCache};
 
 use crate::rate_limit::RateLimit;
 
@@ -22,6 +22,9 @@ pub struct Config {
     /// up. A restarted distributor announces nodes as they re-register, one by one, within a
     /// few seconds; this keeps the routes of the ones that have not yet re-registered.
     pub departure_grace: Duration,
+    /// Where the last topology from the distributor is kept, and read from at start-up while
+    /// the distributor does not answer (static stability). `None`: nowhere.
+    pub topology_cache: Option<TopologyCache>,
     /// Verifies callers' bearer tokens. `None` is protected mode: requests are served without
     /// tokens, from loopback clients only (see [`crate::auth`]).
     pub tokens: Option<Arc<TokenVerifier>>,
@@ -49,6 +52,7 @@ impl Default for Config {
             max_body: 1024 * 1024,
             keep_alive: Duration::from_secs(15),
             departure_grace: Duration::from_secs(5),
+            topology_cache: None,
             tokens: None,
             anonymous_scopes: Vec::new(),
             rate_limit: None,

@@ -54,15 +54,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>, request: Request
         .into_response()
 }
 
-/// `GET /_/topology`: every route with its nodes and their connection state, and every node.
+/// `GET /_/topology`: where the topology came from (`source`), every route with its nodes and
+/// their connection state and readiness, and every node.
 pub(crate) async fn topology(State(state): State<Arc<AppState>>, request: Request) -> Response {
     if let Some(refused) = refusal_unless_admin(&state, &request) {
         return refused;
     }
     let table = state.routes.borrow().clone();
     let snapshot = table.snapshot();
+    let source = *state.topology_source.borrow();
     Json(json!({
         "distributor": state.config.distributor,
+        "source": source,
         "routes": snapshot.routes,
         "nodes": snapshot.nodes,
     }))

@@ -10,8 +10,8 @@
 //! - [`config`]: the settings [`run`] takes.
 //! - [`auth`]: bearer tokens and scopes: who a request comes from and what it may do.
 //! - [`rate_limit`]: requests per caller.
-//! - [`topology`]: follows the distributor's topology, owns the node connections, and publishes
-//!   the route table.
+//! - [`topology`]: follows the distributor's topology (or, until the distributor answers after a
+//!   restart, the topology cache), owns the node connections, and publishes the route table.
 //! - [`routes`]: the route table: exact and longest-prefix matching, round-robin over nodes.
 //! - [`proxy`]: HTTP request → packet → HTTP response.
 //! - [`sse`]: a node's stream → `text/event-stream`.
@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use axum::{routing::get, Router};
 use shared::{
-    distributor_client::DistributorClient,
+    distributor_client::{DistributorClient, DistributorLink, TopologySource},
     packet::{Registration, PROTOCOL_VERSION},
     Topology,
 };
@@ -65,6 +65,8 @@ pub enum GatewayError {
 /// What every request handler shares.
 pub(crate) struct AppState {
     routes: watch::Receiver<Arc<RouteTable>>,
+    /// Where the topology behind `routes` came from, for `/_/topology`.
+    topology_source: watch::Receiver<TopologySource>,
     config: Config,
     auth: Authenticator,
     /// `None` when requests are not limited.
@@ -78,14 +80,15 @@ pub(crate) struct AppState {
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then stops accepting, lets the
 /// requests in flight finish (event streams are closed), and returns. Callers bound that wait.
 ///
-/// With `config.distributor` set, the gateway registers there and routes by its topology;
-/// without one it routes nothing (see [`run_with_topology`]).
+/// With `config.distributor` set, the gateway registers there and routes by its topology
+/// (starting from `config.topology_cache` until the distributor answers); without one it routes
+/// nothing (see [`run_with_topology`]).
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let topology = match &config.distributor {
+    let link = match &config.distributor {
         Some(distributor) => {
             let registration = Registration {
                 port: listener.local_addr()?.port(),
@@ -95,24 +98,39 @@ pub async fn run(
                 host: None,
                 protocol: Some(PROTOCOL_VERSION),
             };
-            DistributorClient::spawn_with_secret(
-                distributor.clone(),
-                registration,
-                config.cluster_secret.clone(),
-                shutdown.child_token(),
-            )
+            DistributorClient::new(distributor.clone(), registration)
+                .with_secret(config.cluster_secret.clone())
+                .with_topology_cache(config.topology_cache.clone())
+                .start(shutdown.child_token())
         }
-        None => watch::channel(Arc::new(Topology::new())).1,
+        None => DistributorLink {
+            topology: watch::channel(Arc::new(Topology::new())).1,
+            source: watch::channel(TopologySource::None).1,
+        },
     };
-    run_with_topology(listener, config, topology, shutdown).await
+    serve(listener, config, link, shutdown).await
 }
 
 /// [`run`] with the topology taken from `topology` instead of a distributor: for embedding the
-/// gateway where something else knows the nodes, and for tests.
+/// gateway where something else knows the nodes, and for tests. Whatever feeds `topology`
+/// stands in for the distributor, and `/_/topology` names it so.
 pub async fn run_with_topology(
     listener: TcpListener,
     config: Config,
     topology: watch::Receiver<Arc<Topology>>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let link = DistributorLink {
+        topology,
+        source: watch::channel(TopologySource::Distributor).1,
+    };
+    serve(listener, config, link, shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: Config,
+    DistributorLink { topology, source }: DistributorLink,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let addr = listener.local_addr()?;
@@ -134,6 +152,7 @@ pub async fn run_with_topology(
     });
     let state = Arc::new(AppState {
         routes,
+        topology_source: source,
         config,
         auth,
         rate_limiter,

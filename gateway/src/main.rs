@@ -9,6 +9,7 @@ use gateway::{
 use shared::{
     cluster::ClusterArgs,
     token::{TokenKeyArgs, TokenRequest},
+    topology_cache::TopologyCache,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +45,14 @@ struct Args {
     /// distributor restart, when nodes re-register one by one).
     #[arg(long, env = "GATEWAY_DEPARTURE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     departure_grace: Duration,
+    /// Where the last topology received from the distributor is kept, so that a gateway
+    /// restarted while the distributor is down still routes; empty turns it off.
+    #[arg(
+        long,
+        env = "GATEWAY_TOPOLOGY_CACHE",
+        default_value = "gateway-topology.json"
+    )]
+    topology_cache: String,
     /// How long shutdown waits for requests in flight before giving up on them.
     #[arg(long, env = "GATEWAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -156,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         max_body: args.max_body,
         keep_alive: args.sse_keep_alive,
         departure_grace: args.departure_grace,
+        topology_cache: TopologyCache::from_flag(&args.topology_cache),
         tokens,
         anonymous_scopes: anonymous_scopes.unwrap_or_default(),
         rate_limit: args.rate_limit.map(|rate| RateLimit {

@@ -35,6 +35,8 @@ pub struct Node {
     /// True while the node is kept in rotation after leaving the topology
     /// (see [`crate::Config::departure_grace`]).
     pub leaving: bool,
+    /// False while the node says it cannot serve (see [`Route::rotation`]).
+    pub ready: bool,
     pub client: NodeClient,
 }
 
@@ -61,7 +63,13 @@ pub struct Route {
 
 impl Route {
     /// The connected nodes in the order this request should try them: round-robin over the
-    /// route's nodes, skipping those whose connection is down.
+    /// route's nodes, skipping those whose connection is down and those that say they are not
+    /// ready (their store is unreachable, say).
+    ///
+    /// When every connected node is not ready, those nodes are the rotation after all: the
+    /// caller then gets the service's own answer (a 503 naming what is unavailable) rather than
+    /// a vaguer one from the gateway, and sees the service as soon as it recovers, before the
+    /// topology says so.
     pub fn rotation(&self) -> impl Iterator<Item = &Arc<Node>> {
         let count = self.nodes.len();
         let start = if count > 1 {
@@ -69,9 +77,13 @@ impl Route {
         } else {
             0
         };
+        let any_ready = self
+            .nodes
+            .iter()
+            .any(|node| node.ready && node.is_connected());
         (0..count)
             .map(move |offset| &self.nodes[(start + offset) % count])
-            .filter(|node| node.is_connected())
+            .filter(move |node| node.is_connected() && (node.ready || !any_ready))
     }
 
     pub fn connected_nodes(&self) -> usize {
@@ -177,6 +189,7 @@ impl RouteTable {
             addr: node.addr.clone(),
             name: node.name.clone(),
             connected: node.is_connected(),
+            ready: node.ready,
         };
         TopologySnapshot {
             routes: self
@@ -238,6 +251,14 @@ pub struct NodeState {
     pub addr: String,
     pub name: String,
     pub connected: bool,
+    /// False while the node says it cannot serve; it is then skipped while another node of
+    /// the route is connected and ready. Written only when false, as in the topology itself.
+    #[serde(skip_serializing_if = "is_ready")]
+    pub ready: bool,
+}
+
+fn is_ready(ready: &bool) -> bool {
+    *ready
 }
 
 #[derive(Debug, Serialize)]
@@ -277,6 +298,7 @@ mod tests {
                         .map(|(url, scope)| (url.to_string(), scope.to_string()))
                         .collect(),
                     leaving: false,
+                    ready: true,
                     client: NodeClient::connect_as("127.0.0.1:9", Dialect::Packet),
                 })
             })

@@ -12,6 +12,13 @@
 //! they re-register, and the routes of the slower ones must not vanish meanwhile. While the
 //! distributor is down, the last topology simply stays in force.
 //!
+//! A node that says it is not ready keeps its connection; the route table only marks it, and
+//! [`crate::routes::Route::rotation`] decides.
+//!
+//! At start-up the topology may come from the gateway's topology cache rather than the
+//! distributor (see [`shared::topology_cache`]): its nodes are connected to like any others,
+//! with the handshake, and those that do not answer stay out of rotation.
+//!
 //! With a cluster secret every node connection starts with the handshake, so the gateway only
 //! talks to nodes that know the secret. Original-design nodes (no protocol 2) cannot do it: they
 //! are left out of the route table unless `--allow-legacy-nodes` is given.
@@ -193,6 +200,7 @@ impl Pool {
                 urls: info.urls.clone(),
                 scopes: info.scopes.clone(),
                 leaving,
+                ready: info.ready,
                 client,
             }));
         }

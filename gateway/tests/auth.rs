@@ -613,6 +613,7 @@ async fn gateway_before_a_secret_node(
         urls: scoped_router().urls(),
         protocol: Some(PROTOCOL_VERSION),
         scopes: scoped_router().scopes(),
+        ready: true,
     };
     let (_topology_tx, topology) = watch::channel(Arc::new(vec![node]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -788,6 +789,8 @@ fn gateway_command() -> Command {
         .env_remove("GATEWAY_ANONYMOUS_SCOPES")
         .env_remove("GATEWAY_LISTEN")
         .env_remove("CLUSTER_SECRET_FILE")
+        // No topology cache file left in the crate's directory.
+        .env("GATEWAY_TOPOLOGY_CACHE", "")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     command

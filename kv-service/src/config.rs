@@ -14,6 +14,7 @@ use shared::{
 };
 
 pub use crate::store::StoreSpec;
+pub use shared::store_spec::{StoreCheck, StoreOptions};
 
 /// How long a text connection may stay silent before it is closed, by default.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -25,6 +26,8 @@ pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Config {
     /// Where the data lives.
     pub store: StoreSpec,
+    /// How long a store operation may wait, and how the store is checked at open.
+    pub store_options: StoreOptions,
     /// The distributor to register the REST routes with; `None` serves without registering.
     pub distributor: Option<String>,
     /// The host other nodes should connect to, when the socket's address is not it.
@@ -73,6 +76,7 @@ impl Config {
     pub fn standalone(store: StoreSpec) -> Config {
         Config {
             store,
+            store_options: StoreOptions::default(),
             distributor: None,
             advertise_host: None,
             cluster: ClusterPolicy::default(),

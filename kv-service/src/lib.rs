@@ -71,14 +71,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), KvServiceError> {
     tracing::info!(store = ?config.store, "opening the store");
-    let store = KvBackend::open(&config.store)
-        .await
-        .map_err(|source| KvServiceError::Store {
-            store: config.store.clone(),
-            source,
-        })?;
+    // Until the store opens (PostgreSQL may be away for a while), the service is not registered,
+    // so nothing is routed to it.
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        opened = KvBackend::open(&config.store, config.store_options) => opened,
+    };
+    let store = opened.map_err(|source| KvServiceError::Store {
+        store: config.store.clone(),
+        source,
+    })?;
+    let readiness = store.follow_readiness(shutdown.child_token());
     let kv = Kv::new(store);
     let service = ServiceConfig {
+        readiness,
         name: SERVICE_NAME.to_owned(),
         distributor: config.distributor,
         advertise_host: config.advertise_host,

@@ -1,8 +1,10 @@
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use clap::Parser;
-use kv_service::config::{check_text_listen, Config, StoreSpec, TextConfig};
+use clap::{Parser, Subcommand};
+use kv_service::config::{
+    check_text_listen, Config, StoreCheck, StoreOptions, StoreSpec, TextConfig,
+};
 use shared::{
     cluster::{ClusterArgs, ClusterPolicy},
     token::TokenKeyArgs,
@@ -35,6 +37,15 @@ struct Args {
     /// (= sqlite:kv.db).
     #[arg(long, env = "KV_STORE", default_value = "sqlite:kv.db", value_parser = kv_service::store::parse_store_flag)]
     store: StoreSpec,
+    /// The longest a store operation waits for a database connection (and on PostgreSQL for a
+    /// statement) before it is answered 503 "the store is unavailable". Keep it shorter than the
+    /// gateway's --request-timeout.
+    #[arg(long, env = "KV_STORE_TIMEOUT", default_value = "1s", value_parser = shared::flags::positive_duration)]
+    store_timeout: Duration,
+    /// How a SQLite store is checked when it opens: `quick` (PRAGMA quick_check) or `full`
+    /// (PRAGMA integrity_check, slower on a large file).
+    #[arg(long, env = "KV_CHECK_STORE", value_enum, default_value_t = StoreCheck::Quick)]
+    check_store: StoreCheck,
     /// The host other nodes should connect to, when it differs from the socket's address.
     #[arg(long, env = "KV_ADVERTISE_HOST")]
     advertise_host: Option<String>,
@@ -43,11 +54,11 @@ struct Args {
     #[arg(long, env = "KV_THREADS", default_value_t = 0)]
     threads: usize,
     /// Close a text protocol connection that sends nothing for this long.
-    #[arg(long, env = "KV_IDLE_TIMEOUT", default_value = "300s", value_parser = positive_duration)]
+    #[arg(long, env = "KV_IDLE_TIMEOUT", default_value = "300s", value_parser = shared::flags::positive_duration)]
     idle_timeout: Duration,
     /// With a JWT key, close a text protocol connection that has not sent a good auth<TOKEN>
     /// this long after it opened.
-    #[arg(long, env = "KV_AUTH_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    #[arg(long, env = "KV_AUTH_TIMEOUT", default_value = "10s", value_parser = shared::flags::positive_duration)]
     auth_timeout: Duration,
     /// The key that verifies the tokens text protocol clients send in auth<TOKEN>.
     #[command(flatten)]
@@ -55,22 +66,42 @@ struct Args {
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Without a command, the service serves.
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-/// A duration written as humantime does (`300s`, `5m`), not zero.
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(duration) if duration.is_zero() => Err("must be more than zero".to_owned()),
-        Ok(duration) => Ok(duration),
-        Err(err) => Err(err.to_string()),
-    }
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Copies a SQLite store to a new file with SQLite's online backup (safe while the service
+    /// runs and writes), checks the copy, and exits.
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// The store to copy: `sqlite:PATH` (or `rdb`).
+    #[arg(long, env = "KV_STORE", value_parser = kv_service::store::parse_store_flag)]
+    store: StoreSpec,
+    /// The backup file to write; it must not exist yet.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
+}
+
+/// `kv-service backup`: see [`Command::Backup`].
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    println!("{}", shared::sqlite::backup_store(&args.store, &args.to)?);
+    Ok(())
 }
 
 /// How long shutdown waits for the work in flight to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Backup(backup_args)) = args.command.take() {
+        return backup(backup_args);
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if args.threads > 0 {
         runtime.worker_threads(args.threads);
@@ -101,6 +132,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     )?;
     let config = Config {
         store: args.store,
+        store_options: StoreOptions {
+            timeout: args.store_timeout,
+            check: args.check_store,
+        },
         distributor: Some(args.distributor).filter(|d| !d.is_empty()),
         advertise_host: args.advertise_host,
         limits: args.cluster.limits(secret.is_some()),

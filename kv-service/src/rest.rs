@@ -19,11 +19,11 @@
 
 use serde_json::{json, Map, Value};
 use shared::service::{with_state, Created, Json, Request, Router, ServiceError};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     core::{Kv, KvError, Page, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT},
-    store::Condition,
+    store::{Condition, StoreError, StoreFailure},
     READ_SCOPE, WRITE_SCOPE,
 };
 
@@ -53,9 +53,17 @@ impl From<KvError> for ServiceError {
             KvError::KeyExists(_) | KvError::VersionMismatch { .. } => {
                 ServiceError::Conflict(err.to_string())
             }
+            // An unavailable store is reported once by the readiness probe, not per request.
+            KvError::Store(StoreError::Failed(failure @ StoreFailure::Unavailable(_))) => {
+                debug!(err = %failure, "store unavailable");
+                (&failure).into()
+            }
             KvError::Store(err) => {
                 warn!(%err, "store error");
-                ServiceError::Internal("the store failed; try again".into())
+                match &err {
+                    StoreError::Failed(failure) => failure.into(),
+                    _ => ServiceError::Internal("the store failed; try again".into()),
+                }
             }
         }
     }

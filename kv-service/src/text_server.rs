@@ -44,7 +44,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::{
     config::TextConfig,
     core::{Kv, KvError},
-    store::{Condition, Write, WriteOutcome},
+    store::{Condition, StoreError, StoreFailure, Write, WriteOutcome},
     text_protocol::{DecodeError, Frame, Reply, Request, RequestCodec, Token},
     READ_SCOPE, WRITE_SCOPE,
 };
@@ -428,6 +428,14 @@ async fn answer(
 /// without their internals.
 fn reason(err: KvError) -> String {
     match err {
+        KvError::Store(StoreError::Failed(StoreFailure::Unavailable(err))) => {
+            debug!(%err, "store unavailable");
+            "store unavailable".to_owned()
+        }
+        KvError::Store(StoreError::Failed(StoreFailure::OutcomeUnknown(err))) => {
+            warn!(%err, "store error");
+            "outcome unknown".to_owned()
+        }
         KvError::Store(err) => {
             warn!(%err, "store error");
             "store unavailable".to_owned()

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use common::{Backend, StoreFixture};
 use kv_service::store::{
-    Condition, KvBackend, KvStore, PutOutcome, Versioned, Write, WriteOutcome,
+    Condition, KvBackend, KvStore, PutOutcome, StoreOptions, Versioned, Write, WriteOutcome,
 };
 
 /// An opened store and what keeps its data alive.
@@ -18,7 +18,7 @@ struct Opened {
 
 async fn open(backend: Backend) -> Option<Opened> {
     let fixture = StoreFixture::new(backend).await?;
-    let store = KvBackend::open(&fixture.config)
+    let store = KvBackend::open(&fixture.config, StoreOptions::default())
         .await
         .expect("the store opens");
     Some(Opened {
@@ -349,7 +349,9 @@ async fn data_survives_reopening(opened: Opened) {
     store.close().await;
     drop(store);
 
-    let reopened = KvBackend::open(&fixture.config).await.unwrap();
+    let reopened = KvBackend::open(&fixture.config, StoreOptions::default())
+        .await
+        .unwrap();
     assert_eq!(reopened.get("kept").await.unwrap(), versioned("b", 2));
     assert_eq!(reopened.get("gone").await.unwrap(), None);
     // Migrations already applied are skipped, not re-run.

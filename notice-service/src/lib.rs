@@ -31,7 +31,10 @@ pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
-use shared::{cluster::ClusterPolicy, server::ConnectionLimits, service::ServiceConfig};
+use shared::{
+    cluster::ClusterPolicy, server::ConnectionLimits, service::ServiceConfig,
+    store_spec::StoreOptions,
+};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
@@ -53,6 +56,8 @@ const STREAM_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub store: StoreSpec,
+    /// How long a store operation may wait, and how the store is checked at open.
+    pub store_options: StoreOptions,
     /// `None` serves without registering (tests, direct packet clients).
     pub distributor: Option<String>,
     pub advertise_host: Option<String>,
@@ -72,6 +77,7 @@ impl Config {
     pub fn standalone(store: StoreSpec) -> Config {
         Config {
             store,
+            store_options: StoreOptions::default(),
             distributor: None,
             advertise_host: None,
             retention: Retention::default(),
@@ -100,7 +106,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NoticeServiceError> {
     info!(store = ?config.store, retention = ?config.retention, "opening the notice store");
-    let store = Arc::new(NoticeBackend::open(&config.store).await?);
+    // Until the store opens (PostgreSQL may be away for a while), the service is not registered,
+    // so nothing is routed to it.
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        opened = NoticeBackend::open(&config.store, config.store_options) => opened,
+    };
+    let store = Arc::new(opened?);
     let postgres = store.postgres_pool().cloned();
     let background = shutdown.child_token();
     let tasks = TaskTracker::new();
@@ -160,6 +172,7 @@ pub async fn run(
     });
 
     let service_config = ServiceConfig {
+        readiness: store.follow_readiness(background.clone()),
         name: SERVICE_NAME.to_string(),
         distributor: config.distributor.clone(),
         advertise_host: config.advertise_host.clone(),

@@ -1,9 +1,12 @@
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use notice_service::store::{Retention, StoreSpec};
-use shared::cluster::{ClusterArgs, ClusterPolicy};
+use shared::{
+    cluster::{ClusterArgs, ClusterPolicy},
+    store_spec::{StoreCheck, StoreOptions},
+};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc rather than the system allocator: a packet or an event is often allocated on one
@@ -25,6 +28,15 @@ struct Args {
     /// Where notices live: `mem`, `sqlite:PATH` or `postgres://USER@HOST/DB`.
     #[arg(long, env = "NOTICE_STORE", default_value = "sqlite:notices.db")]
     store: StoreSpec,
+    /// The longest a store operation waits for a database connection (and on PostgreSQL for a
+    /// statement) before it is answered 503 "the store is unavailable". Keep it shorter than the
+    /// gateway's --request-timeout.
+    #[arg(long, env = "NOTICE_STORE_TIMEOUT", default_value = "1s", value_parser = shared::flags::positive_duration)]
+    store_timeout: Duration,
+    /// How a SQLite store is checked when it opens: `quick` (PRAGMA quick_check) or `full`
+    /// (PRAGMA integrity_check, slower on a large file).
+    #[arg(long, env = "NOTICE_CHECK_STORE", value_enum, default_value_t = StoreCheck::Quick)]
+    check_store: StoreCheck,
     /// The host other nodes should connect to, when it differs from the socket's address.
     #[arg(long, env = "NOTICE_ADVERTISE_HOST")]
     advertise_host: Option<String>,
@@ -43,6 +55,32 @@ struct Args {
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Without a command, the service serves.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Copies a SQLite store to a new file with SQLite's online backup (safe while the service
+    /// runs and writes), checks the copy, and exits.
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// The store to copy: `sqlite:PATH`.
+    #[arg(long, env = "NOTICE_STORE")]
+    store: StoreSpec,
+    /// The backup file to write; it must not exist yet.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
+}
+
+/// `notice-service backup`: see [`Command::Backup`].
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    println!("{}", shared::sqlite::backup_store(&args.store, &args.to)?);
+    Ok(())
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -50,7 +88,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Backup(backup_args)) = args.command.take() {
+        // Blocking, but nothing else runs yet.
+        return backup(backup_args);
+    }
     shared::telemetry::init_tracing();
     anyhow::ensure!(
         args.subscriber_buffer > 0,
@@ -64,6 +106,10 @@ async fn main() -> anyhow::Result<()> {
         .check_listen(listener.local_addr()?, "the packet port (--listen)")?;
     let config = notice_service::Config {
         store: args.store,
+        store_options: StoreOptions {
+            timeout: args.store_timeout,
+            check: args.check_store,
+        },
         distributor: Some(args.distributor).filter(|d| !d.is_empty()),
         advertise_host: args.advertise_host,
         retention: Retention {

@@ -23,14 +23,14 @@ use shared::service::{
     ServiceError,
 };
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     feed::FeedEnd,
     hub::SubscribeError,
     notice::{format_time, validate_label, Interest, NewNotice, Whispers, MAX_TOPICS},
     service::{NoticeService, Published},
-    store::{NoticeQuery, Selector, StoreError},
+    store::{NoticeQuery, Selector, StoreError, StoreFailure},
 };
 
 /// Publishing a notice (`POST /notices`).
@@ -80,6 +80,15 @@ impl From<StoreError> for ServiceError {
     fn from(err: StoreError) -> ServiceError {
         match err {
             StoreError::Full(reason) => ServiceError::Unavailable(reason),
+            // An unavailable store is reported once by the readiness probe, not per request.
+            StoreError::Failed(failure @ StoreFailure::Unavailable(_)) => {
+                debug!(err = %failure, "notice store unavailable");
+                (&failure).into()
+            }
+            StoreError::Failed(failure) => {
+                warn!(err = %failure, "notice store failed");
+                (&failure).into()
+            }
             err => {
                 warn!(%err, "notice store failed");
                 ServiceError::Internal("the notice store is unavailable, try again later".into())

@@ -10,7 +10,7 @@ use notice_service::{
     cluster::{self, Cluster},
     hub::Hub,
     notice::{Interest, NewNotice},
-    store::{NoticeBackend, NoticeStore, StoreSpec},
+    store::{NoticeBackend, NoticeStore, StoreOptions, StoreSpec},
     Config,
 };
 use serde_json::json;
@@ -228,7 +228,7 @@ async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
     let Some(pg) = postgres().await else { return };
     let url = pg.create_database("joining").await;
     let store = Arc::new(
-        NoticeBackend::open(&StoreSpec::Postgres(url))
+        NoticeBackend::open(&StoreSpec::Postgres(url), StoreOptions::default())
             .await
             .unwrap(),
     );
@@ -258,4 +258,40 @@ async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
         .expect("the notice was fanned out")
         .unwrap();
     assert_eq!((live.id, live.message.as_str()), (stored.id, "meanwhile"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_postgres_returns_notices_reach_live_subscribers_again() {
+    let Some(mut pg) = postgres().await else {
+        return;
+    };
+    let (a, b) = two_instances(&pg, "outage").await;
+    let (client_a, client_b) = (a.client().await, b.client().await);
+    let mut on_a = subscribe(&client_a, json!({})).await;
+    wait_for_presence(&client_a, 1).await;
+    publish_now(&client_b, json!({"message": "before"})).await;
+    assert_eq!(next_notice(&mut on_a).await.1, "before");
+
+    pg.kill9().await;
+    let refused = publish(&client_b, json!({"message": "refused"})).await;
+    assert_eq!(refused.status(), 503, "{refused:?}");
+    assert_eq!(refused.error.as_deref(), Some("the store is unavailable"));
+
+    pg.start_again().await;
+    // Published on the other instance as soon as the store takes it: it reaches the subscriber
+    // on `a` once `a` listens again (or its periodic catch-up reads it), and the refused one
+    // never does.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = publish(&client_b, json!({"message": "after"})).await;
+        if answer.status() < 300 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing never worked again: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(next_notice(&mut on_a).await.1, "after");
 }

@@ -7,7 +7,9 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use notice_service::{
     notice::{Interest, NewNotice, Whispers},
-    store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreSpec},
+    store::{
+        NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreOptions, StoreSpec,
+    },
 };
 use shared::testing::TestPostgres;
 
@@ -50,7 +52,9 @@ async fn open(backend: Backend) -> Option<Opened> {
             (StoreSpec::Postgres(url), None, Some(postgres))
         }
     };
-    let store = NoticeBackend::open(&spec).await.expect("the store opens");
+    let store = NoticeBackend::open(&spec, StoreOptions::default())
+        .await
+        .expect("the store opens");
     Some(Opened {
         store: Arc::new(store),
         spec,
@@ -317,7 +321,9 @@ async fn data_survives_reopening(opened: Opened) {
     store.schedule(new("later", None, None), now).await.unwrap();
     store.close().await;
 
-    let reopened = NoticeBackend::open(spec).await.unwrap();
+    let reopened = NoticeBackend::open(spec, StoreOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         reopened.query(&all_after(0)).await.unwrap(),
         vec![kept.clone()]

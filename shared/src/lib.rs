@@ -11,10 +11,18 @@
 //!   connection by key.
 //! - [`service`]: the runtime that serves a [`service::Router`] of handlers and keeps the service
 //!   registered with the distributor.
-//! - [`distributor_client`]: registration and topology updates, for services and the gateway.
+//! - [`distributor_client`]: registration and topology updates, for services and the gateway,
+//!   with readiness reported in heartbeats.
+//! - [`topology_cache`]: the last topology on disk, so a node restarted while the distributor
+//!   is down still finds the others.
 //! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
-//! - [`store_spec`]: the `--store` flag of the services that keep data, and `postgres` (feature
-//!   `postgres`): connecting to PostgreSQL at start-up, waiting for a server that is not up yet.
+//! - [`store_spec`]: the `--store` flag of the services that keep data (and how a store is
+//!   opened: its timeout and start-up check), and `postgres` (feature `postgres`): waiting for
+//!   PostgreSQL at start-up, a deadline on every step, failures that say whether a write may have
+//!   been applied, and readiness.
+//! - [`flags`]: parsers for flag values several binaries take.
+//! - `sqlite` (feature `sqlite`): checking a SQLite file before a service opens it (refusing a
+//!   damaged one), and the online backup behind the services' `backup` command.
 //! - [`cluster`]: the cluster secret, the handshake every packet connection starts with, and
 //!   protected mode.
 //! - [`server`]: the accept loop every TCP server shares, with its connection limits.
@@ -28,6 +36,7 @@ pub mod cluster;
 pub mod codec;
 pub mod connection;
 pub mod distributor_client;
+pub mod flags;
 pub mod packet;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -35,11 +44,14 @@ pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod store_spec;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod token;
+pub mod topology_cache;
 
 pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
 pub use packet::{Identity, NodeInfo, Packet, Params, RawParams, Registration, Topology};

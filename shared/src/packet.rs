@@ -25,6 +25,14 @@ fn is_false(value: &bool) -> bool {
     !value
 }
 
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+fn ready_by_default() -> bool {
+    true
+}
+
 /// One message on the wire. See docs/PROTOCOL.md for every field.
 ///
 /// `params` is a [`Value`] for code that looks inside it. Code that only passes it on (the
@@ -363,7 +371,7 @@ impl From<Registration> for RegistrationWire {
 }
 
 /// One node of the topology (an element of `params` of `GET /distributes`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub host: String,
     pub port: u16,
@@ -376,6 +384,25 @@ pub struct NodeInfo {
     /// in `urls`, so that original-design gateways still read `urls` as plain strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub scopes: BTreeMap<String, String>,
+    /// False while the node says it cannot serve (its store is unreachable, say); gateways
+    /// route around it. Absent means ready, so original-design nodes and topologies from
+    /// before the flag read as they always did, and a ready node's entry looks as it did.
+    #[serde(default = "ready_by_default", skip_serializing_if = "is_true")]
+    pub ready: bool,
+}
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        NodeInfo {
+            host: String::new(),
+            port: 0,
+            name: String::new(),
+            urls: Vec::new(),
+            protocol: None,
+            scopes: BTreeMap::new(),
+            ready: true,
+        }
+    }
 }
 
 impl NodeInfo {
@@ -409,4 +436,54 @@ pub fn registration_packet(registration: &Registration) -> Packet {
 /// A heartbeat packet, sent by the distributor and echoed by the node.
 pub fn heartbeat_packet() -> Packet {
     Packet::request("GET", HEARTBEAT_URI, Value::Null)
+}
+
+/// The params of a node's heartbeat (its echo of the distributor's, or one it sends when its
+/// readiness changes): `{"ready": bool}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatParams {
+    pub ready: bool,
+}
+
+/// A node's heartbeat saying whether it is ready.
+pub fn readiness_heartbeat(ready: bool) -> Packet {
+    Packet::request(
+        "GET",
+        HEARTBEAT_URI,
+        serde_json::to_value(HeartbeatParams { ready }).expect("heartbeat params serialize"),
+    )
+}
+
+/// The readiness a heartbeat reports, if it reports one (original-design nodes and older nodes
+/// echo the distributor's heartbeat as it came, with no params).
+pub fn readiness_in(heartbeat: &Packet) -> Option<bool> {
+    heartbeat.params.get("ready")?.as_bool()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_without_the_ready_flag_is_ready_and_a_ready_one_writes_none() {
+        let old: NodeInfo =
+            serde_json::from_str(r#"{"host":"127.0.0.1","port":1,"name":"kv"}"#).unwrap();
+        assert!(old.ready);
+        assert!(!serde_json::to_string(&old).unwrap().contains("ready"));
+        let not_ready = NodeInfo {
+            ready: false,
+            ..old
+        };
+        let text = serde_json::to_string(&not_ready).unwrap();
+        assert!(text.contains(r#""ready":false"#), "{text}");
+        assert_eq!(serde_json::from_str::<NodeInfo>(&text).unwrap(), not_ready);
+    }
+
+    #[test]
+    fn a_heartbeat_reports_readiness_only_when_it_says_so() {
+        assert_eq!(readiness_in(&heartbeat_packet()), None);
+        assert_eq!(readiness_in(&readiness_heartbeat(false)), Some(false));
+        assert_eq!(readiness_in(&readiness_heartbeat(true)), Some(true));
+        assert!(readiness_heartbeat(false).is_heartbeat());
+    }
 }

@@ -58,7 +58,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn, Instrument, Span};
@@ -355,6 +355,9 @@ pub struct ServiceConfig {
     pub cluster: ClusterPolicy,
     /// What one client may hold.
     pub limits: ConnectionLimits,
+    /// Whether the service can serve right now (true: its store is reachable), reported to the
+    /// distributor so that gateways route around it while it cannot. `None`: always ready.
+    pub readiness: Option<watch::Receiver<bool>>,
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the requests in
@@ -376,12 +379,10 @@ pub async fn serve(
             protocol: Some(PROTOCOL_VERSION),
         };
         // The service only needs to be registered; the topology it receives is unused here.
-        let _topology = DistributorClient::spawn_with_secret(
-            distributor.clone(),
-            registration,
-            config.cluster.secret.clone(),
-            shutdown.child_token(),
-        );
+        let _link = DistributorClient::new(distributor.clone(), registration)
+            .with_secret(config.cluster.secret.clone())
+            .with_readiness(config.readiness.clone())
+            .start(shutdown.child_token());
     }
     info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
 

@@ -1,6 +1,6 @@
 //! The `--store` flag the stateful services share: where their data lives.
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 /// `mem`, `sqlite:PATH` (also `sqlite://PATH`) or a `postgres://` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,6 +42,40 @@ impl fmt::Debug for StoreSpec {
             StoreSpec::Postgres(_) => f.write_str("postgres://..."),
         }
     }
+}
+
+/// How a store is opened and used, beyond where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The longest an operation waits for a database connection, and on PostgreSQL for one
+    /// statement: shorter than the gateway's request timeout, so that during an outage callers
+    /// hear "the store is unavailable" rather than the gateway's timeout.
+    pub timeout: Duration,
+    /// How thoroughly a SQLite file is checked when it opens.
+    pub check: StoreCheck,
+}
+
+impl StoreOptions {
+    /// The default of `--store-timeout`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            timeout: StoreOptions::DEFAULT_TIMEOUT,
+            check: StoreCheck::Quick,
+        }
+    }
+}
+
+/// `--check-store`: `quick` runs SQLite's `PRAGMA quick_check` at open, `full` its
+/// `integrity_check` (slower: it also checks that every index matches its table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreCheck {
+    #[default]
+    Quick,
+    Full,
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub struct TestPostgres {
     stop: Option<ChildStdin>,
     port: u16,
     bin: PathBuf,
+    user: Option<ServerUser>,
     // Declared last: removed after the server has stopped.
     dir: tempfile::TempDir,
 }
@@ -136,6 +137,57 @@ impl TestPostgres {
         self.database_url(name)
     }
 
+    /// Kills the server and every one of its processes with SIGKILL, as a crash or an OOM kill
+    /// would, and waits until they are gone. [`TestPostgres::start_again`] brings it back.
+    pub async fn kill9(&mut self) {
+        if let Some(pid) = server_pid(&self.dir.path().join("data")) {
+            let mut victims = children_of(pid);
+            victims.push(pid);
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(victims.iter().map(u32::to_string))
+                .status();
+        }
+        self.wait_stopped().await;
+    }
+
+    /// Stops the server (immediate shutdown) and waits until it is gone.
+    pub async fn stop(&mut self) {
+        drop(self.stop.take());
+        self.wait_stopped().await;
+    }
+
+    /// Starts the stopped or killed server again, on the same port with the same data.
+    pub async fn start_again(&mut self) {
+        let (wrapper, stop) =
+            match start_server(&self.bin, self.dir.path(), self.port, self.user).await {
+                Ok(started) => started,
+                Err(StartError::PortTaken(log) | StartError::Failed(log)) => {
+                    panic!("cannot start the test PostgreSQL server again:\n{log}")
+                }
+            };
+        self.wrapper = wrapper;
+        self.stop = Some(stop);
+    }
+
+    async fn wait_stopped(&mut self) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if !matches!(self.wrapper.try_wait(), Ok(None)) {
+                // Backends orphaned by a killed postmaster notice within moments; give them those.
+                while server_pid(&self.dir.path().join("data"))
+                    .is_some_and(|pid| !children_of(pid).is_empty())
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the test PostgreSQL server did not stop within {STOP_TIMEOUT:?}");
+    }
+
     fn database_url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
@@ -165,6 +217,7 @@ impl TestPostgres {
                         stop: Some(stop),
                         port,
                         bin,
+                        user,
                         dir,
                     })
                 }
@@ -400,6 +453,27 @@ async fn is_ready(bin: &Path, dir: &Path, port: u16) -> bool {
 }
 
 /// The postmaster's pid, from the first line of `postmaster.pid`.
+/// The processes whose parent is `pid` (Linux `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // The fields after the command name (in parentheses, which may hold spaces): state, ppid.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after_name = &stat[stat.rfind(')')? + 1..];
+                    after_name.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 fn server_pid(data: &Path) -> Option<u32> {
     std::fs::read_to_string(data.join("postmaster.pid"))
         .ok()?

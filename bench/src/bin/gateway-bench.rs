@@ -30,7 +30,6 @@ use std::{
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use e2e::{free_port, Process, Stack, Storage};
-use hdrhistogram::Histogram;
 use nix::sys::signal::Signal;
 use serde_json::json;
 use shared::{Dialect, Packet, PacketClient};
@@ -193,6 +192,17 @@ async fn main() -> anyhow::Result<()> {
         Peers::start(dir.path(), &body, &stack.http).await?
     };
 
+    print_heading(&args);
+    let results = measure_all(&args, &stack, client, &peers).await?;
+    stack.distributor.check_running()?;
+    stack.kv[0].process.check_running()?;
+    stack.gateway.check_running()?;
+    peers.stop().await;
+    report(&args, &results)
+}
+
+/// The settings every figure depends on, before the runs.
+fn print_heading(args: &Args) {
     println!(
         "gateway-bench: GET of a {}-byte value, {} connections, wrk -t{}, {:?} per run \
          ({:?} warm-up), {} cores",
@@ -201,32 +211,62 @@ async fn main() -> anyhow::Result<()> {
         args.threads,
         args.duration,
         args.warmup,
-        std::thread::available_parallelism().map_or(0, usize::from)
+        bench::cores()
     );
-    let (kv_pid, gateway_pid) = (pid_of(&stack.kv[0].process), pid_of(&stack.gateway));
+}
 
-    let (direct, client_cpu_us) = measure_direct(&client, &args, kv_pid).await?;
+/// Every row of a run, measured one after the other.
+struct Results {
+    direct: Row,
+    /// The benchmark's own packet client's CPU per request in the direct run.
+    client_cpu_us: f64,
+    gateway: Row,
+    peers: Vec<Row>,
+}
+
+/// The direct baseline (the packet client is closed after it, so it does not hold a connection
+/// to kv-service during the HTTP runs), then the gateway, then each peer.
+async fn measure_all(
+    args: &Args,
+    stack: &Stack,
+    client: PacketClient,
+    peers: &Peers,
+) -> anyhow::Result<Results> {
+    let (kv_pid, gateway_pid) = (pid_of(&stack.kv[0].process), pid_of(&stack.gateway));
+    let (direct, client_cpu_us) = measure_direct(&client, args, kv_pid).await?;
     drop(client);
     let gateway_target = Target {
         name: "gateway (wrk HTTP → gateway → kv)",
         url: stack.url(&format!("/kv/{KEY}")),
         pids: vec![gateway_pid, kv_pid],
     };
-    let gateway = measure(&gateway_target, &args).await?;
+    let gateway = measure(&gateway_target, args).await?;
     let mut peer_rows = Vec::new();
     for target in &peers.targets {
-        peer_rows.push(measure(target, &args).await?);
+        peer_rows.push(measure(target, args).await?);
     }
-    stack.distributor.check_running()?;
-    stack.kv[0].process.check_running()?;
-    stack.gateway.check_running()?;
-    peers.stop().await;
+    Ok(Results {
+        direct,
+        client_cpu_us,
+        gateway,
+        peers: peer_rows,
+    })
+}
 
-    print_table(&direct, &gateway, &peer_rows, client_cpu_us);
-    let targets_met = print_verdicts(&direct, &gateway, &peer_rows);
-    let failed = [&direct, &gateway]
+/// Prints the table and the verdicts; fails when a request failed, or with `--check` when a
+/// target was missed.
+fn report(args: &Args, results: &Results) -> anyhow::Result<()> {
+    let Results {
+        direct,
+        client_cpu_us,
+        gateway,
+        peers,
+    } = results;
+    print_table(direct, gateway, peers, *client_cpu_us);
+    let targets_met = print_verdicts(direct, gateway, peers);
+    let failed = [direct, gateway]
         .into_iter()
-        .chain(&peer_rows)
+        .chain(peers)
         .any(|row| row.figures.errors > 0);
     ensure!(!failed, "requests failed during the runs");
     if args.check {
@@ -420,60 +460,77 @@ impl Peers {
             return Ok(peers);
         };
         let backend_port = free_port();
-        let backend = peers.add(
-            "nginx-backend",
-            nginx.clone(),
-            nginx_args(
-                dir,
-                "backend",
-                &nginx_backend_conf(dir, backend_port, body)?,
-            )?,
-            backend_port,
-        )?;
-        peers.targets.push(Target {
-            name: NGINX_DIRECT,
-            url: format!("http://127.0.0.1:{backend_port}/kv/{KEY}"),
-            pids: vec![backend],
-        });
+        let backend_conf = nginx_backend_conf(dir, backend_port, body)?;
+        let backend = peers.add_nginx(dir, "backend", &nginx, &backend_conf, backend_port)?;
+        peers.add_target(NGINX_DIRECT, backend_port, vec![backend]);
         let proxy_port = free_port();
-        let proxy = peers.add(
-            "nginx-proxy",
-            nginx,
-            nginx_args(
-                dir,
-                "proxy",
-                &nginx_proxy_conf(dir, proxy_port, backend_port),
-            )?,
-            proxy_port,
-        )?;
-        peers.targets.push(Target {
-            name: NGINX_PROXY,
-            url: format!("http://127.0.0.1:{proxy_port}/kv/{KEY}"),
-            pids: vec![proxy, backend],
-        });
+        let proxy_conf = nginx_proxy_conf(dir, proxy_port, backend_port);
+        let proxy = peers.add_nginx(dir, "proxy", &nginx, &proxy_conf, proxy_port)?;
+        peers.add_target(NGINX_PROXY, proxy_port, vec![proxy, backend]);
         match find_tool("haproxy") {
             Some(haproxy) => {
                 let haproxy_port = free_port();
-                let config = dir.join("haproxy.cfg");
-                std::fs::write(&config, haproxy_conf(haproxy_port, backend_port))?;
-                let args = ["-db", "-f"]
-                    .map(String::from)
-                    .into_iter()
-                    .chain([config.display().to_string()])
-                    .collect::<Vec<_>>();
-                let pid = peers.add("haproxy", haproxy, args, haproxy_port)?;
-                peers.targets.push(Target {
-                    name: HAPROXY,
-                    url: format!("http://127.0.0.1:{haproxy_port}/kv/{KEY}"),
-                    pids: vec![pid, backend],
-                });
+                let pid = peers.add_haproxy(dir, haproxy, haproxy_port, backend_port)?;
+                peers.add_target(HAPROXY, haproxy_port, vec![pid, backend]);
             }
             None => println!("haproxy is not installed: no HAProxy row ({INSTALL_HINT})"),
         }
-        for (process, port) in peers.processes.iter_mut().zip(&peers.ports) {
+        peers.wait_until_answering(body, http).await?;
+        Ok(peers)
+    }
+
+    /// Starts one nginx (`name` tells its files apart) on `config`, which listens on `port`;
+    /// returns its master's pid.
+    fn add_nginx(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        nginx: &Path,
+        config: &str,
+        port: u16,
+    ) -> anyhow::Result<u32> {
+        let args = nginx_args(dir, name, config)?;
+        self.add(&format!("nginx-{name}"), nginx.to_path_buf(), args, port)
+    }
+
+    /// Starts HAProxy on `port` in front of the nginx backend; returns its pid.
+    fn add_haproxy(
+        &mut self,
+        dir: &Path,
+        haproxy: PathBuf,
+        port: u16,
+        backend_port: u16,
+    ) -> anyhow::Result<u32> {
+        let config = dir.join("haproxy.cfg");
+        std::fs::write(&config, haproxy_conf(port, backend_port))?;
+        let args = ["-db", "-f"]
+            .map(String::from)
+            .into_iter()
+            .chain([config.display().to_string()])
+            .collect::<Vec<_>>();
+        self.add("haproxy", haproxy, args, port)
+    }
+
+    /// A row measured against the key's URL on `port`, charged with the CPU of `pids`.
+    fn add_target(&mut self, name: &'static str, port: u16, pids: Vec<u32>) {
+        self.targets.push(Target {
+            name,
+            url: format!("http://127.0.0.1:{port}/kv/{KEY}"),
+            pids,
+        });
+    }
+
+    /// Waits until every server listens, then checks that each target answers the gateway's
+    /// exact body, so every row measures the same response.
+    async fn wait_until_answering(
+        &mut self,
+        body: &str,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<()> {
+        for (process, port) in self.processes.iter_mut().zip(&self.ports) {
             process.wait_for_port(*port).await?;
         }
-        for target in &peers.targets {
+        for target in &self.targets {
             let answer = http.get(&target.url).send().await?.text().await?;
             ensure!(
                 answer == body,
@@ -481,7 +538,7 @@ impl Peers {
                 target.name
             );
         }
-        Ok(peers)
+        Ok(())
     }
 
     /// Starts one server, which will listen on `port`, and returns its pid.
@@ -648,8 +705,7 @@ async fn baseline(
         let client = client.clone();
         let errors = errors.clone();
         workers.spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
+            let mut histogram = bench::microsecond_histogram();
             while Instant::now() < deadline {
                 let request = Packet::request("GET", "/kv", json!({"params": KEY}));
                 let sent = Instant::now();
@@ -666,7 +722,7 @@ async fn baseline(
             histogram
         });
     }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut total = bench::microsecond_histogram();
     while let Some(histogram) = workers.join_next().await {
         total.add(histogram?)?;
     }

@@ -166,28 +166,56 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
+    print_heading(&args);
+    let mut redis = start_redis(&args).await;
+    let (mut services, targets) = start_targets(&args, redis.as_ref()).await?;
+    let mut rows = Vec::new();
+    for &pipeline in &args.pipeline {
+        rows.extend(measure_depth(&args, pipeline, &targets, &mut redis).await?);
+    }
+    for service in &mut services {
+        service.process.check_running()?;
+    }
+    print_table(&rows);
+    drop(services);
+    Ok(())
+}
+
+/// The settings every figure depends on, before the table.
+fn print_heading(args: &Args) {
     println!(
         "kv-bench: {} connections, keyspace {}, {}-byte values, {} cores, median of {} rounds, \
          kv-service --threads {}",
         args.connections,
         args.keyspace,
         args.value_size,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        bench::cores(),
         args.rounds,
         args.service_threads,
     );
-    let mut redis = if args.no_redis {
-        None
-    } else {
-        match Redis::start().await {
-            Ok(redis) => Some(redis),
-            Err(err) => {
-                println!("no redis baseline: {err:#}");
-                None
-            }
-        }
-    };
+}
 
+/// The redis baseline, unless `--no-redis` or redis is not installed (said on stdout).
+async fn start_redis(args: &Args) -> Option<Redis> {
+    if args.no_redis {
+        return None;
+    }
+    match Redis::start().await {
+        Ok(redis) => Some(redis),
+        Err(err) => {
+            println!("no redis baseline: {err:#}");
+            None
+        }
+    }
+}
+
+/// What the runs load: the `--addr` kv-service, or one started per `--stores` entry, then
+/// redis through this tool's own client when it runs. The services are kept alive by the
+/// caller for as long as their targets are used.
+async fn start_targets(
+    args: &Args,
+    redis: Option<&Redis>,
+) -> anyhow::Result<(Vec<Service>, Vec<Target>)> {
     let mut services = Vec::new();
     let mut targets = Vec::new();
     if let Some(addr) = args.addr {
@@ -204,7 +232,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 "sqlite" => args.sqlite_requests,
                 other => bail!("unknown store {other:?}: use mem or sqlite"),
             };
-            let service = Service::start(&args, store).await?;
+            let service = Service::start(args, store).await?;
             targets.push(Target {
                 name: format!("kv {store}"),
                 addr: service.text_addr,
@@ -214,7 +242,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             services.push(service);
         }
     }
-    if let Some(redis) = &redis {
+    if let Some(redis) = redis {
         targets.push(Target {
             name: REDIS_SAME_CLIENT.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], redis.port)),
@@ -222,54 +250,65 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             requests: args.requests,
         });
     }
+    Ok((services, targets))
+}
 
-    let mut rows = Vec::new();
-    for &pipeline in &args.pipeline {
-        // Rounds alternate between redis and kv-service, so a burst of other load on the
-        // machine hits both; each figure is the median of its rounds.
-        let mut rounds: Vec<(String, Op, Vec<Figures>)> = Vec::new();
-        let mut record = |target: &str, op: Op, figures: Figures| match rounds
-            .iter_mut()
-            .find(|(t, o, _)| t == target && *o == op)
-        {
-            Some((_, _, list)) => list.push(figures),
-            None => rounds.push((target.to_owned(), op, vec![figures])),
-        };
-        for _ in 0..args.rounds {
-            if let Some(redis) = &mut redis {
-                match redis.benchmark(&args, pipeline).await {
-                    Ok(figures) => {
-                        for (op, figures) in figures {
-                            record(REDIS_BENCHMARK, op, figures);
-                        }
+/// The rows of one pipelining depth: `--rounds` rounds alternating between redis-benchmark and
+/// the targets, so a burst of other load on the machine hits both; each figure is the median
+/// of its rounds.
+async fn measure_depth(
+    args: &Args,
+    pipeline: usize,
+    targets: &[Target],
+    redis: &mut Option<Redis>,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rounds = Rounds::default();
+    for _ in 0..args.rounds {
+        if let Some(redis) = redis {
+            match redis.benchmark(args, pipeline).await {
+                Ok(figures) => {
+                    for (op, figures) in figures {
+                        rounds.record(REDIS_BENCHMARK, op, figures);
                     }
-                    Err(err) => println!("redis-benchmark failed: {err:#}"),
                 }
-            }
-            for target in &targets {
-                // Puts first, so gets find their keys.
-                for op in [Op::Put, Op::Get] {
-                    let figures = run_load(target, op, &args, pipeline).await?;
-                    record(&target.name, op, figures);
-                }
+                Err(err) => println!("redis-benchmark failed: {err:#}"),
             }
         }
-        for (target, op, list) in rounds {
-            let figures = median(&list).expect("at least one round");
-            rows.push(Row {
+        for target in targets {
+            // Puts first, so gets find their keys.
+            for op in [Op::Put, Op::Get] {
+                let figures = run_load(target, op, args, pipeline).await?;
+                rounds.record(&target.name, op, figures);
+            }
+        }
+    }
+    Ok(rounds.into_medians(pipeline))
+}
+
+/// Each target and op's figures over the rounds of one depth, in the order first measured.
+#[derive(Default)]
+struct Rounds(Vec<(String, Op, Vec<Figures>)>);
+
+impl Rounds {
+    fn record(&mut self, target: &str, op: Op, figures: Figures) {
+        match self.0.iter_mut().find(|(t, o, _)| t == target && *o == op) {
+            Some((_, _, list)) => list.push(figures),
+            None => self.0.push((target.to_owned(), op, vec![figures])),
+        }
+    }
+
+    /// One row per target and op, with the median round's figures.
+    fn into_medians(self, pipeline: usize) -> Vec<Row> {
+        self.0
+            .into_iter()
+            .map(|(target, op, list)| Row {
                 target,
                 op,
                 pipeline,
-                figures,
-            });
-        }
+                figures: median(&list).expect("at least one round"),
+            })
+            .collect()
     }
-    for service in &mut services {
-        service.process.check_running()?;
-    }
-    print_table(&rows);
-    drop(services);
-    Ok(())
 }
 
 /// Prints the figures as a markdown table, with each kv-service row's throughput relative to
@@ -371,7 +410,7 @@ async fn run_load(
         };
         tasks.spawn(connection_load(stream, load));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut histogram = bench::microsecond_histogram();
     while let Some(done) = tasks.join_next().await {
         histogram.add(done??)?;
     }
@@ -435,7 +474,7 @@ async fn connection_load(mut stream: TcpStream, load: Load) -> anyhow::Result<Hi
         value,
         seed,
     } = load;
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut histogram = bench::microsecond_histogram();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (seed + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut replies = ReplyCounter::new(protocol, op);
     let mut output = BytesMut::with_capacity(pipeline * (64 + value.len()));

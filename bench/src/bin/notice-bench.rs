@@ -110,6 +110,30 @@ struct Shared {
     connected: AtomicUsize,
 }
 
+impl Shared {
+    /// Counters at zero, with room for `notices` sequence numbers.
+    fn new(notices: usize) -> Shared {
+        Shared {
+            start: Instant::now(),
+            sent_at: (0..notices).map(|_| AtomicU64::new(0)).collect(),
+            delivered: AtomicUsize::new(0),
+            lagged: AtomicUsize::new(0),
+            cut_off: AtomicUsize::new(0),
+            connected: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts the delivery of notice `seq` and records its publish-to-delivery latency.
+    fn record_delivery(&self, seq: usize, histogram: &std::sync::Mutex<Histogram<u64>>) {
+        let sent = self.sent_at[seq].load(Ordering::Relaxed);
+        let latency = now_nanos(self).saturating_sub(sent).max(1);
+        // Recorded straight into the shared histogram: merging a per-subscriber one after
+        // every read walks all of its buckets, which cost more than the reading.
+        histogram.lock().unwrap().saturating_record(latency);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn now_nanos(shared: &Shared) -> u64 {
     shared.start.elapsed().as_nanos() as u64
 }
@@ -149,12 +173,7 @@ async fn subscriber(
             _ => {}
         }
         if let Some(seq) = sequence_of(&event.data) {
-            let sent = shared.sent_at[seq].load(Ordering::Relaxed);
-            let latency = now_nanos(&shared).saturating_sub(sent).max(1);
-            // Recorded straight into the shared histogram: merging a per-subscriber one after
-            // every read walks all of its buckets, which cost more than the reading.
-            histogram.lock().unwrap().saturating_record(latency);
-            shared.delivered.fetch_add(1, Ordering::Relaxed);
+            shared.record_delivery(seq, &histogram);
         }
     }
     Ok(())
@@ -241,10 +260,7 @@ async fn packet_subscriber(
             Some("notice") => {
                 let seq = packet.params["message"].as_str().and_then(sequence_of);
                 if let Some(seq) = seq {
-                    let sent = shared.sent_at[seq].load(Ordering::Relaxed);
-                    let latency = now_nanos(&shared).saturating_sub(sent).max(1);
-                    histogram.lock().unwrap().saturating_record(latency);
-                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                    shared.record_delivery(seq, &histogram);
                 }
             }
             Some("lagged") => {
@@ -274,6 +290,249 @@ fn ms(nanos: u64) -> f64 {
     nanos as f64 / 1e6
 }
 
+/// Resident memory of notice-service and the gateway at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    notice_kib: u64,
+    gateway_kib: u64,
+}
+
+impl Memory {
+    fn sample(notice: &Process, gateway: &Process) -> anyhow::Result<Memory> {
+        Ok(Memory {
+            notice_kib: rss_kib(notice)?,
+            gateway_kib: rss_kib(gateway)?,
+        })
+    }
+}
+
+/// The paced phase's outcome: its latencies and how many of the expected deliveries arrived.
+struct PacedFigures {
+    latency: Histogram<u64>,
+    delivered: usize,
+    expected: usize,
+    complete: bool,
+}
+
+/// The burst phase's outcome, counted from the end of the paced phase.
+struct BurstFigures {
+    published_in: Duration,
+    delivered: usize,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+    complete: bool,
+}
+
+/// Everything the report prints.
+struct Report {
+    load_at_start: String,
+    rss_before: Memory,
+    rss_idle: Memory,
+    paced: PacedFigures,
+    burst: Option<BurstFigures>,
+    failed: usize,
+    lagged: usize,
+    cut_off: usize,
+}
+
+/// One benchmark run against a started stack: the publisher, the subscribers' shared counters
+/// and the latency histogram they record into.
+struct FanOut<'a> {
+    args: &'a Args,
+    publisher: Publisher,
+    /// With `--direct`, the one packet connection every subscriber shares.
+    direct: Option<PacketClient>,
+    shared: Arc<Shared>,
+    histogram: Arc<std::sync::Mutex<Histogram<u64>>>,
+    paced_count: usize,
+    total: usize,
+    /// Publishes that failed so far; counted, not fatal (e.g. a 504 from an overloaded gateway).
+    failed: usize,
+}
+
+impl<'a> FanOut<'a> {
+    /// Connects the publisher (over HTTP through the gateway, or `--direct` over the packet
+    /// protocol) and sizes the per-notice bookkeeping for both phases.
+    async fn connect(args: &'a Args, stack: &Stack) -> anyhow::Result<FanOut<'a>> {
+        let notice_addr = format!(
+            "127.0.0.1:{}",
+            stack.notice_port.context("notice-service has no port")?
+        );
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.publishers.max(8))
+            .build()?;
+        let direct = args
+            .direct
+            .then(|| PacketClient::connect(notice_addr, Dialect::Packet));
+        let publisher = match &direct {
+            Some(client) => {
+                tokio::time::timeout(Duration::from_secs(10), client.connected())
+                    .await
+                    .context("cannot connect to notice-service")?;
+                Publisher::Packet(client.clone())
+            }
+            None => Publisher::Http {
+                http,
+                base: stack.url(""),
+            },
+        };
+        let paced_count = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
+        let total = paced_count + args.burst as usize;
+        let histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        Ok(FanOut {
+            args,
+            publisher,
+            direct,
+            shared: Arc::new(Shared::new(total)),
+            histogram: Arc::new(std::sync::Mutex::new(histogram)),
+            paced_count,
+            total,
+            failed: 0,
+        })
+    }
+
+    /// Opens `--subscribers` streams. Through the gateway each subscriber has its own
+    /// connection, as browsers would; direct subscribers share one, as the gateway's do.
+    fn open_subscribers(
+        &self,
+        gateway_port: u16,
+    ) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+        let gateway_addr = format!("127.0.0.1:{gateway_port}");
+        (0..self.args.subscribers)
+            .map(|_| {
+                let (shared, histogram) = (self.shared.clone(), self.histogram.clone());
+                match &self.direct {
+                    Some(client) => {
+                        tokio::spawn(packet_subscriber(client.clone(), shared, histogram))
+                    }
+                    None => tokio::spawn(subscriber(
+                        gateway_addr.clone(),
+                        "/notices/stream?topics=bench".to_string(),
+                        shared,
+                        histogram,
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until presence lists every subscriber and each has its stream open, then lets the
+    /// processes settle before their idle memory is read.
+    async fn wait_until_subscribed(&self) -> anyhow::Result<()> {
+        let subscribers = self.args.subscribers;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let count = self.publisher.presence_count().await?;
+            if count == subscribers && self.shared.connected.load(Ordering::Relaxed) == subscribers
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("only {count} of {subscribers} subscribers registered");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(())
+    }
+
+    /// Paced phase: `--rate` notices/s for `--duration`, each publish on its own task so a slow
+    /// answer does not hold back the next tick; then the publish-to-delivery latencies.
+    async fn measure_paced(&mut self) -> anyhow::Result<PacedFigures> {
+        let period = Duration::from_secs_f64(1.0 / self.args.rate as f64);
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut in_flight = Vec::with_capacity(self.paced_count);
+        for seq in 0..self.paced_count {
+            ticker.tick().await;
+            let (publisher, shared) = (self.publisher.clone(), self.shared.clone());
+            in_flight.push(tokio::spawn(async move {
+                publisher.publish(&shared, seq).await
+            }));
+        }
+        for publish in in_flight {
+            if let Err(err) = publish.await? {
+                if self.failed == 0 {
+                    eprintln!("publish failed: {err} (further failures are only counted)");
+                }
+                self.failed += 1;
+            }
+        }
+        let expected = (self.paced_count - self.failed) * self.args.subscribers;
+        let done = wait_delivered(&self.shared, expected, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let latency = self.histogram.lock().unwrap().clone();
+        let delivered = self.shared.delivered.load(Ordering::Relaxed);
+        self.histogram.lock().unwrap().reset();
+        Ok(PacedFigures {
+            latency,
+            delivered,
+            expected,
+            complete: done.is_some(),
+        })
+    }
+
+    /// Burst phase: the remaining `--burst` notices from `--publishers` concurrent publishers
+    /// as fast as they go; then how fast the deliveries arrived. `paced_delivered` is what the
+    /// paced phase delivered, not counted again here.
+    async fn measure_burst(&mut self, paced_delivered: usize) -> anyhow::Result<BurstFigures> {
+        let next = Arc::new(AtomicUsize::new(self.paced_count));
+        let failed_in_burst = Arc::new(AtomicUsize::new(0));
+        let burst_start = Instant::now();
+        let publishers: Vec<_> = (0..self.args.publishers)
+            .map(|_| {
+                tokio::spawn(publish_until_done(
+                    self.publisher.clone(),
+                    self.shared.clone(),
+                    next.clone(),
+                    self.total,
+                    failed_in_burst.clone(),
+                ))
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.await??;
+        }
+        self.failed += failed_in_burst.load(Ordering::Relaxed);
+        let published_in = burst_start.elapsed();
+        let expected = (self.total - self.failed) * self.args.subscribers;
+        let done = wait_delivered(&self.shared, expected, Duration::from_secs(120)).await;
+        let delivered = self.shared.delivered.load(Ordering::Relaxed) - paced_delivered;
+        let elapsed = done.unwrap_or_else(Instant::now) - burst_start;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let latency = self.histogram.lock().unwrap().clone();
+        Ok(BurstFigures {
+            published_in,
+            delivered,
+            elapsed,
+            latency,
+            complete: done.is_some(),
+        })
+    }
+}
+
+/// One burst publisher: takes the next sequence number until `total` were taken; a failed
+/// publish is counted in `failed` (the first one printed), not fatal.
+async fn publish_until_done(
+    publisher: Publisher,
+    shared: Arc<Shared>,
+    next: Arc<AtomicUsize>,
+    total: usize,
+    failed: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        if seq >= total {
+            return Ok(());
+        }
+        if let Err(err) = publisher.publish(&shared, seq).await {
+            if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!("publish failed: {err} (further failures are only counted)");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -283,157 +542,37 @@ async fn main() -> anyhow::Result<()> {
         .notice
         .as_ref()
         .context("notice-service was not started")?;
-    let notice_addr = format!(
-        "127.0.0.1:{}",
-        stack.notice_port.context("notice-service has no port")?
-    );
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.publishers.max(8))
-        .build()?;
-    let direct = args
-        .direct
-        .then(|| PacketClient::connect(notice_addr, Dialect::Packet));
-    let publisher = match &direct {
-        Some(client) => {
-            tokio::time::timeout(Duration::from_secs(10), client.connected())
-                .await
-                .context("cannot connect to notice-service")?;
-            Publisher::Packet(client.clone())
-        }
-        None => Publisher::Http {
-            http: http.clone(),
-            base: stack.url(""),
-        },
+    let mut fan_out = FanOut::connect(&args, &stack).await?;
+    let rss_before = Memory::sample(notice, &stack.gateway)?;
+    let subscribers = fan_out.open_subscribers(stack.gateway_port);
+    fan_out.wait_until_subscribed().await?;
+    let rss_idle = Memory::sample(notice, &stack.gateway)?;
+    let paced = fan_out.measure_paced().await?;
+    let burst = if args.burst > 0 {
+        Some(fan_out.measure_burst(paced.delivered).await?)
+    } else {
+        None
     };
-    let rss_before = (rss_kib(notice)?, rss_kib(&stack.gateway)?);
+    let report = Report {
+        load_at_start,
+        rss_before,
+        rss_idle,
+        paced,
+        burst,
+        failed: fan_out.failed,
+        lagged: fan_out.shared.lagged.load(Ordering::Relaxed),
+        cut_off: fan_out.shared.cut_off.load(Ordering::Relaxed),
+    };
+    print_report(&args, &report);
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+    drop(stack);
+    Ok(())
+}
 
-    let paced_count = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
-    let total = paced_count + args.burst as usize;
-    let shared = Arc::new(Shared {
-        start: Instant::now(),
-        sent_at: (0..total).map(|_| AtomicU64::new(0)).collect(),
-        delivered: AtomicUsize::new(0),
-        lagged: AtomicUsize::new(0),
-        cut_off: AtomicUsize::new(0),
-        connected: AtomicUsize::new(0),
-    });
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        60_000_000_000,
-        3,
-    )?));
-    // Through the gateway each subscriber has its own connection, as browsers would; direct
-    // subscribers share one, as the gateway's do.
-    let gateway_addr = format!("127.0.0.1:{}", stack.gateway_port);
-    let mut subscribers = Vec::new();
-    for _ in 0..args.subscribers {
-        let (shared, histogram) = (shared.clone(), histogram.clone());
-        subscribers.push(match &direct {
-            Some(client) => tokio::spawn(packet_subscriber(client.clone(), shared, histogram)),
-            None => tokio::spawn(subscriber(
-                gateway_addr.clone(),
-                "/notices/stream?topics=bench".to_string(),
-                shared,
-                histogram,
-            )),
-        });
-    }
-    // Every subscriber is registered once presence lists them all.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let count = publisher.presence_count().await?;
-        if count == args.subscribers && shared.connected.load(Ordering::Relaxed) == args.subscribers
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {count} of {} subscribers registered",
-                args.subscribers
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = (rss_kib(notice)?, rss_kib(&stack.gateway)?);
-
-    // Paced phase.
-    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut in_flight = Vec::with_capacity(paced_count);
-    for seq in 0..paced_count {
-        ticker.tick().await;
-        let (publisher, shared) = (publisher.clone(), shared.clone());
-        in_flight.push(tokio::spawn(async move {
-            publisher.publish(&shared, seq).await
-        }));
-    }
-    // A failed publish (e.g. a 504 from an overloaded gateway) is counted, not fatal.
-    let mut failed = 0;
-    for publish in in_flight {
-        if let Err(err) = publish.await? {
-            if failed == 0 {
-                eprintln!("publish failed: {err} (further failures are only counted)");
-            }
-            failed += 1;
-        }
-    }
-    let paced_expected = (paced_count - failed) * args.subscribers;
-    let paced_done = wait_delivered(&shared, paced_expected, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let paced_latency = histogram.lock().unwrap().clone();
-    let paced_delivered = shared.delivered.load(Ordering::Relaxed);
-    histogram.lock().unwrap().reset();
-
-    // Burst phase.
-    let mut burst_result = None;
-    if args.burst > 0 {
-        let next = Arc::new(AtomicUsize::new(paced_count));
-        let failed_in_burst = Arc::new(AtomicUsize::new(0));
-        let burst_start = Instant::now();
-        let publishers: Vec<_> = (0..args.publishers)
-            .map(|_| {
-                let (publisher, shared, next, failed_in_burst) = (
-                    publisher.clone(),
-                    shared.clone(),
-                    next.clone(),
-                    failed_in_burst.clone(),
-                );
-                tokio::spawn(async move {
-                    loop {
-                        let seq = next.fetch_add(1, Ordering::Relaxed);
-                        if seq >= total {
-                            return anyhow::Ok(());
-                        }
-                        if let Err(err) = publisher.publish(&shared, seq).await {
-                            if failed_in_burst.fetch_add(1, Ordering::Relaxed) == 0 {
-                                eprintln!(
-                                    "publish failed: {err} (further failures are only counted)"
-                                );
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        for publisher in publishers {
-            publisher.await??;
-        }
-        failed += failed_in_burst.load(Ordering::Relaxed);
-        let published_in = burst_start.elapsed();
-        let expected = (total - failed) * args.subscribers;
-        let done = wait_delivered(&shared, expected, Duration::from_secs(120)).await;
-        let delivered = shared.delivered.load(Ordering::Relaxed) - paced_delivered;
-        let elapsed = done.unwrap_or_else(Instant::now) - burst_start;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let latency = histogram.lock().unwrap().clone();
-        burst_result = Some((published_in, delivered, elapsed, latency, done.is_some()));
-    }
-
-    let kib = |v: u64| v as f64;
-    let per_sub =
-        |before: u64, idle: u64| idle.saturating_sub(before) as f64 / args.subscribers as f64;
+/// Prints the results as a markdown table.
+fn print_report(args: &Args, report: &Report) {
     let path = if args.direct {
         "packet streams straight to notice-service on one connection"
     } else {
@@ -446,77 +585,84 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| measure | value |");
     println!("| --- | --- |");
+    print_memory_rows(args, report.rss_before, report.rss_idle);
+    print_paced_rows(args, &report.paced);
+    if let Some(burst) = &report.burst {
+        print_burst_rows(args, burst);
+    }
+    println!("| failed publishes | {} |", report.failed);
+    println!(
+        "| load average (1 min) at start / end | {} / {} |",
+        report.load_at_start,
+        load_average()
+    );
+    println!(
+        "| streams ended early | {} by notice-service (`lagged`), {} by the gateway (`error`) |",
+        report.lagged, report.cut_off
+    );
+}
+
+/// Memory before the subscribers, with them idle, and the difference per subscriber.
+fn print_memory_rows(args: &Args, before: Memory, idle: Memory) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let per_sub =
+        |before: u64, idle: u64| idle.saturating_sub(before) as f64 / args.subscribers as f64;
     println!(
         "| RSS before subscribers | notice-service {:.1} MiB, gateway {:.1} MiB |",
-        kib(rss_before.0) / 1024.0,
-        kib(rss_before.1) / 1024.0
+        mib(before.notice_kib),
+        mib(before.gateway_kib)
     );
     println!(
         "| RSS at {} idle subscribers | notice-service {:.1} MiB, gateway {:.1} MiB |",
         args.subscribers,
-        kib(rss_idle.0) / 1024.0,
-        kib(rss_idle.1) / 1024.0
+        mib(idle.notice_kib),
+        mib(idle.gateway_kib)
     );
     let (service_per, gateway_per) = (
-        per_sub(rss_before.0, rss_idle.0),
-        per_sub(rss_before.1, rss_idle.1),
+        per_sub(before.notice_kib, idle.notice_kib),
+        per_sub(before.gateway_kib, idle.gateway_kib),
     );
     println!(
         "| memory per idle subscriber | notice-service {service_per:.1} KiB + gateway {gateway_per:.1} KiB = {:.1} KiB |",
         service_per + gateway_per
     );
+}
+
+fn print_paced_rows(args: &Args, paced: &PacedFigures) {
     println!(
         "| paced: {} notices/s for {:?} | {} deliveries of {} expected{} |",
         args.rate,
         args.duration,
-        paced_delivered,
-        paced_expected,
-        if paced_done.is_some() {
-            ""
-        } else {
-            " (timed out)"
-        }
+        paced.delivered,
+        paced.expected,
+        if paced.complete { "" } else { " (timed out)" }
+    );
+    print_latency_row("paced", &paced.latency);
+}
+
+fn print_burst_rows(args: &Args, burst: &BurstFigures) {
+    println!(
+        "| burst: {} notices, {} publishers | published in {:.2} s ({:.0} notices/s accepted) |",
+        args.burst,
+        args.publishers,
+        burst.published_in.as_secs_f64(),
+        args.burst as f64 / burst.published_in.as_secs_f64()
     );
     println!(
-        "| paced: publish-to-delivery latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
-        ms(paced_latency.value_at_quantile(0.5)),
-        ms(paced_latency.value_at_quantile(0.99)),
-        ms(paced_latency.max())
+        "| burst: delivered | {} deliveries in {:.2} s = {:.0} notices/s{} |",
+        burst.delivered,
+        burst.elapsed.as_secs_f64(),
+        burst.delivered as f64 / burst.elapsed.as_secs_f64(),
+        if burst.complete { "" } else { " (incomplete)" }
     );
-    if let Some((published_in, delivered, elapsed, latency, complete)) = burst_result {
-        println!(
-            "| burst: {} notices, {} publishers | published in {:.2} s ({:.0} notices/s accepted) |",
-            args.burst,
-            args.publishers,
-            published_in.as_secs_f64(),
-            args.burst as f64 / published_in.as_secs_f64()
-        );
-        println!(
-            "| burst: delivered | {delivered} deliveries in {:.2} s = {:.0} notices/s{} |",
-            elapsed.as_secs_f64(),
-            delivered as f64 / elapsed.as_secs_f64(),
-            if complete { "" } else { " (incomplete)" }
-        );
-        println!(
-            "| burst: publish-to-delivery latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
-            ms(latency.value_at_quantile(0.5)),
-            ms(latency.value_at_quantile(0.99)),
-            ms(latency.max())
-        );
-    }
-    println!("| failed publishes | {failed} |");
+    print_latency_row("burst", &burst.latency);
+}
+
+fn print_latency_row(phase: &str, latency: &Histogram<u64>) {
     println!(
-        "| load average (1 min) at start / end | {load_at_start} / {} |",
-        load_average()
+        "| {phase}: publish-to-delivery latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+        ms(latency.value_at_quantile(0.5)),
+        ms(latency.value_at_quantile(0.99)),
+        ms(latency.max())
     );
-    println!(
-        "| streams ended early | {} by notice-service (`lagged`), {} by the gateway (`error`) |",
-        shared.lagged.load(Ordering::Relaxed),
-        shared.cut_off.load(Ordering::Relaxed)
-    );
-    for subscriber in subscribers {
-        subscriber.abort();
-    }
-    drop(stack);
-    Ok(())
 }

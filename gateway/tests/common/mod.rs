@@ -89,12 +89,23 @@ pub struct Service {
 
 impl Service {
     pub async fn start(name: &str, router: Router, distributor: SocketAddr) -> Service {
+        Service::start_with_readiness(name, router, distributor, None).await
+    }
+
+    /// [`Service::start`] for a node that reports its readiness from `readiness`.
+    pub async fn start_with_readiness(
+        name: &str,
+        router: Router,
+        distributor: SocketAddr,
+        readiness: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ServiceConfig {
             name: name.into(),
             distributor: Some(distributor.to_string()),
             advertise_host: None,
+            readiness,
             ..ServiceConfig::default()
         };
         let served =
@@ -192,6 +203,27 @@ impl Gateway {
             .flat_map(|route| route["nodes"].as_array().unwrap())
             .filter(|node| node["connected"] == true)
             .count()
+    }
+
+    /// Waits until `/_/topology` satisfies `done`; `what` names it in a failure.
+    pub async fn wait_for_topology(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let reached = timeout(PROMPTLY, async {
+            loop {
+                let topology = self.topology().await;
+                if done(&topology) {
+                    return topology;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        match reached {
+            Ok(topology) => topology,
+            Err(_) => panic!(
+                "{what} never happened; topology: {:#}",
+                self.topology().await
+            ),
+        }
     }
 
     /// Waits until `url` has exactly `count` connected nodes.

@@ -28,6 +28,8 @@ impl GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            // No topology cache file left in the crate's directory.
+            .env("GATEWAY_TOPOLOGY_CACHE", "")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -97,6 +99,7 @@ pub async fn refused_start(args: &[&str]) -> (Option<i32>, String) {
         Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .env("GATEWAY_TOPOLOGY_CACHE", "")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output(),

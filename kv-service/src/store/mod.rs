@@ -20,6 +20,10 @@ mod sqlite;
 
 use std::future::Future;
 
+pub use shared::postgres::StoreFailure;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -84,6 +88,12 @@ pub enum WriteOutcome {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A PostgreSQL operation that failed, saying whether it may have been applied.
+    #[error(transparent)]
+    Failed(#[from] StoreFailure),
+    /// The start-up check refused the SQLite file; the message names it and the damage.
+    #[error(transparent)]
+    Damaged(#[from] shared::sqlite::CheckError),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is not valid UTF-8")]
@@ -140,7 +150,7 @@ pub trait KvStore: Send + Sync {
     }
 }
 
-pub use shared::store_spec::StoreSpec;
+pub use shared::store_spec::{StoreCheck, StoreOptions, StoreSpec};
 
 /// The `--store` flag's values: those of [`StoreSpec`], plus the original design's word `rdb`
 /// (= `sqlite:kv.db`).
@@ -160,11 +170,13 @@ pub enum KvBackend {
 
 impl KvBackend {
     /// Opens (or creates) the store and applies its migrations.
-    pub async fn open(spec: &StoreSpec) -> Result<KvBackend, StoreError> {
+    pub async fn open(spec: &StoreSpec, options: StoreOptions) -> Result<KvBackend, StoreError> {
         Ok(match spec {
             StoreSpec::Memory => KvBackend::Memory(MemoryStore::new()),
-            StoreSpec::Sqlite(path) => KvBackend::Sqlite(SqliteStore::open(path).await?),
-            StoreSpec::Postgres(url) => KvBackend::Postgres(PostgresStore::open(url).await?),
+            StoreSpec::Sqlite(path) => KvBackend::Sqlite(SqliteStore::open(path, options).await?),
+            StoreSpec::Postgres(url) => {
+                KvBackend::Postgres(PostgresStore::open(url, options).await?)
+            }
         })
     }
 
@@ -174,12 +186,21 @@ impl KvBackend {
         matches!(self, KvBackend::Sqlite(_))
     }
 
+    /// Whether the store answers, kept up to date, for the stores that can be away (PostgreSQL);
+    /// `None` for those that are always there.
+    pub fn follow_readiness(&self, shutdown: CancellationToken) -> Option<watch::Receiver<bool>> {
+        match self {
+            KvBackend::Postgres(store) => Some(store.database().follow_readiness(shutdown)),
+            KvBackend::Memory(_) | KvBackend::Sqlite(_) => None,
+        }
+    }
+
     /// Finishes pending writes and closes database connections.
     pub async fn close(&self) {
         match self {
             KvBackend::Memory(_) => {}
             KvBackend::Sqlite(store) => store.close().await,
-            KvBackend::Postgres(store) => store.close().await,
+            KvBackend::Postgres(store) => store.database().close().await,
         }
     }
 }

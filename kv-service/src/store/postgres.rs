@@ -7,43 +7,44 @@
 //! A put is answered after its commit, which PostgreSQL makes durable before returning.
 //!
 //! At start, a server that does not answer yet is waited for (shared's `postgres::connect`).
+//! Afterwards every operation has the store timeout as its deadline, and a write is sent only on
+//! a connection already taken from the pool, so a failure says whether the write may have been
+//! applied (shared's `postgres::StoreFailure`).
 
-use std::time::Duration;
-
-use sqlx::{postgres::PgPoolOptions, PgPool};
+use shared::postgres::Database;
+use sqlx::migrate::Migrator;
 
 use super::{
     items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
-    StoreError, ValueRow, Versioned,
+    StoreError, StoreOptions, ValueRow, Versioned,
 };
 
 const MAX_CONNECTIONS: u32 = 16;
 
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
 pub struct PostgresStore {
-    pool: PgPool,
+    db: Database,
 }
 
 impl PostgresStore {
-    pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(10));
-        let pool = shared::postgres::connect(url, pool).await?;
-        // Migrations take an advisory lock, so replicas starting together apply them once.
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PostgresStore { pool })
+    pub async fn open(url: &str, options: StoreOptions) -> Result<PostgresStore, StoreError> {
+        let db = Database::open(url, MAX_CONNECTIONS, options).await?;
+        db.migrate(&MIGRATIONS).await?;
+        Ok(PostgresStore { db })
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await;
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 }
 
 impl KvStore for PostgresStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let row: Option<ValueRow> = sqlx::query_as(sql::GET)
-            .bind(key.as_bytes())
-            .fetch_optional(&self.pool)
+        let query = sqlx::query_as(sql::GET).bind(key.as_bytes());
+        let row: Option<ValueRow> = self
+            .db
+            .uncommitted(query.fetch_optional(self.db.pool()))
             .await?;
         row.map(ValueRow::into_versioned).transpose()
     }
@@ -60,24 +61,28 @@ impl KvStore for PostgresStore {
         if let Condition::IfVersion(expected) = condition {
             query = query.bind(expected);
         }
-        let written: Option<i64> = query.fetch_optional(&self.pool).await?;
+        let mut connection = self.db.acquire().await?;
+        let written: Option<i64> = self
+            .db
+            .committing(query.fetch_optional(&mut *connection))
+            .await?;
         if let Some(version) = written {
             return Ok(PutOutcome::Written { version });
         }
         // The condition failed; report the version seen now (it may have moved on since, which
         // is fine: the caller only learns why its put was refused).
-        let current: Option<i64> = sqlx::query_scalar(sql::VERSION)
-            .bind(key.as_bytes())
-            .fetch_optional(&self.pool)
+        let query = sqlx::query_scalar(sql::VERSION).bind(key.as_bytes());
+        let current: Option<i64> = self
+            .db
+            .uncommitted(query.fetch_optional(&mut *connection))
             .await?;
         Ok(PutOutcome::Conflict { current })
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let result = sqlx::query(sql::DELETE)
-            .bind(key.as_bytes())
-            .execute(&self.pool)
-            .await?;
+        let query = sqlx::query(sql::DELETE).bind(key.as_bytes());
+        let mut connection = self.db.acquire().await?;
+        let result = self.db.committing(query.execute(&mut *connection)).await?;
         Ok(result.rows_affected() > 0)
     }
 
@@ -89,12 +94,11 @@ impl KvStore for PostgresStore {
     ) -> Result<Vec<Item>, StoreError> {
         let (lower, inclusive) = lower_bound(prefix, after);
         let upper = prefix_upper_bound(prefix.as_bytes());
-        let rows: Vec<ItemRow> = sqlx::query_as(sql::list(inclusive))
+        let query = sqlx::query_as(sql::list(inclusive))
             .bind(lower)
             .bind(upper)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows: Vec<ItemRow> = self.db.uncommitted(query.fetch_all(self.db.pool())).await?;
         items(rows)
     }
 }

@@ -11,6 +11,10 @@
 //! writers thus share each fsync instead of queueing for one apiece, and no writer ever sees
 //! `SQLITE_BUSY`. Reads use a separate pool of read-only connections, which WAL lets run
 //! alongside the writer.
+//!
+//! A file that exists is checked before anything else touches it (`PRAGMA quick_check`, or
+//! `integrity_check` with `--check-store full`, in shared's `sqlite` module): a damaged file
+//! would otherwise open fine and fail only the requests that read the damaged page.
 
 use std::{
     path::Path,
@@ -30,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
-    StoreError, ValueRow, Versioned, Write, WriteOutcome,
+    StoreError, StoreOptions, ValueRow, Versioned, Write, WriteOutcome,
 };
 
 /// Writes applied in one transaction at most; bounds the latency a batch adds to its first write.
@@ -55,7 +59,9 @@ struct Queued {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+    pub async fn open(path: &Path, store_options: StoreOptions) -> Result<SqliteStore, StoreError> {
+        // Before anything writes to it (migrations): a damaged file is refused, not served.
+        shared::sqlite::check(path, store_options.check).await?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)

@@ -83,6 +83,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Full(String),
+    /// A PostgreSQL operation that failed, saying whether it may have been applied.
+    #[error(transparent)]
+    Failed(#[from] StoreFailure),
+    /// The start-up check refused the SQLite file; the message names it and the damage.
+    #[error(transparent)]
+    Damaged(#[from] shared::sqlite::CheckError),
 }
 
 /// The operations the service needs from a backend. See the module docs for the guarantees.
@@ -129,7 +135,13 @@ pub trait NoticeStore: Send + Sync {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
-pub use shared::store_spec::StoreSpec;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use shared::{
+    postgres::StoreFailure,
+    store_spec::{StoreCheck, StoreOptions, StoreSpec},
+};
 
 /// The backend chosen by `--store`.
 pub enum NoticeBackend {
@@ -141,11 +153,18 @@ pub enum NoticeBackend {
 impl NoticeBackend {
     /// Opens (or creates) the store and applies its migrations. A PostgreSQL server that does
     /// not answer yet is waited for a while (shared's `postgres::connect`).
-    pub async fn open(spec: &StoreSpec) -> Result<NoticeBackend, StoreError> {
+    pub async fn open(
+        spec: &StoreSpec,
+        options: StoreOptions,
+    ) -> Result<NoticeBackend, StoreError> {
         Ok(match spec {
             StoreSpec::Memory => NoticeBackend::Memory(MemoryStore::default()),
-            StoreSpec::Sqlite(path) => NoticeBackend::Sqlite(SqliteStore::open(path).await?),
-            StoreSpec::Postgres(url) => NoticeBackend::Postgres(PostgresStore::open(url).await?),
+            StoreSpec::Sqlite(path) => {
+                NoticeBackend::Sqlite(SqliteStore::open(path, options).await?)
+            }
+            StoreSpec::Postgres(url) => {
+                NoticeBackend::Postgres(PostgresStore::open(url, options).await?)
+            }
         })
     }
 
@@ -153,7 +172,16 @@ impl NoticeBackend {
     /// for the stores that serve one instance.
     pub fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
         match self {
-            NoticeBackend::Postgres(store) => Some(store.pool()),
+            NoticeBackend::Postgres(store) => Some(store.database().pool()),
+            NoticeBackend::Memory(_) | NoticeBackend::Sqlite(_) => None,
+        }
+    }
+
+    /// Whether the store answers, kept up to date, for the store that can be away (PostgreSQL);
+    /// `None` for those that are always there.
+    pub fn follow_readiness(&self, shutdown: CancellationToken) -> Option<watch::Receiver<bool>> {
+        match self {
+            NoticeBackend::Postgres(store) => Some(store.database().follow_readiness(shutdown)),
             NoticeBackend::Memory(_) | NoticeBackend::Sqlite(_) => None,
         }
     }
@@ -163,7 +191,7 @@ impl NoticeBackend {
         match self {
             NoticeBackend::Memory(_) => {}
             NoticeBackend::Sqlite(store) => store.close().await,
-            NoticeBackend::Postgres(store) => store.close().await,
+            NoticeBackend::Postgres(store) => store.database().close().await,
         }
     }
 }

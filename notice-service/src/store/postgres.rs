@@ -7,52 +7,55 @@
 //! gap-free (see `cluster`).
 //!
 //! At start, a server that does not answer yet is waited for (shared's `postgres::connect`).
-
-use std::time::Duration;
+//! Afterwards every step has the store timeout as its deadline: a publish that fails before its
+//! COMMIT was sent was not applied; only a COMMIT that goes unanswered has an unknown outcome
+//! (shared's `postgres::StoreFailure`).
 
 use chrono::{DateTime, Utc};
-use sqlx::{postgres::PgPoolOptions, PgPool, Postgres, Transaction};
+use shared::postgres::Database;
+use sqlx::migrate::Migrator;
+use sqlx::{Postgres, Transaction};
 
 use super::{
     sql, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector, StoreError,
+    StoreOptions,
 };
 use crate::notice::{NewNotice, Notice};
 
 /// NOTIFY channel announcing new notices; the payload is the highest new id.
 pub const PUBLISHED_CHANNEL: &str = "notice_published";
+/// Connections at most: publishes hold one each while they wait for the publish lock.
+const MAX_CONNECTIONS: u32 = 8;
 /// Advisory lock key serializing publishers ("notice" in ASCII).
 const PUBLISH_LOCK: i64 = 0x6e6f_7469_6365;
 
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
 pub struct PostgresStore {
-    pool: PgPool,
+    db: Database,
 }
 
 impl PostgresStore {
-    pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5));
-        let pool = shared::postgres::connect(url, pool).await?;
-        // sqlx's migrator takes its own advisory lock, so instances starting together are safe.
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PostgresStore { pool })
+    pub async fn open(url: &str, options: StoreOptions) -> Result<PostgresStore, StoreError> {
+        let db = Database::open(url, MAX_CONNECTIONS, options).await?;
+        db.migrate(&MIGRATIONS).await?;
+        Ok(PostgresStore { db })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     async fn begin_publish(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(PUBLISH_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        Ok(tx)
+        let begin = async {
+            let mut tx = self.db.pool().begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PUBLISH_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx)
+        };
+        Ok(self.db.uncommitted(begin).await?)
     }
 }
 
@@ -60,7 +63,7 @@ async fn insert_in(
     tx: &mut Transaction<'static, Postgres>,
     notice: NewNotice,
     created_at: DateTime<Utc>,
-) -> Result<Notice, StoreError> {
+) -> Result<Notice, sqlx::Error> {
     let id: i64 = sqlx::query_scalar(sql::INSERT)
         .bind(&notice.message)
         .bind(&notice.topic)
@@ -75,7 +78,7 @@ async fn insert_in(
 async fn notify_published(
     tx: &mut Transaction<'static, Postgres>,
     last_id: i64,
-) -> Result<(), StoreError> {
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(PUBLISHED_CHANNEL)
         .bind(last_id.to_string())
@@ -91,28 +94,31 @@ impl NoticeStore for PostgresStore {
         created_at: DateTime<Utc>,
     ) -> Result<Notice, StoreError> {
         let mut tx = self.begin_publish().await?;
-        let notice = insert_in(&mut tx, notice, created_at).await?;
-        notify_published(&mut tx, notice.id).await?;
-        tx.commit().await?;
+        let publish = async {
+            let notice = insert_in(&mut tx, notice, created_at).await?;
+            notify_published(&mut tx, notice.id).await?;
+            Ok(notice)
+        };
+        let notice = self.db.uncommitted(publish).await?;
+        self.db.committing(tx.commit()).await?;
         Ok(notice)
     }
 
     async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query(sql::SCHEDULE)
+        let query = sqlx::query(sql::SCHEDULE)
             .bind(&notice.message)
             .bind(&notice.topic)
             .bind(&notice.to)
             .bind(&notice.from)
-            .bind(at.timestamp_millis())
-            .execute(&self.pool)
-            .await?;
+            .bind(at.timestamp_millis());
+        let mut connection = self.db.acquire().await?;
+        self.db.committing(query.execute(&mut *connection)).await?;
         Ok(())
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let due: Option<i64> = sqlx::query_scalar(sql::NEXT_DUE)
-            .fetch_one(&self.pool)
-            .await?;
+        let query = sqlx::query_scalar(sql::NEXT_DUE);
+        let due: Option<i64> = self.db.uncommitted(query.fetch_one(self.db.pool())).await?;
         Ok(due.map(crate::notice::from_millis))
     }
 
@@ -120,22 +126,27 @@ impl NoticeStore for PostgresStore {
         // Under the publish lock only one instance claims at a time, and the delete commits
         // together with the inserts: each scheduled notice is published exactly once.
         let mut tx = self.begin_publish().await?;
-        let mut due: Vec<ScheduledRow> = sqlx::query_as(sql::CLAIM_DUE)
-            .bind(now.timestamp_millis())
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
-        if due.is_empty() {
-            return Ok(Vec::new());
+        let claim = async {
+            let mut due: Vec<ScheduledRow> = sqlx::query_as(sql::CLAIM_DUE)
+                .bind(now.timestamp_millis())
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+            due.sort_by_key(|row| (row.due_at, row.id));
+            let mut claimed = Vec::with_capacity(due.len());
+            for row in due {
+                claimed.push(insert_in(&mut tx, row.into_new(), now).await?);
+            }
+            if let Some(last) = claimed.last() {
+                notify_published(&mut tx, last.id).await?;
+            }
+            Ok(claimed)
+        };
+        let claimed = self.db.uncommitted(claim).await?;
+        if claimed.is_empty() {
+            return Ok(claimed);
         }
-        due.sort_by_key(|row| (row.due_at, row.id));
-        let mut claimed = Vec::with_capacity(due.len());
-        for row in due {
-            claimed.push(insert_in(&mut tx, row.into_new(), now).await?);
-        }
-        let last = claimed.last().expect("not empty").id;
-        notify_published(&mut tx, last).await?;
-        tx.commit().await?;
+        self.db.committing(tx.commit()).await?;
         Ok(claimed)
     }
 
@@ -155,16 +166,18 @@ impl NoticeStore for PostgresStore {
                 select = select.bind(topics).bind(&interest.name);
             }
         }
-        let rows = select.fetch_all(&self.pool).await?;
+        let rows = self
+            .db
+            .uncommitted(select.fetch_all(self.db.pool()))
+            .await?;
         Ok(rows.into_iter().map(Notice::from).collect())
     }
 
     async fn last_id(&self) -> Result<i64, StoreError> {
         // MAX(id), not the sequence: an id drawn by a transaction that has not committed yet
         // is above every committed one, and the fan-out must still read it once it commits.
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM notices")
-            .fetch_one(&self.pool)
-            .await?;
+        let query = sqlx::query_scalar("SELECT MAX(id) FROM notices");
+        let last: Option<i64> = self.db.uncommitted(query.fetch_one(self.db.pool())).await?;
         Ok(last.unwrap_or(0))
     }
 
@@ -173,14 +186,14 @@ impl NoticeStore for PostgresStore {
         if let Some(max) = retention.max_count {
             pruned += sqlx::query(sql::PRUNE_BEYOND_COUNT)
                 .bind(i64::try_from(max).unwrap_or(i64::MAX))
-                .execute(&self.pool)
+                .execute(self.db.pool())
                 .await?
                 .rows_affected();
         }
         if let Some(cutoff) = retention.age_cutoff(now) {
             pruned += sqlx::query(sql::PRUNE_OLDER_THAN)
                 .bind(cutoff.timestamp_millis())
-                .execute(&self.pool)
+                .execute(self.db.pool())
                 .await?
                 .rows_affected();
         }

@@ -1,6 +1,10 @@
 //! The SQLite store (`--store sqlite:PATH`, the default): one file, survives restarts, for a
 //! single instance. Several instances must share PostgreSQL instead, since only that store
 //! tells the other instances about new notices.
+//!
+//! A file that exists is checked before anything else touches it (`PRAGMA quick_check`, or
+//! `integrity_check` with `--check-store full`, in shared's `sqlite` module): a damaged file
+//! would otherwise open fine and fail only the requests that read the damaged page.
 
 use std::{path::Path, str::FromStr, time::Duration};
 
@@ -12,6 +16,7 @@ use sqlx::{
 
 use super::{
     sql, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector, StoreError,
+    StoreOptions,
 };
 use crate::notice::{NewNotice, Notice};
 
@@ -20,7 +25,9 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+    pub async fn open(path: &Path, store_options: StoreOptions) -> Result<SqliteStore, StoreError> {
+        // Before anything writes to it (migrations): a damaged file is refused, not served.
+        shared::sqlite::check(path, store_options.check).await?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
