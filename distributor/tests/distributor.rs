@@ -4,7 +4,7 @@
 //! restart, bad input, and many nodes coming and going.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -12,6 +12,9 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
+use common::{ports_of, Node, DELIMITER, PROMPTLY};
 use distributor::{Config, Registry};
 use serde_json::{json, Value};
 use shared::{
@@ -24,14 +27,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::{JoinHandle, JoinSet},
-    time::{timeout, timeout_at, Instant},
+    time::{timeout, Instant},
 };
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; only reached when a test fails.
-const PROMPTLY: Duration = Duration::from_secs(10);
-
-const DELIMITER: &[u8] = "¶".as_bytes();
 
 /// Short heartbeats, so that evictions happen within a test's patience.
 fn fast_heartbeats() -> Config {
@@ -142,131 +140,6 @@ impl Drop for Distributor {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-/// A node on a plain socket, speaking JSON + `¶` by hand.
-struct Node {
-    stream: TcpStream,
-    buffer: Vec<u8>,
-    /// Answer heartbeats as a protocol-2 node must.
-    echo_heartbeats: bool,
-    heartbeats: usize,
-}
-
-impl Node {
-    async fn connect(addr: SocketAddr) -> Node {
-        Node {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buffer: Vec::new(),
-            echo_heartbeats: false,
-            heartbeats: 0,
-        }
-    }
-
-    async fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn send(&mut self, value: Value) {
-        let mut frame = serde_json::to_vec(&value).unwrap();
-        frame.extend_from_slice(DELIMITER);
-        self.send_bytes(&frame).await;
-    }
-
-    async fn register(&mut self, params: Value) {
-        self.echo_heartbeats = params["protocol"] == 2;
-        self.send(json!({"uri": "/distributes", "method": "POST", "key": 0, "params": params}))
-            .await;
-    }
-
-    /// The next frame as it arrived, or `None` once the distributor closed the connection.
-    /// Cancel-safe: a partly read frame stays in the buffer.
-    async fn next_frame(&mut self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == DELIMITER) {
-                let mut frame: Vec<u8> = self.buffer.drain(..end + DELIMITER.len()).collect();
-                frame.truncate(end);
-                return Some(frame);
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    /// The next packet other than a heartbeat (echoing heartbeats if this node speaks
-    /// protocol 2), or `None` once the connection is closed.
-    async fn try_next(&mut self) -> Option<Value> {
-        timeout(PROMPTLY, async {
-            loop {
-                let frame = self.next_frame().await?;
-                let packet: Value = serde_json::from_slice(&frame).unwrap_or_else(|err| {
-                    panic!("invalid frame {:?}: {err}", String::from_utf8_lossy(&frame))
-                });
-                if packet["uri"] == "/heartbeat" {
-                    assert_eq!(packet["key"], 0, "{packet}");
-                    self.heartbeats += 1;
-                    if self.echo_heartbeats {
-                        self.send(packet).await;
-                    }
-                    continue;
-                }
-                return Some(packet);
-            }
-        })
-        .await
-        .expect("a packet or the end of the connection arrives")
-    }
-
-    async fn next(&mut self) -> Value {
-        self.try_next().await.expect("the connection stays open")
-    }
-
-    /// The next packet, which must be a topology; returns its nodes.
-    async fn next_topology(&mut self) -> Vec<Value> {
-        let packet = self.next().await;
-        assert_eq!(
-            (&packet["uri"], &packet["method"], &packet["key"]),
-            (&json!("/distributes"), &json!("GET"), &json!(0)),
-            "not a topology: {packet}"
-        );
-        packet["params"]
-            .as_array()
-            .expect("a list of nodes")
-            .clone()
-    }
-
-    /// Reads topologies until one has exactly these ports (in any order).
-    async fn topology_with_ports(&mut self, ports: &[u16]) -> Vec<Value> {
-        let mut expected = ports.to_vec();
-        expected.sort_unstable();
-        loop {
-            let topology = self.next_topology().await;
-            let mut seen = ports_of(&topology);
-            seen.sort_unstable();
-            if seen == expected {
-                return topology;
-            }
-        }
-    }
-
-    /// Everything but heartbeats that arrives until `deadline`.
-    async fn read_until(&mut self, deadline: Instant) -> Vec<Value> {
-        let mut packets = Vec::new();
-        while let Ok(packet) = timeout_at(deadline, self.try_next()).await {
-            packets.push(packet.expect("the connection stays open"));
-        }
-        packets
-    }
-}
-
-fn ports_of(topology: &[Value]) -> Vec<u16> {
-    topology
-        .iter()
-        .map(|node| node["port"].as_u64().unwrap() as u16)
-        .collect()
 }
 
 fn original_design(port: u16, name: &str) -> Value {
@@ -746,12 +619,7 @@ async fn an_original_design_node_registers_and_gets_the_topology_with_plain_ipv4
     );
 
     // A real IPv6 peer keeps its address.
-    let mut v6 = Node {
-        stream: TcpStream::connect(("::1", port)).await.unwrap(),
-        buffer: Vec::new(),
-        echo_heartbeats: false,
-        heartbeats: 0,
-    };
+    let mut v6 = Node::connect(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)).await;
     v6.register(original_design(9011, "v6")).await;
     let topology = v6.next_topology().await;
     let hosts: Vec<&str> = topology

@@ -4,8 +4,11 @@
 //! carries a readiness channel; the topology is watched the way every node sees it, through a
 //! real `DistributorClient`.
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
+use common::{Node, PROMPTLY};
 use distributor::{Config, Registry};
 use serde_json::{json, Value};
 use shared::{
@@ -14,16 +17,8 @@ use shared::{
     service::{serve, Response, Router, ServiceConfig},
     Topology,
 };
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    time::timeout,
-};
+use tokio::{net::TcpListener, sync::watch, time::timeout};
 use tokio_util::sync::{CancellationToken, DropGuard};
-
-/// Upper bound for anything that should happen promptly; only reached when a test fails.
-const PROMPTLY: Duration = Duration::from_secs(10);
 
 /// A distributor in-process on 127.0.0.1, stopped when dropped, and a watcher registered with
 /// it that sees the topology every node is sent.
@@ -90,12 +85,6 @@ impl Setup {
     }
 }
 
-async fn send(stream: &mut TcpStream, packet: Value) {
-    let mut frame = serde_json::to_vec(&packet).unwrap();
-    frame.extend_from_slice("¶".as_bytes());
-    stream.write_all(&frame).await.unwrap();
-}
-
 fn heartbeat(ready: bool) -> Value {
     json!({"uri": "/heartbeat", "method": "GET", "key": 0, "params": {"ready": ready}})
 }
@@ -103,18 +92,15 @@ fn heartbeat(ready: bool) -> Value {
 #[tokio::test]
 async fn a_heartbeat_with_ready_false_changes_the_topology_and_ready_true_restores_it() {
     let mut setup = Setup::start().await;
-    let mut node = TcpStream::connect(setup.addr).await.unwrap();
+    let mut node = Node::connect(setup.addr).await;
     // An original-design registration (no heartbeats are sent to it), so the only heartbeats
     // on this connection are the ones the test writes.
-    send(
-        &mut node,
-        json!({"uri": "/distributes", "method": "POST", "key": 0,
-               "params": {"port": 4100, "name": "kv", "urls": ["GET/kv"]}}),
-    )
-    .await;
+    node.send(json!({"uri": "/distributes", "method": "POST", "key": 0,
+               "params": {"port": 4100, "name": "kv", "urls": ["GET/kv"]}}))
+        .await;
     setup.wait_for_readiness(4100, true).await;
 
-    send(&mut node, heartbeat(false)).await;
+    node.send(heartbeat(false)).await;
     setup.wait_for_readiness(4100, false).await;
     assert!(!setup
         .registry
@@ -123,12 +109,9 @@ async fn a_heartbeat_with_ready_false_changes_the_topology_and_ready_true_restor
         .any(|n| n.port == 4100 && n.ready));
 
     // A heartbeat without params (how every node echoed before readiness) changes nothing.
-    send(
-        &mut node,
-        json!({"uri": "/heartbeat", "method": "GET", "key": 0, "params": null}),
-    )
-    .await;
-    send(&mut node, heartbeat(true)).await;
+    node.send(json!({"uri": "/heartbeat", "method": "GET", "key": 0, "params": null}))
+        .await;
+    node.send(heartbeat(true)).await;
     setup.wait_for_readiness(4100, true).await;
     let nodes = setup.registry.nodes();
     let entry = nodes.iter().find(|n| n.port == 4100).unwrap();
@@ -138,14 +121,11 @@ async fn a_heartbeat_with_ready_false_changes_the_topology_and_ready_true_restor
 #[tokio::test]
 async fn a_node_that_says_it_is_not_ready_before_registering_starts_not_ready() {
     let mut setup = Setup::start().await;
-    let mut node = TcpStream::connect(setup.addr).await.unwrap();
-    send(&mut node, heartbeat(false)).await;
-    send(
-        &mut node,
-        json!({"uri": "/distributes", "method": "POST", "key": 0,
-               "params": {"port": 4200, "name": "kv", "urls": ["GET/kv"]}}),
-    )
-    .await;
+    let mut node = Node::connect(setup.addr).await;
+    node.send(heartbeat(false)).await;
+    node.send(json!({"uri": "/distributes", "method": "POST", "key": 0,
+               "params": {"port": 4200, "name": "kv", "urls": ["GET/kv"]}}))
+        .await;
     setup.wait_for_readiness(4200, false).await;
     let seen_ready = setup
         .topology

@@ -10,6 +10,8 @@
 //! - one address holds a bounded number of registrations;
 //! - the cluster handshake and protected mode guard who may join at all.
 
+mod common;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -18,23 +20,17 @@ use std::{
     time::Duration,
 };
 
+use common::{hosts_of, ports_of, Node, DELIMITER, LOCALHOST, PROMPTLY};
 use serde_json::{json, Value};
 use shared::cluster::ClusterSecret;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    io::AsyncReadExt,
+    net::TcpStream,
     sync::{mpsc, Semaphore},
     task::JoinSet,
     time::{timeout, Instant},
 };
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; only reached when a test fails.
-const PROMPTLY: Duration = Duration::from_secs(10);
-
-const DELIMITER: &[u8] = "¶".as_bytes();
-
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// The distributor binary, running on a free loopback port until dropped.
 struct DistributorProcess {
@@ -75,7 +71,7 @@ impl DistributorProcess {
     }
 
     async fn node(&self) -> Node {
-        Node::connect(self.addr, LOCALHOST).await
+        Node::connect_from(self.addr, LOCALHOST).await
     }
 
     /// The distributor's resident memory, in bytes.
@@ -137,155 +133,6 @@ impl SecretFile {
     fn path(&self) -> &str {
         self.path.to_str().unwrap()
     }
-}
-
-/// A node on a plain socket, speaking JSON + `¶` by hand (no heartbeats: an original-design
-/// node, or an attacker).
-struct Node {
-    stream: TcpStream,
-    buffer: Vec<u8>,
-}
-
-impl Node {
-    /// Connects from `source`, any loopback address (127.0.0.0/8 is all ours).
-    async fn connect(addr: SocketAddr, source: IpAddr) -> Node {
-        Node::try_connect(addr, source).await.unwrap()
-    }
-
-    async fn try_connect(addr: SocketAddr, source: IpAddr) -> std::io::Result<Node> {
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(source, 0))?;
-        Ok(Node {
-            stream: socket.connect(addr).await?,
-            buffer: Vec::new(),
-        })
-    }
-
-    /// Connects and proves it knows `secret` with the cluster handshake.
-    async fn authenticated(addr: SocketAddr, secret: &ClusterSecret) -> Node {
-        let mut node = Node::connect(addr, LOCALHOST).await;
-        let (reader, mut writer) = node.stream.split();
-        let leftover = shared::cluster::connect(reader, &mut writer, secret)
-            .await
-            .expect("the handshake succeeds");
-        node.buffer = leftover.to_vec();
-        node
-    }
-
-    async fn send(&mut self, value: Value) {
-        let mut frame = serde_json::to_vec(&value).unwrap();
-        frame.extend_from_slice(DELIMITER);
-        self.stream.write_all(&frame).await.unwrap();
-    }
-
-    async fn register(&mut self, params: Value) {
-        self.send(json!({"uri": "/distributes", "method": "POST", "key": 0, "params": params}))
-            .await;
-    }
-
-    /// The next frame as it arrived, or `None` once the distributor closed the connection.
-    async fn next_frame(&mut self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == DELIMITER) {
-                let mut frame: Vec<u8> = self.buffer.drain(..end + DELIMITER.len()).collect();
-                frame.truncate(end);
-                return Some(frame);
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    /// The next packet other than a heartbeat (which is echoed, as a protocol-2 node does), or
-    /// `None` once the connection is closed.
-    async fn try_next(&mut self) -> Option<Value> {
-        loop {
-            let frame = timeout(PROMPTLY, self.next_frame())
-                .await
-                .expect("a packet or the end of the connection arrives")?;
-            let packet: Value = serde_json::from_slice(&frame).unwrap_or_else(|err| {
-                panic!("invalid frame {:?}: {err}", String::from_utf8_lossy(&frame))
-            });
-            if packet["uri"] == "/heartbeat" {
-                self.send(packet).await;
-                continue;
-            }
-            return Some(packet);
-        }
-    }
-
-    async fn next(&mut self) -> Value {
-        self.try_next().await.expect("the connection stays open")
-    }
-
-    /// The next packet, which must be a topology; returns its nodes.
-    async fn next_topology(&mut self) -> Vec<Value> {
-        let packet = self.next().await;
-        assert_eq!(
-            (&packet["uri"], &packet["method"], &packet["key"]),
-            (&json!("/distributes"), &json!("GET"), &json!(0)),
-            "not a topology: {packet}"
-        );
-        packet["params"]
-            .as_array()
-            .expect("a list of nodes")
-            .clone()
-    }
-
-    /// The next packet, which must refuse a registration: its status and error.
-    async fn refusal(&mut self) -> (u64, String) {
-        let packet = self.next().await;
-        assert_eq!(
-            (&packet["uri"], &packet["method"]),
-            (&json!("/distributes"), &json!("POST")),
-            "not an answer to a registration: {packet}"
-        );
-        let status = packet["status"].as_u64().expect("an error status");
-        let error = packet["error"].as_str().expect("an error").to_owned();
-        (status, error)
-    }
-
-    /// The topology as the distributor has it now, asked with `GET /distributes`.
-    async fn ask_topology(&mut self, key: u64) -> Vec<Value> {
-        self.send(json!({"uri": "/distributes", "method": "GET", "key": key, "params": null}))
-            .await;
-        loop {
-            let packet = self.next().await;
-            if packet["key"] == key {
-                assert!(packet["status"].is_null(), "{packet}");
-                return packet["params"]
-                    .as_array()
-                    .expect("a list of nodes")
-                    .clone();
-            }
-        }
-    }
-
-    /// True once the distributor closes the connection (packets before that are skipped).
-    async fn closed(&mut self) -> bool {
-        timeout(PROMPTLY, async {
-            while self.next_frame().await.is_some() {}
-        })
-        .await
-        .is_ok()
-    }
-}
-
-fn ports_of(topology: &[Value]) -> Vec<u64> {
-    topology
-        .iter()
-        .map(|node| node["port"].as_u64().unwrap())
-        .collect()
-}
-
-fn hosts_of(topology: &[Value]) -> Vec<&str> {
-    topology
-        .iter()
-        .map(|node| node["host"].as_str().unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -351,7 +198,7 @@ async fn a_node_is_registered_at_its_own_address_and_cannot_take_another_nodes()
     assert_eq!(kv.ask_topology(1).await, first);
 
     // From another address the same claim registers that address instead.
-    let mut elsewhere = Node::connect(distributor.addr, "127.0.0.2".parse().unwrap()).await;
+    let mut elsewhere = Node::connect_from(distributor.addr, "127.0.0.2".parse().unwrap()).await;
     elsewhere
         .register(json!({"port": 9010, "name": "kv", "urls": ["GET/kv"], "host": "127.0.0.1"}))
         .await;
@@ -406,7 +253,7 @@ async fn with_a_secret_only_nodes_that_prove_it_join_unless_legacy_nodes_are_all
     assert!(legacy.closed().await, "the connection is closed");
 
     // The wrong secret fails the handshake.
-    let mut wrong = Node::connect(distributor.addr, LOCALHOST).await;
+    let mut wrong = Node::connect_from(distributor.addr, LOCALHOST).await;
     let (reader, mut writer) = wrong.stream.split();
     let wrong_secret = ClusterSecret::new(b"a guess".to_vec());
     assert!(shared::cluster::connect(reader, &mut writer, &wrong_secret)
@@ -422,7 +269,7 @@ async fn with_a_secret_only_nodes_that_prove_it_join_unless_legacy_nodes_are_all
 
     // A node with a secret, at a distributor without one, is told what is wrong.
     let secretless = DistributorProcess::start(&[]).await;
-    let mut eager = Node::connect(secretless.addr, LOCALHOST).await;
+    let mut eager = Node::connect_from(secretless.addr, LOCALHOST).await;
     let (reader, mut writer) = eager.stream.split();
     let err = shared::cluster::connect(reader, &mut writer, &secret.secret)
         .await
@@ -499,7 +346,7 @@ async fn one_address_holds_a_bounded_number_of_registrations() {
     );
 
     // Another address has its own share.
-    let mut other = Node::connect(distributor.addr, "127.0.0.2".parse().unwrap()).await;
+    let mut other = Node::connect_from(distributor.addr, "127.0.0.2".parse().unwrap()).await;
     other
         .register(json!({"port": 5, "name": "kv", "urls": ["GET/kv"]}))
         .await;
@@ -584,7 +431,7 @@ async fn two_thousand_registered_nodes_keep_the_distributors_memory_small() {
             (registered_tx.clone(), connecting.clone(), stop.clone());
         nodes.spawn(async move {
             let permit = connecting.acquire_owned().await.unwrap();
-            let outcome = match Node::try_connect(addr, source).await {
+            let outcome = match Node::try_connect_from(addr, source).await {
                 Ok(mut node) => {
                     // Entries of a realistic size: the topology grows to about 200 KB.
                     let name = format!("service-{i:04}");
@@ -616,7 +463,7 @@ async fn two_thousand_registered_nodes_keep_the_distributors_memory_small() {
     .await
     .expect("2,000 nodes register within a minute");
 
-    let mut watcher = Node::connect(addr, "127.0.0.100".parse().unwrap()).await;
+    let mut watcher = Node::connect_from(addr, "127.0.0.100".parse().unwrap()).await;
     let topology = watcher.ask_topology(1).await;
     assert_eq!(topology.len(), MANY_NODES, "every node is still registered");
 

@@ -33,6 +33,9 @@ pub mod sse;
 /// How long the harness waits for anything to come up before failing the test.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Pause between two looks at something a test waits for (a topology, a listing, a route).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
 /// The directory holding the workspace's binaries: `target/<profile>`, whether the running
 /// executable is a test (`target/<profile>/deps/e2e-<hash>`) or a binary beside them
 /// (`target/release/gateway-bench`).
@@ -247,18 +250,7 @@ impl Secrets {
 
     fn mint_with(jwt_secret_file: &Path, subject: &str, scopes: &[&str]) -> String {
         let key = shared::secrets::read_secret_file(jwt_secret_file).expect("the JWT key");
-        let scopes: Vec<String> = scopes.iter().map(|scope| scope.to_string()).collect();
-        shared::token::mint(
-            &key,
-            &shared::token::TokenRequest {
-                subject,
-                scopes: &scopes,
-                ttl: Duration::from_secs(3600),
-                audience: None,
-                issuer: None,
-            },
-        )
-        .expect("minting a token")
+        shared::testing::hs256_token(&key, subject, scopes, Duration::from_secs(3600))
     }
 
     /// The flags that give a node the cluster secret.
@@ -494,24 +486,101 @@ impl Stack {
             ("GET/kv", kv_replicas),
             ("GET/notices", usize::from(notice)),
         ];
-        let result = tokio::time::timeout(READY_TIMEOUT, async {
+        self.wait_for_topology(&format!("the routes {wanted:?}"), |topology| {
+            wanted
+                .iter()
+                .all(|(url, n)| connected_nodes(topology, url) == *n)
+        })
+        .await;
+    }
+
+    /// Polls `GET /_/topology` until `done` holds for it, within [`READY_TIMEOUT`], and returns
+    /// that topology; panics naming `what` (with the last topology seen) when it never does.
+    pub async fn wait_for_topology(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        match self.topology_within(READY_TIMEOUT, done).await {
+            Some(topology) => topology,
+            None => {
+                let topology = self.topology().await.unwrap_or(Value::Null);
+                panic!("the gateway's topology never showed {what}; topology: {topology:#}");
+            }
+        }
+    }
+
+    /// Polls `GET /_/topology` until `done` holds for it (a topology the gateway cannot give
+    /// counts as `Value::Null`); `None` when `within` passes first.
+    pub async fn topology_within(
+        &self,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        tokio::time::timeout(within, async {
             loop {
-                if let Ok(topology) = self.topology().await {
-                    if wanted
-                        .iter()
-                        .all(|(url, n)| connected_nodes(&topology, url) == *n)
-                    {
+                let topology = self.topology().await.unwrap_or(Value::Null);
+                if done(&topology) {
+                    return topology;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        })
+        .await
+        .ok()
+    }
+
+    /// Polls `GET path` on the gateway until it answers 200 (a gateway restarting, a route
+    /// coming back), within [`READY_TIMEOUT`]; returns the JSON body. Panics naming `what`.
+    pub async fn wait_for_ok(&self, path: &str, what: &str) -> Value {
+        let answer = tokio::time::timeout(READY_TIMEOUT, async {
+            loop {
+                if let Ok(response) = self.http.get(self.url(path)).send().await {
+                    if response.status() == reqwest::StatusCode::OK {
+                        return response.json::<Value>().await;
+                    }
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: GET {path} never answered 200"));
+        answer.unwrap_or_else(|err| panic!("GET {path}: the body is not JSON: {err}"))
+    }
+
+    /// The names `GET /notices/subscribers` lists now.
+    pub async fn subscriber_names(&self) -> anyhow::Result<Vec<String>> {
+        let list: Value = self
+            .http
+            .get(self.url("/notices/subscribers"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Waits until every one of `names` is listed in `GET /notices/subscribers`, within
+    /// [`READY_TIMEOUT`]: presence is how a test knows its streams are live before it publishes
+    /// (or a replay, not the live stream, would be what delivers).
+    pub async fn wait_for_subscribers(&self, names: &[&str]) {
+        let present = tokio::time::timeout(READY_TIMEOUT, async {
+            loop {
+                if let Ok(listed) = self.subscriber_names().await {
+                    if names.iter().all(|name| listed.iter().any(|l| l == name)) {
                         return;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(POLL_INTERVAL).await;
             }
         })
         .await;
-        if result.is_err() {
-            let topology = self.topology().await.unwrap_or(Value::Null);
-            panic!("the gateway never routed {wanted:?}; topology: {topology:#}");
-        }
+        assert!(
+            present.is_ok(),
+            "{names:?} never all showed up in /notices/subscribers"
+        );
     }
 
     /// The gateway's own view: `GET /_/topology`.

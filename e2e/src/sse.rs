@@ -2,8 +2,12 @@
 //! of `field: value` lines ended by a blank line; comment lines (`:`) keep the stream alive and
 //! carry nothing.
 //!
-//! [`EventStream::open`] reads through reqwest, for tests. [`EventStream::connect`] speaks just
-//! enough HTTP/1.1 over a plain socket to open a stream, for load tools that hold a thousand
+//! The one event-stream reader of the workspace: the end-to-end tests, the gateway's tests and
+//! the load tools all read streams through [`EventStream`].
+//!
+//! [`EventStream::open`] reads through reqwest, for tests; [`EventStream::from_response`] takes a
+//! response a test sent itself (its own headers, its own client). [`EventStream::connect`] speaks
+//! just enough HTTP/1.1 over a plain socket to open a stream, for load tools that hold a thousand
 //! subscribers on the machine they measure and must cost little per event.
 
 use std::time::Duration;
@@ -29,7 +33,11 @@ impl Event {
 /// An open event stream.
 pub struct EventStream {
     body: futures::stream::BoxStream<'static, anyhow::Result<bytes::Bytes>>,
-    buffer: String,
+    /// Bytes received but not yet parsed; kept as bytes so that a character split between two
+    /// chunks is decoded whole.
+    buffer: Vec<u8>,
+    /// Comment lines (keep-alives) seen so far.
+    comments: usize,
 }
 
 impl EventStream {
@@ -47,24 +55,39 @@ impl EventStream {
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }
-        let response = request.send().await?;
+        EventStream::from_response(request.send().await?).await
+    }
+
+    /// Reads the body of `response`, after checking that it is `200` with the content type
+    /// `text/event-stream` (and nothing after it: the gateway names no charset).
+    pub async fn from_response(response: reqwest::Response) -> anyhow::Result<EventStream> {
         let content_type = response
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        if !response.status().is_success() || !content_type.starts_with("text/event-stream") {
+        if response.status() != reqwest::StatusCode::OK || content_type != "text/event-stream" {
             bail!(
-                "GET {url}: {} {content_type}: {}",
+                "GET {}: {} {content_type}: {}",
+                response.url().clone(),
                 response.status(),
                 response.text().await.unwrap_or_default()
             );
         }
-        Ok(EventStream {
-            body: response.bytes_stream().map(|chunk| Ok(chunk?)).boxed(),
-            buffer: String::new(),
-        })
+        Ok(EventStream::reading(
+            response.bytes_stream().map(|chunk| Ok(chunk?)).boxed(),
+        ))
+    }
+
+    fn reading(
+        body: futures::stream::BoxStream<'static, anyhow::Result<bytes::Bytes>>,
+    ) -> EventStream {
+        EventStream {
+            body,
+            buffer: Vec::new(),
+            comments: 0,
+        }
     }
 
     /// Opens `path` on the HTTP/1.1 server at `addr` (`host:port`) over a plain socket, with
@@ -109,33 +132,50 @@ impl EventStream {
                 Err(err) => Some((Err(err.into()), None)),
             }
         });
-        Ok(EventStream {
-            body: futures::stream::once(async move { Ok(rest) })
+        Ok(EventStream::reading(
+            futures::stream::once(async move { Ok(rest) })
                 .chain(body)
                 .boxed(),
-            buffer: String::new(),
-        })
+        ))
+    }
+
+    /// Comment lines (the server's keep-alives) seen so far.
+    pub fn comments(&self) -> usize {
+        self.comments
     }
 
     /// The next event, or `None` when the stream ended.
     pub async fn next(&mut self) -> anyhow::Result<Option<Event>> {
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                if let Some(event) = parse_block(&block) {
+            while let Some(block) = self.next_block() {
+                let (event, comments) = parse_block(&block);
+                self.comments += comments;
+                if let Some(event) = event {
                     return Ok(Some(event));
                 }
-                continue;
             }
             match self.body.next().await {
                 None => return Ok(None),
                 Some(chunk) => {
                     let chunk = chunk.context("reading the event stream")?;
-                    self.buffer
-                        .push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n"));
+                    self.buffer.extend_from_slice(&chunk);
                 }
             }
         }
+    }
+
+    /// Takes the first complete block (up to a blank line) off the buffer, with CRLF line ends
+    /// made LF.
+    fn next_block(&mut self) -> Option<String> {
+        let end = [&b"\n\n"[..], b"\r\n\r\n"]
+            .into_iter()
+            .filter_map(|blank| {
+                let at = self.buffer.windows(blank.len()).position(|w| w == blank)?;
+                Some((at, blank.len()))
+            })
+            .min()?;
+        let block: Vec<u8> = self.buffer.drain(..end.0 + end.1).collect();
+        Some(String::from_utf8_lossy(&block).replace("\r\n", "\n"))
     }
 
     /// The next event within `timeout`.
@@ -145,13 +185,32 @@ impl EventStream {
             .context("no event arrived in time")??
             .context("the stream ended")
     }
+
+    /// Every event until the stream ends, which must happen within `timeout`.
+    pub async fn rest_within(&mut self, timeout: Duration) -> anyhow::Result<Vec<Event>> {
+        tokio::time::timeout(timeout, async {
+            let mut events = Vec::new();
+            while let Some(event) = self.next().await? {
+                events.push(event);
+            }
+            Ok(events)
+        })
+        .await
+        .context("the stream did not end in time")?
+    }
 }
 
-fn parse_block(block: &str) -> Option<Event> {
+/// The event in `block`, if it has one, and how many comment lines it had.
+fn parse_block(block: &str) -> (Option<Event>, usize) {
     let mut event = Event::default();
     let mut data = Vec::new();
+    let mut comments = 0;
     for line in block.lines() {
-        if line.is_empty() || line.starts_with(':') {
+        if line.starts_with(':') {
+            comments += 1;
+            continue;
+        }
+        if line.is_empty() {
             continue;
         }
         let (field, value) = line.split_once(':').unwrap_or((line, ""));
@@ -164,8 +223,8 @@ fn parse_block(block: &str) -> Option<Event> {
         }
     }
     if data.is_empty() && event.event.is_none() {
-        return None;
+        return (None, comments);
     }
     event.data = data.join("\n");
-    Some(event)
+    (Some(event), comments)
 }

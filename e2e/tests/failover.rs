@@ -127,13 +127,10 @@ async fn connected_kv_nodes(stack: &Stack) -> usize {
 /// Waits until the gateway has exactly `n` connected kv nodes; returns how long that took.
 async fn wait_for_kv_nodes(stack: &Stack, n: usize, within: Duration) -> Duration {
     let started = Instant::now();
-    let reached = tokio::time::timeout(within, async {
-        while connected_kv_nodes(stack).await != n {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(reached.is_ok(), "the gateway never had {n} kv nodes");
+    let reached = stack
+        .topology_within(within, |topology| connected_nodes(topology, "GET/kv") == n)
+        .await;
+    assert!(reached.is_some(), "the gateway never had {n} kv nodes");
     started.elapsed()
 }
 
@@ -315,18 +312,9 @@ async fn clients_just_retry_across_a_gateway_restart() {
     checks.pass("SIGTERM stops the gateway cleanly; requests are refused while it is down");
 
     stack.gateway.restart();
-    let answer = tokio::time::timeout(READY_TIMEOUT, async {
-        loop {
-            if let Ok(response) = stack.http.get(stack.url("/kv/survivor")).send().await {
-                if response.status() == StatusCode::OK {
-                    return response.json::<Value>().await.unwrap();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the restarted gateway never answered");
+    let answer = stack
+        .wait_for_ok("/kv/survivor", "the restarted gateway never answered")
+        .await;
     assert_eq!(answer["value"], "still here");
     checks.pass("a client retrying reaches the restarted gateway and reads its data");
 }

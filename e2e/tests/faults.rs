@@ -19,22 +19,6 @@ use serde_json::{json, Value};
 use shared::{testing::TestPostgres, topology_cache::TopologyCache};
 use tokio::task::JoinSet;
 
-/// Polls `/_/topology` until `done` holds for it, within [`READY_TIMEOUT`].
-async fn wait_for_topology(stack: &Stack, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let reached = tokio::time::timeout(READY_TIMEOUT, async {
-        loop {
-            if let Ok(topology) = stack.topology().await {
-                if done(&topology) {
-                    return topology;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    reached.unwrap_or_else(|_| panic!("the gateway's topology never showed {what}"))
-}
-
 #[tokio::test]
 async fn a_gateway_started_while_the_distributor_is_down_routes_from_its_cache() {
     let mut stack = Stack::start(StackOptions {
@@ -77,19 +61,12 @@ async fn a_gateway_started_while_the_distributor_is_down_routes_from_its_cache()
     checks.pass("restarted with the distributor down, the gateway takes the cached topology");
 
     // Bounded by the time it takes to connect to the node and run the handshake.
-    let answer = tokio::time::timeout(READY_TIMEOUT, async {
-        loop {
-            let response = stack.http.get(stack.url("/kv/cached-route")).send().await;
-            if let Ok(response) = response {
-                if response.status() == StatusCode::OK {
-                    return response.json::<Value>().await.unwrap();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the gateway never routed from its cache");
+    let answer = stack
+        .wait_for_ok(
+            "/kv/cached-route",
+            "the gateway never routed from its cache",
+        )
+        .await;
     assert_eq!(answer["value"], "reachable");
     let topology = stack.topology().await.unwrap();
     assert_eq!(topology["source"], "cache", "{topology:#}");
@@ -97,10 +74,11 @@ async fn a_gateway_started_while_the_distributor_is_down_routes_from_its_cache()
     checks.pass("it routes to the cached kv node while the distributor is still down");
 
     stack.distributor.restart();
-    wait_for_topology(&stack, "the distributor's topology", |topology| {
-        topology["source"] == "distributor" && connected_nodes(topology, "GET/kv") == 1
-    })
-    .await;
+    stack
+        .wait_for_topology("the distributor's topology", |topology| {
+            topology["source"] == "distributor" && connected_nodes(topology, "GET/kv") == 1
+        })
+        .await;
     let get = stack
         .http
         .get(stack.url("/kv/cached-route"))
@@ -342,17 +320,14 @@ async fn services_started_before_postgres_come_up_when_it_does() {
 /// (in any order).
 async fn wait_for_notice_nodes(stack: &Stack, mut ready: [bool; 2]) {
     ready.sort();
-    wait_for_topology(
-        stack,
-        &format!("two notice nodes, ready: {ready:?}"),
-        |topology| {
+    stack
+        .wait_for_topology(&format!("two notice nodes, ready: {ready:?}"), |topology| {
             let nodes = route_nodes(topology, "GET/notices");
             let mut seen: Vec<bool> = nodes.iter().map(|node| node["ready"] != false).collect();
             seen.sort();
             nodes.iter().all(|node| node["connected"] == true) && seen == ready
-        },
-    )
-    .await;
+        })
+        .await;
 }
 
 /// A second notice-service for `stack`, on its own database.

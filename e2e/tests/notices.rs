@@ -41,31 +41,7 @@ async fn a_subscriber_gets_its_topic_a_whisper_and_a_scheduled_notice() {
     checks.pass("GET /notices/stream answers text/event-stream");
 
     // Presence is how we know the subscription is live before publishing.
-    let present = tokio::time::timeout(WAIT, async {
-        loop {
-            let list: Value = stack
-                .http
-                .get(stack.url("/notices/subscribers"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if list["items"]
-                .as_array()
-                .is_some_and(|items| items.iter().any(|s| s["name"] == "alice"))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(
-        present.is_ok(),
-        "alice never showed up in /notices/subscribers"
-    );
+    stack.wait_for_subscribers(&["alice"]).await;
     checks.pass("the subscriber is listed in /notices/subscribers");
 
     let (status, other) =

@@ -211,31 +211,7 @@ async fn whispers_reach_only_their_addressee() {
         .await
         .unwrap();
     // Both must be live before the whisper, or a replay would be what delivers it.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let present: Value = stack
-                .http
-                .get(stack.url("/notices/subscribers"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let names: Vec<&str> = present["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|item| item["name"].as_str())
-                .collect();
-            if names.contains(&"alice") && names.contains(&"bob") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("alice and bob are present");
+    stack.wait_for_subscribers(&["alice", "bob"]).await;
 
     let whisper = stack
         .http

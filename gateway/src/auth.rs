@@ -16,7 +16,7 @@
 //!
 //! Without a key the gateway is in protected mode, as Redis is without a password: callers on
 //! loopback addresses may do everything, callers from other hosts only what `--anonymous-scopes`
-//! grants (403 beyond it). [`check_listen`] refuses to start such a gateway on a non-loopback
+//! grants (403 beyond it). Protected mode ([`HTTP_LISTENER`]) refuses to start such a gateway on a non-loopback
 //! address unless `--anonymous-scopes` says what other hosts may do.
 
 use std::{
@@ -31,6 +31,7 @@ use axum::{
 };
 use shared::{
     packet::{Identity, ADMIN_SCOPE},
+    server::ListenerAdvice,
     token::{TokenError, TokenVerifier},
 };
 
@@ -313,46 +314,29 @@ fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<St
         .map(|(_, token)| token.into_owned()))
 }
 
-/// Refused at start: a non-loopback listen address without a token key or an explicit
-/// `--anonymous-scopes`.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "refusing to serve HTTP on {addr} without a token key: anyone who can reach it could do \
-     everything. Give --jwt-secret-file FILE (or --jwt-public-key-file) to require tokens, \
-     listen on a loopback address such as 127.0.0.1:8000, or say what callers without a token \
-     may do with --anonymous-scopes (e.g. \"kv:read\", or '*' for a throwaway development stack)"
-)]
-pub struct UnprotectedListen {
-    pub addr: SocketAddr,
-}
-
-/// The protected-mode rule at start: without a token key, a gateway listening on a non-loopback
-/// address needs `--anonymous-scopes` (`anonymous_scopes` is `None` when it was not given), and
-/// then warns that it serves other hosts without authentication.
-pub fn check_listen(
-    addr: SocketAddr,
-    has_key: bool,
-    anonymous_scopes: Option<&[String]>,
-) -> Result<(), UnprotectedListen> {
-    if has_key || is_loopback(addr) {
-        return Ok(());
-    }
-    match anonymous_scopes {
-        None => Err(UnprotectedListen { addr }),
-        Some(scopes) => {
-            tracing::warn!(%addr, scopes = ?scopes,
-                "no token key: clients on other hosts get the --anonymous-scopes without any \
-                 authentication");
-            Ok(())
-        }
-    }
-}
+/// What protected mode says about the HTTP listener. Without a token key, a gateway on a
+/// non-loopback address needs `--anonymous-scopes` (its opt-out, what `--insecure` is for the
+/// other listeners), checked at start with [`shared::server::check_protected_mode`].
+pub const HTTP_LISTENER: ListenerAdvice = ListenerAdvice {
+    serves: "HTTP",
+    lacking: "a token key",
+    risk: "anyone who can reach it could do everything",
+    authenticate: "Give --jwt-secret-file FILE (or --jwt-public-key-file) to require tokens",
+    loopback: "a loopback address such as 127.0.0.1:8000",
+    opt_out: "say what callers without a token may do with --anonymous-scopes (e.g. \"kv:read\", \
+        or '*' for a throwaway development stack)",
+    opt_out_warning: "no token key: clients on other hosts get the --anonymous-scopes without \
+        any authentication",
+};
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use shared::token::{mint, TokenRequest};
+    use shared::{
+        server::check_protected_mode,
+        token::{mint, TokenRequest},
+    };
 
     use super::*;
 
@@ -566,15 +550,27 @@ mod tests {
 
     #[test]
     fn the_listen_rule_of_protected_mode() {
-        let public: SocketAddr = "0.0.0.0:8000".parse().unwrap();
-        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
-        assert!(check_listen(public, false, None).is_err());
-        assert!(check_listen(public, false, Some(&[])).is_ok());
-        assert!(check_listen(public, true, None).is_ok());
-        assert!(check_listen(local, false, None).is_ok());
-        assert!(check_listen("[::1]:8000".parse().unwrap(), false, None).is_ok());
-        let message = check_listen(public, false, None).unwrap_err().to_string();
-        assert!(message.contains("--jwt-secret-file"), "{message}");
-        assert!(message.contains("--anonymous-scopes"), "{message}");
+        let check = |addr: &str, has_key, anonymous_scopes| {
+            check_protected_mode(
+                addr.parse().unwrap(),
+                has_key,
+                anonymous_scopes,
+                &HTTP_LISTENER,
+            )
+        };
+        assert!(check("0.0.0.0:8000", false, false).is_err());
+        assert!(check("0.0.0.0:8000", false, true).is_ok());
+        assert!(check("0.0.0.0:8000", true, false).is_ok());
+        assert!(check("127.0.0.1:8000", false, false).is_ok());
+        assert!(check("[::1]:8000", false, false).is_ok());
+        let message = check("0.0.0.0:8000", false, false).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "refusing to serve HTTP on 0.0.0.0:8000 without a token key: anyone who can reach it \
+             could do everything. Give --jwt-secret-file FILE (or --jwt-public-key-file) to \
+             require tokens, listen on a loopback address such as 127.0.0.1:8000, or say what \
+             callers without a token may do with --anonymous-scopes (e.g. \"kv:read\", or '*' \
+             for a throwaway development stack)"
+        );
     }
 }

@@ -21,6 +21,15 @@
 //! at a lower cost per connection, which counts when thousands of event streams sit open.
 //!
 //! Every request carries the peer's address as [`ConnectInfo<SocketAddr>`] in its extensions.
+//!
+//! Why not tower-http's `RequestBodyLimitLayer` for `--max-body` (read from tower-http 0.6's
+//! code; no benchmark run): it has no clock, so [`PacedBody`] and its 408 stay whatever it
+//! does; it answers an over-long `Content-Length` itself, with a `text/plain` "length limit
+//! exceeded" instead of the gateway's JSON error, request id, metrics and log line
+//! (gateway/tests/errors.rs asserts that JSON message); an over-long chunked body still reaches
+//! the proxy as a body error it must turn into 413, so `proxy::read_body`'s count stays too; and
+//! its `Limited<Body>` is boxed again by axum's router, one more allocation per request with a
+//! body. So the limit stays where the body is read, in [`crate::proxy`].
 
 use std::{
     convert::Infallible,

@@ -8,6 +8,7 @@ use gateway::{
 };
 use shared::{
     cluster::ClusterArgs,
+    server::check_protected_mode,
     token::{TokenKeyArgs, TokenRequest},
     topology_cache::TopologyCache,
 };
@@ -154,10 +155,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    auth::check_listen(
+    check_protected_mode(
         listener.local_addr()?,
         tokens.is_some(),
-        anonymous_scopes.as_deref(),
+        anonymous_scopes.is_some(),
+        &auth::HTTP_LISTENER,
     )?;
     let config = gateway::Config {
         distributor: Some(args.distributor),

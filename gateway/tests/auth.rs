@@ -13,7 +13,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
+use common::{Distributor, Gateway, Service, PROMPTLY};
+use e2e::sse::EventStream;
 use gateway::{
     rate_limit::{RateLimit, RateLimiter},
     Config,
@@ -24,7 +25,7 @@ use shared::{
     cluster::ClusterSecret,
     packet::{NodeInfo, PROTOCOL_VERSION},
     service::{serve, Event, Request, Response, Router, ServiceConfig},
-    token::{mint, TokenRequest, TokenVerifier},
+    token::TokenVerifier,
 };
 use tokio::{net::TcpListener, sync::watch, time::timeout};
 use tokio_util::sync::CancellationToken;
@@ -33,18 +34,7 @@ const SECRET: &[u8] = b"the gateway's test key";
 
 /// A token for `sub` with `scopes`, valid for a minute, signed with [`SECRET`].
 fn token(sub: &str, scopes: &[&str]) -> String {
-    let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-    mint(
-        SECRET,
-        &TokenRequest {
-            subject: sub,
-            scopes: &scopes,
-            ttl: Duration::from_secs(60),
-            audience: None,
-            issuer: None,
-        },
-    )
-    .unwrap()
+    shared::testing::hs256_token(SECRET, sub, scopes, Duration::from_secs(60))
 }
 
 fn unix_now() -> u64 {
@@ -404,8 +394,8 @@ async fn the_query_token_opens_an_event_stream_and_is_not_forwarded() {
         .send()
         .await
         .unwrap();
-    let mut stream = SseReader::new(response);
-    let events = stream.rest().await;
+    let mut stream = EventStream::from_response(response).await.unwrap();
+    let events = stream.rest_within(PROMPTLY).await.unwrap();
     assert_eq!(events.len(), 2);
     for event in &events {
         let data = event.json();

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
+use common::{Distributor, Gateway, Service, PROMPTLY};
+use e2e::sse::EventStream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::service::{Response, Router};
@@ -73,13 +74,13 @@ async fn open_event_streams_end_at_shutdown() {
         .send()
         .await
         .unwrap();
-    let mut stream = SseReader::new(response);
+    let mut stream = EventStream::from_response(response).await.unwrap();
     gateway
         .stop()
         .await
         .expect("run returns although a stream was open");
     assert!(
-        stream.rest().await.is_empty(),
+        stream.rest_within(PROMPTLY).await.unwrap().is_empty(),
         "the stream ended without events"
     );
 }

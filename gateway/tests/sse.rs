@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Distributor, Gateway, Service, SseReader, PROMPTLY};
+use common::{Distributor, Gateway, Service, PROMPTLY};
+use e2e::sse::EventStream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::{
@@ -160,7 +161,7 @@ impl Setup {
     }
 }
 
-async fn open(gateway: &Gateway, path: &str, last_event_id: Option<&str>) -> SseReader {
+async fn open(gateway: &Gateway, path: &str, last_event_id: Option<&str>) -> EventStream {
     let mut request = gateway
         .http
         .get(gateway.url(path))
@@ -169,14 +170,16 @@ async fn open(gateway: &Gateway, path: &str, last_event_id: Option<&str>) -> Sse
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id);
     }
-    SseReader::new(request.send().await.unwrap())
+    EventStream::from_response(request.send().await.unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn events_are_relayed_until_the_end_packet() {
     let setup = setup(|_| {}).await;
     let mut stream = open(&setup.gateway, "/ticks?count=3", Some("41")).await;
-    let events = stream.rest().await;
+    let events = stream.rest_within(PROMPTLY).await.unwrap();
     assert_eq!(events.len(), 3, "{events:?}");
     for (i, event) in events.iter().enumerate() {
         let n = i as u64 + 1;
@@ -189,7 +192,11 @@ async fn events_are_relayed_until_the_end_packet() {
 #[tokio::test]
 async fn event_data_is_the_nodes_json_text_on_one_line() {
     let setup = setup(|_| {}).await;
-    let events = open(&setup.gateway, "/verbatim", None).await.rest().await;
+    let events = open(&setup.gateway, "/verbatim", None)
+        .await
+        .rest_within(PROMPTLY)
+        .await
+        .unwrap();
     let data: Vec<&str> = events.iter().map(|event| event.data.as_str()).collect();
     // Relayed as written; a pretty-printed one is written again on one `data:` line.
     assert_eq!(data, [r#"{"b": 1,  "a": [true]}"#, r#"{"a":1,"b":"x\ny"}"#]);
@@ -205,7 +212,12 @@ async fn a_stream_route_streams_without_an_accept_header_too() {
         .send()
         .await
         .unwrap();
-    let events = SseReader::new(response).rest().await;
+    let events = EventStream::from_response(response)
+        .await
+        .unwrap()
+        .rest_within(PROMPTLY)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[1].json()["n"], 2);
 }
@@ -230,7 +242,7 @@ async fn a_stream_refused_before_it_opens_is_a_plain_http_error() {
 async fn a_stream_that_fails_ends_with_an_error_event() {
     let setup = setup(|_| {}).await;
     let mut stream = open(&setup.gateway, "/failing", None).await;
-    let events = stream.rest().await;
+    let events = stream.rest_within(PROMPTLY).await.unwrap();
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0].json(), json!("first"));
     assert_eq!(events[0].event, None);
@@ -242,13 +254,13 @@ async fn a_stream_that_fails_ends_with_an_error_event() {
 async fn a_client_going_away_cancels_the_stream_at_the_node() {
     let mut setup = setup(|_| {}).await;
     let mut stream = open(&setup.gateway, "/forever", None).await;
-    let first = stream.expect_event().await;
+    let first = stream.next_within(PROMPTLY).await.unwrap();
     assert_eq!(
         first.id.as_deref(),
         Some("e1"),
         "string ids are sent as they are"
     );
-    let second = stream.expect_event().await;
+    let second = stream.next_within(PROMPTLY).await.unwrap();
     assert_eq!(second.json(), json!({"n": 2}));
     assert_eq!(setup.gateway.metric("gateway_open_streams").await, 1.0);
 
@@ -333,5 +345,5 @@ async fn idle_streams_get_keep_alive_comments() {
     let mut stream = open(&setup.gateway, "/quiet", None).await;
     let waited = timeout(Duration::from_millis(500), stream.next()).await;
     assert!(waited.is_err(), "a quiet stream sends no event");
-    assert!(stream.comments > 0, "but comment lines keep it alive");
+    assert!(stream.comments() > 0, "but comment lines keep it alive");
 }

@@ -3,13 +3,13 @@
 //!
 //! Also the text port's protected mode: without a JWT key the text port has no way to tell
 //! callers apart, so it serves loopback clients only, and refuses to start on another address
-//! unless told `--insecure` ([`check_text_listen`]), as Redis does until a password is set.
+//! unless told `--insecure` ([`TEXT_PORT`]), as Redis does until a password is set.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use shared::{
-    cluster::ClusterPolicy,
-    server::{is_loopback, ConnectionLimits},
+    server::{ConnectionLimits, ListenerAdvice},
+    service::ServiceConfig,
     token::TokenVerifier,
 };
 
@@ -28,14 +28,9 @@ pub struct Config {
     pub store: StoreSpec,
     /// How long a store operation may wait, and how the store is checked at open.
     pub store_options: StoreOptions,
-    /// The distributor to register the REST routes with; `None` serves without registering.
-    pub distributor: Option<String>,
-    /// The host other nodes should connect to, when the socket's address is not it.
-    pub advertise_host: Option<String>,
-    /// Who may open packet connections (the REST door), and the secret to register with.
-    pub cluster: ClusterPolicy,
-    /// What one client may hold on the packet port.
-    pub limits: ConnectionLimits,
+    /// How the REST door is a node: the distributor it registers with, who may connect, what
+    /// one client may hold.
+    pub node: ServiceConfig,
     /// Who the text port lets in and for how long.
     pub text: TextConfig,
 }
@@ -77,42 +72,22 @@ impl Config {
         Config {
             store,
             store_options: StoreOptions::default(),
-            distributor: None,
-            advertise_host: None,
-            cluster: ClusterPolicy::default(),
-            limits: ConnectionLimits::default(),
+            node: ServiceConfig::named(crate::SERVICE_NAME),
             text: TextConfig::default(),
         }
     }
 }
 
-/// The text port would be open to anyone.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "refusing to serve the text protocol on {addr} without authentication: anyone who can reach \
-     it could read and write every key. Set a JWT key with --jwt-secret-file PATH (env \
-     JWT_SECRET_FILE) or --jwt-public-key-file PATH (env JWT_PUBLIC_KEY_FILE) so clients must \
-     send auth<TOKEN>, listen on a loopback address (--text-listen 127.0.0.1:8395), or pass \
-     --insecure to serve anyone without a token"
-)]
-pub struct UnprotectedTextPort {
-    pub addr: SocketAddr,
-}
-
-/// Protected mode for the text port: without a JWT key (`authenticated` false) it may only
-/// listen on a loopback address, unless `insecure`.
-pub fn check_text_listen(
-    addr: SocketAddr,
-    authenticated: bool,
-    insecure: bool,
-) -> Result<(), UnprotectedTextPort> {
-    if authenticated || is_loopback(addr.ip()) {
-        return Ok(());
-    }
-    if insecure {
-        tracing::warn!(%addr,
-            "the text port serves clients from anywhere without authentication (--insecure)");
-        return Ok(());
-    }
-    Err(UnprotectedTextPort { addr })
-}
+/// What protected mode says about the text port: without a JWT key it cannot tell callers
+/// apart. Checked at start with [`shared::server::check_protected_mode`].
+pub const TEXT_PORT: ListenerAdvice = ListenerAdvice {
+    serves: "the text protocol",
+    lacking: "authentication",
+    risk: "anyone who can reach it could read and write every key",
+    authenticate: "Set a JWT key with --jwt-secret-file PATH (env JWT_SECRET_FILE) or \
+        --jwt-public-key-file PATH (env JWT_PUBLIC_KEY_FILE) so clients must send auth<TOKEN>",
+    loopback: "a loopback address (--text-listen 127.0.0.1:8395)",
+    opt_out: "pass --insecure to serve anyone without a token",
+    opt_out_warning:
+        "the text port serves clients from anywhere without authentication (--insecure)",
+};

@@ -85,11 +85,7 @@ pub async fn run(
     let kv = Kv::new(store);
     let service = ServiceConfig {
         readiness,
-        name: SERVICE_NAME.to_owned(),
-        distributor: config.distributor,
-        advertise_host: config.advertise_host,
-        cluster: config.cluster,
-        limits: config.limits,
+        ..config.node
     };
     let rest = shared::service::serve(
         rest_listener,

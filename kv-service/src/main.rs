@@ -1,13 +1,10 @@
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use kv_service::config::{
-    check_text_listen, Config, StoreCheck, StoreOptions, StoreSpec, TextConfig,
-};
+use clap::Parser;
+use kv_service::config::{Config, StoreCheck, StoreOptions, StoreSpec, TextConfig, TEXT_PORT};
 use shared::{
-    cluster::{ClusterArgs, ClusterPolicy},
-    token::TokenKeyArgs,
+    cluster::ClusterArgs, server::check_protected_mode, service::ServiceConfig, token::TokenKeyArgs,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +32,7 @@ struct Args {
     distributor: String,
     /// Where the data lives: `mem`, `sqlite:PATH`, `postgres://USER@HOST/DB`, or `rdb`
     /// (= sqlite:kv.db).
-    #[arg(long, env = "KV_STORE", default_value = "sqlite:kv.db", value_parser = kv_service::store::parse_store_flag)]
+    #[arg(long, global = true, env = "KV_STORE", default_value = "sqlite:kv.db", value_parser = kv_service::store::parse_store_flag)]
     store: StoreSpec,
     /// The longest a store operation waits for a database connection (and on PostgreSQL for a
     /// statement) before it is answered 503 "the store is unavailable". Keep it shorter than the
@@ -68,30 +65,7 @@ struct Args {
     cluster: ClusterArgs,
     /// Without a command, the service serves.
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Copies a SQLite store to a new file with SQLite's online backup (safe while the service
-    /// runs and writes), checks the copy, and exits.
-    Backup(BackupArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct BackupArgs {
-    /// The store to copy: `sqlite:PATH` (or `rdb`).
-    #[arg(long, env = "KV_STORE", value_parser = kv_service::store::parse_store_flag)]
-    store: StoreSpec,
-    /// The backup file to write; it must not exist yet.
-    #[arg(long, value_name = "FILE")]
-    to: PathBuf,
-}
-
-/// `kv-service backup`: see [`Command::Backup`].
-fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    println!("{}", shared::sqlite::backup_store(&args.store, &args.to)?);
-    Ok(())
+    command: Option<shared::sqlite::StoreCommand>,
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -99,8 +73,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if let Some(Command::Backup(backup_args)) = args.command.take() {
-        return backup(backup_args);
+    if let Some(command) = args.command.take() {
+        return Ok(command.run(&args.store)?);
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if args.threads > 0 {
@@ -125,10 +99,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let text_listener = tokio::net::TcpListener::bind(&args.text_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.text_listen))?;
-    check_text_listen(
+    check_protected_mode(
         text_listener.local_addr()?,
         tokens.is_some(),
         args.cluster.insecure,
+        &TEXT_PORT,
     )?;
     let config = Config {
         store: args.store,
@@ -136,13 +111,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             timeout: args.store_timeout,
             check: args.check_store,
         },
-        distributor: Some(args.distributor).filter(|d| !d.is_empty()),
-        advertise_host: args.advertise_host,
-        limits: args.cluster.limits(secret.is_some()),
-        cluster: ClusterPolicy {
+        node: ServiceConfig::from_flags(
+            kv_service::SERVICE_NAME,
+            args.distributor,
+            args.advertise_host,
+            &args.cluster,
             secret,
-            allow_legacy: false,
-        },
+        ),
         text: TextConfig {
             limits: args.cluster.limits(tokens.is_some()),
             tokens,

@@ -3,21 +3,20 @@
 
 mod common;
 
-use std::{net::SocketAddr, process::Stdio};
+use std::net::SocketAddr;
 
-use common::{call, Backend, StoreFixture, TextClient, WAIT};
+use common::{call, kv_store, Backend, TextClient, WAIT};
 use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use serde_json::json;
-use shared::{Dialect, PacketClient};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::oneshot,
+use shared::{
+    testing::process::{clean_command, logged_addr, Serving},
+    Dialect, PacketClient,
 };
+use tokio::process::Command;
 
 /// The kv-service binary, running; killed on drop.
 struct Process {
-    child: Child,
+    serving: Serving,
     rest_addr: SocketAddr,
     text_addr: SocketAddr,
 }
@@ -30,90 +29,46 @@ fn store_flag(config: &StoreSpec) -> String {
     }
 }
 
-/// The value of `addr=` on a log line, without colour codes.
-fn addr_in(line: &str) -> Option<SocketAddr> {
-    let mut plain = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    let start = plain.find("addr=")? + "addr=".len();
-    plain[start..].split_whitespace().next()?.parse().ok()
-}
-
 impl Process {
     async fn start(store: &StoreSpec) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kv-service"))
+        let mut command = clean_command(env!("CARGO_BIN_EXE_kv-service"), &[]);
+        command
             .args(["--listen", "127.0.0.1:0", "--text-listen", "127.0.0.1:0"])
             .args(["--distributor", ""])
             .args(["--store", &store_flag(store)])
             // One serving thread, as kv-bench runs it: that runtime must be as durable.
-            .args(["--threads", "1"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (found, addrs) = oneshot::channel();
-        // Reads the log until both doors are up, then keeps draining it so the child never
-        // blocks on a full pipe.
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let (mut rest, mut text) = (None, None);
-            let mut found = Some(found);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("serving the text protocol") {
-                    text = addr_in(&line);
-                } else if line.contains("serving") && line.contains("name=kv") {
-                    rest = addr_in(&line);
-                }
-                if let (Some(rest), Some(text)) = (rest, text) {
-                    if let Some(found) = found.take() {
-                        let _ = found.send((rest, text));
-                    }
-                }
+            .args(["--threads", "1"]);
+        // Ready once both doors are up: each logs its address.
+        let (mut rest, mut text) = (None, None);
+        let (serving, (rest_addr, text_addr)) = Serving::start(command, move |line| {
+            if line.contains("serving the text protocol") {
+                text = logged_addr(line);
+            } else if line.contains("serving") && line.contains("name=kv") {
+                rest = logged_addr(line);
             }
-        });
-        let (rest_addr, text_addr) = tokio::time::timeout(WAIT, addrs)
-            .await
-            .expect("the service logged its addresses in time")
-            .expect("the service exited before serving");
+            rest.zip(text)
+        })
+        .await;
         Process {
-            child,
+            serving,
             rest_addr,
             text_addr,
         }
     }
 
     /// `kill -9`, and wait until the process is gone.
-    async fn kill_9(mut self) {
-        self.child.start_kill().unwrap();
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+    async fn kill_9(self) {
+        let stopped = self.serving.stop().await;
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9));
+        assert_eq!(stopped.status.signal(), Some(9));
     }
 }
 
 async fn answered_puts_survive_kill_9(backend: Backend) {
-    let Some(fixture) = StoreFixture::new(backend).await else {
+    let Some(fixture) = kv_store(backend).await else {
         return;
     };
-    let first = Process::start(&fixture.config).await;
+    let first = Process::start(&fixture.spec).await;
 
     // Pipelined puts on several connections; every answered one must survive.
     let mut tasks = Vec::new();
@@ -158,7 +113,7 @@ async fn answered_puts_survive_kill_9(backend: Backend) {
     first.kill_9().await;
     drop(rest);
 
-    let second = Process::start(&fixture.config).await;
+    let second = Process::start(&fixture.spec).await;
     let mut client = TextClient::connect(second.text_addr).await;
     for connection in 0..4 {
         let mut batch = String::new();

@@ -6,7 +6,7 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{Backend, Service, StoreFixture, WAIT};
+use common::{kv_store, Backend, Service, WAIT};
 use kv_service::{config::StoreSpec, text_protocol::OwnedReply, Config};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -57,12 +57,10 @@ impl Stack {
 
     /// A kv-service registered with this stack's distributor.
     async fn kv(&self, store: StoreSpec) -> Service {
-        Service::start_with(Config {
-            distributor: Some(self.distributor.to_string()),
-            advertise_host: Some("127.0.0.1".into()),
-            ..Config::standalone(store)
-        })
-        .await
+        let mut config = Config::standalone(store);
+        config.node.distributor = Some(self.distributor.to_string());
+        config.node.advertise_host = Some("127.0.0.1".into());
+        Service::start_with(config).await
     }
 
     /// Waits until the gateway routes `GET/kv` to `nodes` connected nodes.
@@ -270,12 +268,12 @@ async fn the_rest_contract_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_postgres_behind_the_gateway() {
-    let Some(fixture) = StoreFixture::new(Backend::Postgres).await else {
+    let Some(fixture) = kv_store(Backend::Postgres).await else {
         return;
     };
     let stack = Stack::start().await;
-    let a = stack.kv(fixture.config.clone()).await;
-    let b = stack.kv(fixture.config.clone()).await;
+    let a = stack.kv(fixture.spec.clone()).await;
+    let b = stack.kv(fixture.spec.clone()).await;
     stack.wait_for_kv_nodes(2).await;
     let http = &stack.http;
 

@@ -3,19 +3,19 @@
 
 mod common;
 
-use common::{call, concurrent_put_versions, Backend, Service, StoreFixture};
+use common::{call, concurrent_put_versions, kv_store, Backend, Service};
 use kv_service::text_protocol::OwnedReply;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_postgres_serve_the_same_data() {
-    let Some(fixture) = StoreFixture::new(Backend::Postgres).await else {
+    let Some(fixture) = kv_store(Backend::Postgres).await else {
         return;
     };
     // Started together: both apply migrations at once, which must be safe.
     let (a, b) = tokio::join!(
-        Service::start(fixture.config.clone()),
-        Service::start(fixture.config.clone())
+        Service::start(fixture.spec.clone()),
+        Service::start(fixture.spec.clone())
     );
     let (rest_a, rest_b) = (a.rest().await, b.rest().await);
     let (mut text_a, mut text_b) = (a.text().await, b.text().await);

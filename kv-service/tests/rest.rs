@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{call, concurrent_put_versions, Backend, Service, StoreFixture};
+use common::{call, concurrent_put_versions, kv_store, Backend, Service};
 use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use serde_json::{json, Value};
 use shared::PacketClient;
@@ -341,10 +341,10 @@ async fn routes_register_as_the_issue_names_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_rest_puts_on_each_store_never_lose_a_version() {
     for backend in [Backend::Memory, Backend::Sqlite, Backend::Postgres] {
-        let Some(fixture) = StoreFixture::new(backend).await else {
+        let Some(fixture) = kv_store(backend).await else {
             continue;
         };
-        let service = Service::start(fixture.config.clone()).await;
+        let service = Service::start(fixture.spec.clone()).await;
         let client = service.rest().await;
         let versions = concurrent_put_versions(std::slice::from_ref(&client), 100).await;
         assert_eq!(versions, (1..=100).collect::<Vec<i64>>(), "{backend:?}");

@@ -5,7 +5,7 @@ mod common;
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use common::{Backend, StoreFixture};
+use common::{kv_store, Backend, StoreFixture};
 use kv_service::store::{
     Condition, KvBackend, KvStore, PutOutcome, StoreOptions, Versioned, Write, WriteOutcome,
 };
@@ -17,8 +17,8 @@ struct Opened {
 }
 
 async fn open(backend: Backend) -> Option<Opened> {
-    let fixture = StoreFixture::new(backend).await?;
-    let store = KvBackend::open(&fixture.config, StoreOptions::default())
+    let fixture = kv_store(backend).await?;
+    let store = KvBackend::open(&fixture.spec, StoreOptions::default())
         .await
         .expect("the store opens");
     Some(Opened {
@@ -349,7 +349,7 @@ async fn data_survives_reopening(opened: Opened) {
     store.close().await;
     drop(store);
 
-    let reopened = KvBackend::open(&fixture.config, StoreOptions::default())
+    let reopened = KvBackend::open(&fixture.spec, StoreOptions::default())
         .await
         .unwrap();
     assert_eq!(reopened.get("kept").await.unwrap(), versioned("b", 2));
@@ -359,63 +359,27 @@ async fn data_survives_reopening(opened: Opened) {
     reopened.close().await;
 }
 
-macro_rules! contract {
-    ($backend:ident: $kind:expr) => {
-        mod $backend {
-            use super::*;
-
-            macro_rules! case {
-                ($case:ident) => {
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                    async fn $case() {
-                        let Some(opened) = open($kind).await else {
-                            return;
-                        };
-                        let store = opened.store.clone();
-                        tokio::time::timeout(common::WAIT * 4, super::$case(store))
-                            .await
-                            .expect("the case finished in time");
-                        opened.store.close().await;
-                    }
-                };
-            }
-
-            case!(get_of_a_missing_key_is_none);
-            case!(put_creates_at_version_1_and_each_replace_adds_one);
-            case!(any_utf8_round_trips);
-            case!(if_version_replaces_only_the_current_version);
-            case!(if_absent_creates_only_once);
-            case!(delete_removes_and_says_whether_it_did);
-            case!(list_is_in_byte_order_and_filters_by_prefix);
-            case!(concurrent_puts_on_one_key_never_lose_an_increment);
-            case!(concurrent_compare_and_set_counts_every_increment);
-            case!(concurrent_creates_of_one_key_have_one_winner);
-            case!(write_batches_apply_in_order);
-        }
-    };
-}
-
-contract!(memory: Backend::Memory);
-contract!(sqlite: Backend::Sqlite);
-contract!(postgres: Backend::Postgres);
-
-#[tokio::test(flavor = "multi_thread")]
-async fn sqlite_data_survives_reopening() {
-    data_survives_reopening(open(Backend::Sqlite).await.unwrap()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_data_survives_reopening() {
-    if let Some(opened) = open(Backend::Postgres).await {
-        data_survives_reopening(opened).await;
-    }
+shared::store_contract! {
+    within: common::WAIT * 4, workers: 4;
+    get_of_a_missing_key_is_none,
+    put_creates_at_version_1_and_each_replace_adds_one,
+    any_utf8_round_trips,
+    if_version_replaces_only_the_current_version,
+    if_absent_creates_only_once,
+    delete_removes_and_says_whether_it_did,
+    list_is_in_byte_order_and_filters_by_prefix,
+    concurrent_puts_on_one_key_never_lose_an_increment,
+    concurrent_compare_and_set_counts_every_increment,
+    concurrent_creates_of_one_key_have_one_winner,
+    write_batches_apply_in_order;
+    durable: data_survives_reopening,
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_uses_wal_with_full_sync() {
     let opened = open(Backend::Sqlite).await.unwrap();
     put(&opened.store, "k", "v").await;
-    let kv_service::config::StoreSpec::Sqlite(path) = &opened.fixture.config else {
+    let kv_service::config::StoreSpec::Sqlite(path) = &opened.fixture.spec else {
         unreachable!()
     };
     let wal = path.with_file_name("kv.db-wal");

@@ -7,31 +7,16 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{Backend, Service, StoreFixture, TextClient, WAIT};
+use common::{kv_store, token_with, Backend, Service, TextClient, WAIT};
 use kv_service::{
     config::{StoreSpec, TextConfig},
     text_protocol::{OwnedReply, MAX_TOKEN_BYTES},
     text_server::AUTH_REQUIRED,
     Config,
 };
-use shared::token::{mint, TokenRequest, TokenVerifier};
+use shared::token::TokenVerifier;
 
 const SECRET: &[u8] = b"text-port-test-secret";
-
-fn token_with(secret: &[u8], subject: &str, scopes: &str) -> String {
-    let scopes: Vec<String> = scopes.split_whitespace().map(str::to_owned).collect();
-    mint(
-        secret,
-        &TokenRequest {
-            subject,
-            scopes: &scopes,
-            ttl: Duration::from_secs(3600),
-            audience: None,
-            issuer: None,
-        },
-    )
-    .unwrap()
-}
 
 fn token(subject: &str, scopes: &str) -> String {
     token_with(SECRET, subject, scopes)
@@ -223,8 +208,8 @@ async fn scopes_decide_what_each_command_may_do() {
 #[tokio::test]
 async fn auth_pipelined_with_requests_in_one_write_applies_to_those_after_it() {
     for backend in [Backend::Memory, Backend::Sqlite] {
-        let fixture = StoreFixture::new(backend).await.unwrap();
-        let service = start(fixture.config.clone(), text_config()).await;
+        let fixture = kv_store(backend).await.unwrap();
+        let service = start(fixture.spec.clone(), text_config()).await;
 
         let mut client = service.text().await;
         let writer = token("alice", "kv:read kv:write");

@@ -4,95 +4,45 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Stdio};
 
-use common::{TextClient, WAIT};
+use common::{token_with, TextClient, WAIT};
 use kv_service::text_protocol::OwnedReply;
-use shared::token::{mint, TokenRequest};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
-    net::TcpStream,
-    process::{Child, Command},
-    sync::oneshot,
-};
+use shared::testing::process::{self, clean_command, Exit, Serving};
+use tokio::{io::AsyncReadExt, net::TcpStream, process::Command};
 
 /// A kv-service process on the memory store, unregistered; killed on drop.
 struct Process {
-    child: Child,
+    serving: Serving,
     text_addr: SocketAddr,
-    /// Everything it has logged so far.
-    log: Arc<Mutex<String>>,
-    /// Reads the log; ends when the process has exited.
-    reader: tokio::task::JoinHandle<()>,
 }
 
 fn kv_service() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kv-service"));
+    let mut command = clean_command(
+        env!("CARGO_BIN_EXE_kv-service"),
+        &[
+            "JWT_SECRET_FILE",
+            "JWT_PUBLIC_KEY_FILE",
+            "CLUSTER_SECRET_FILE",
+            "INSECURE",
+        ],
+    );
     command
         .args(["--distributor", "", "--store", "mem"])
         // An environment variable, so that a test can still give `--listen`.
         .env("KV_LISTEN", "127.0.0.1:0")
-        .env("NO_COLOR", "1")
-        .env_remove("JWT_SECRET_FILE")
-        .env_remove("JWT_PUBLIC_KEY_FILE")
-        .env_remove("CLUSTER_SECRET_FILE")
-        .env_remove("INSECURE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stdout(Stdio::null());
     command
-}
-
-/// The value of `addr=` on a log line.
-fn addr_in(line: &str) -> Option<SocketAddr> {
-    let start = line.find("addr=")? + "addr=".len();
-    line[start..].split_whitespace().next()?.parse().ok()
 }
 
 impl Process {
     /// Starts the binary with `args` (`--text-listen` among them) and waits until the text port
     /// serves.
     async fn start(args: &[&str], rust_log: &str) -> Process {
-        let mut child = kv_service()
-            .args(args)
-            .env("RUST_LOG", rust_log)
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (found, text_addr) = oneshot::channel();
-        // Keeps the whole log and drains it, so the child never blocks on a full pipe.
-        let kept = log.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut found = Some(found);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("serving the text protocol") {
-                    if let (Some(found), Some(addr)) = (found.take(), addr_in(&line)) {
-                        let _ = found.send(addr);
-                    }
-                }
-                let mut log = kept.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let text_addr = tokio::time::timeout(WAIT, text_addr)
-            .await
-            .expect("the text port did not start in time")
-            .unwrap_or_else(|_| panic!("exited before serving:\n{}", log.lock().unwrap()));
-        Process {
-            child,
-            text_addr,
-            log,
-            reader,
-        }
+        let mut command = kv_service();
+        command.args(args).env("RUST_LOG", rust_log);
+        let (serving, text_addr) = common::serve_text(command).await;
+        Process { serving, text_addr }
     }
 
     /// The text port on loopback (it may listen on the unspecified address).
@@ -101,32 +51,17 @@ impl Process {
     }
 
     /// Stops the process and returns its log.
-    async fn stop(mut self) -> String {
-        self.child.start_kill().unwrap();
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("the process did not exit")
-            .unwrap();
-        tokio::time::timeout(WAIT, &mut self.reader)
-            .await
-            .expect("the log did not end")
-            .unwrap();
-        let log = self.log.lock().unwrap().clone();
-        log
+    async fn stop(self) -> String {
+        self.serving.stop().await.log
     }
 }
 
 /// Runs the binary with `args`, which must make it exit; returns (success, stderr).
 async fn run_to_exit(args: &[&str]) -> (bool, String) {
-    let output = kv_service().args(args).env("RUST_LOG", "info").output();
-    let output = tokio::time::timeout(WAIT, output)
-        .await
-        .expect("the binary did not exit")
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut command = kv_service();
+    command.args(args).env("RUST_LOG", "info");
+    let Exit { success, output } = process::run_to_exit(command).await;
+    (success, output)
 }
 
 fn secret_file(dir: &tempfile::TempDir, secret: &[u8]) -> String {
@@ -138,18 +73,7 @@ fn secret_file(dir: &tempfile::TempDir, secret: &[u8]) -> String {
 }
 
 fn token(secret: &[u8], subject: &str, scopes: &[&str]) -> String {
-    let scopes: Vec<String> = scopes.iter().map(|scope| scope.to_string()).collect();
-    mint(
-        secret,
-        &TokenRequest {
-            subject,
-            scopes: &scopes,
-            ttl: Duration::from_secs(3600),
-            audience: None,
-            issuer: None,
-        },
-    )
-    .unwrap()
+    token_with(secret, subject, &scopes.join(" "))
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Service, StoreFixture, TextClient, WAIT};
+use common::{kv_store, Backend, Service, TextClient, WAIT};
 use kv_service::{config::StoreSpec, text_protocol::OwnedReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -253,10 +253,10 @@ async fn shutdown_closes_idle_connections_and_run_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_and_postgres_serve_the_text_protocol_too() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let Some(fixture) = StoreFixture::new(backend).await else {
+        let Some(fixture) = kv_store(backend).await else {
             continue;
         };
-        let service = Service::start(fixture.config.clone()).await;
+        let service = Service::start(fixture.spec.clone()).await;
         let mut client = service.text().await;
         client.send("put<k,v1>put<k,v2>get<k>del<k>get<k>").await;
         assert_eq!(client.reply().await, ok("k"), "{backend:?}");

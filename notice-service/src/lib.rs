@@ -31,10 +31,7 @@ pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
-use shared::{
-    cluster::ClusterPolicy, server::ConnectionLimits, service::ServiceConfig,
-    store_spec::StoreOptions,
-};
+use shared::{service::ServiceConfig, store_spec::StoreOptions};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
@@ -58,18 +55,14 @@ pub struct Config {
     pub store: StoreSpec,
     /// How long a store operation may wait, and how the store is checked at open.
     pub store_options: StoreOptions,
-    /// `None` serves without registering (tests, direct packet clients).
-    pub distributor: Option<String>,
-    pub advertise_host: Option<String>,
+    /// How the service is a node: the distributor it registers with (`None`: tests, direct
+    /// packet clients), who may connect, what one client may hold.
+    pub node: ServiceConfig,
     pub retention: Retention,
     /// Notices queued per subscriber before it is cut off as too slow.
     pub subscriber_buffer: usize,
     /// Live subscriptions this instance accepts at once.
     pub max_subscribers: usize,
-    /// Who may open packet connections, and the secret to register with the distributor.
-    pub cluster: ClusterPolicy,
-    /// What one client may hold on the packet port.
-    pub limits: ConnectionLimits,
 }
 
 impl Config {
@@ -78,13 +71,10 @@ impl Config {
         Config {
             store,
             store_options: StoreOptions::default(),
-            distributor: None,
-            advertise_host: None,
+            node: ServiceConfig::named(SERVICE_NAME),
             retention: Retention::default(),
             subscriber_buffer: 1024,
             max_subscribers: 100_000,
-            cluster: ClusterPolicy::default(),
-            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -173,11 +163,7 @@ pub async fn run(
 
     let service_config = ServiceConfig {
         readiness: store.follow_readiness(background.clone()),
-        name: SERVICE_NAME.to_string(),
-        distributor: config.distributor.clone(),
-        advertise_host: config.advertise_host.clone(),
-        cluster: config.cluster.clone(),
-        limits: config.limits,
+        ..config.node
     };
     let served = shared::service::serve(
         listener,

@@ -1,10 +1,11 @@
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use notice_service::store::{Retention, StoreSpec};
 use shared::{
-    cluster::{ClusterArgs, ClusterPolicy},
+    cluster::ClusterArgs,
+    service::ServiceConfig,
     store_spec::{StoreCheck, StoreOptions},
 };
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,12 @@ struct Args {
     #[arg(long, env = "NOTICE_DISTRIBUTOR", default_value = "127.0.0.1:9000")]
     distributor: String,
     /// Where notices live: `mem`, `sqlite:PATH` or `postgres://USER@HOST/DB`.
-    #[arg(long, env = "NOTICE_STORE", default_value = "sqlite:notices.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "NOTICE_STORE",
+        default_value = "sqlite:notices.db"
+    )]
     store: StoreSpec,
     /// The longest a store operation waits for a database connection (and on PostgreSQL for a
     /// statement) before it is answered 503 "the store is unavailable". Keep it shorter than the
@@ -57,30 +63,7 @@ struct Args {
     cluster: ClusterArgs,
     /// Without a command, the service serves.
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Copies a SQLite store to a new file with SQLite's online backup (safe while the service
-    /// runs and writes), checks the copy, and exits.
-    Backup(BackupArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct BackupArgs {
-    /// The store to copy: `sqlite:PATH`.
-    #[arg(long, env = "NOTICE_STORE")]
-    store: StoreSpec,
-    /// The backup file to write; it must not exist yet.
-    #[arg(long, value_name = "FILE")]
-    to: PathBuf,
-}
-
-/// `notice-service backup`: see [`Command::Backup`].
-fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    println!("{}", shared::sqlite::backup_store(&args.store, &args.to)?);
-    Ok(())
+    command: Option<shared::sqlite::StoreCommand>,
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -89,9 +72,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if let Some(Command::Backup(backup_args)) = args.command.take() {
-        // Blocking, but nothing else runs yet.
-        return backup(backup_args);
+    if let Some(command) = args.command.take() {
+        return Ok(command.run(&args.store)?);
     }
     shared::telemetry::init_tracing();
     anyhow::ensure!(
@@ -110,20 +92,19 @@ async fn main() -> anyhow::Result<()> {
             timeout: args.store_timeout,
             check: args.check_store,
         },
-        distributor: Some(args.distributor).filter(|d| !d.is_empty()),
-        advertise_host: args.advertise_host,
+        node: ServiceConfig::from_flags(
+            notice_service::SERVICE_NAME,
+            args.distributor,
+            args.advertise_host,
+            &args.cluster,
+            secret,
+        ),
         retention: Retention {
             max_count: Some(args.retain_count).filter(|n| *n > 0),
             max_age: Some(args.retain_age).filter(|age| !age.is_zero()),
         },
         subscriber_buffer: args.subscriber_buffer,
         max_subscribers: args.max_subscribers,
-        limits: args.cluster.limits(secret.is_some()),
-        cluster: ClusterPolicy {
-            secret,
-            // Only the distributor and the gateway serve original-design nodes.
-            allow_legacy: false,
-        },
     };
     let shutdown = CancellationToken::new();
     let server = notice_service::run(listener, config, shutdown.clone());

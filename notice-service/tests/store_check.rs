@@ -1,14 +1,12 @@
 //! The SQLite store checked at start and backed up while it serves, with the real binary: a file
 //! with a damaged page (or one that is not a database) is refused with a message naming the file,
 //! and `notice-service backup` makes a copy another instance serves the same notices from.
+//! Running the binary and the checks both services share are in `shared::testing` (`process`,
+//! `store_binary`); this file keeps how notice-service is started, filled and read.
 
 mod common;
 
-use std::{
-    path::Path,
-    process::Stdio,
-    sync::{Arc, Mutex},
-};
+use std::path::Path;
 
 use chrono::Utc;
 use common::{call, publish_now, WAIT};
@@ -17,87 +15,55 @@ use notice_service::{
     store::{NoticeStore, SqliteStore, StoreOptions},
 };
 use serde_json::json;
-use shared::{sqlite::damage, Dialect, PacketClient};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::oneshot,
+use shared::{
+    sqlite::damage,
+    testing::{
+        free_port,
+        process::{clean_command, run_to_exit, Serving},
+        store_binary::{
+            assert_backup_refusals, assert_refused_as_damaged, assert_refused_as_not_a_database,
+            back_up, sqlite_spec, write_not_a_database,
+        },
+    },
+    Dialect, PacketClient,
 };
+use tokio::process::Command;
 
 /// The binary with no distributor and a clean environment.
 fn notice_service() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_notice-service"));
-    command
-        .args(["--distributor", ""])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .env_remove("NOTICE_STORE")
-        .env_remove("NOTICE_CHECK_STORE")
-        .env_remove("NOTICE_LISTEN")
-        .env_remove("CLUSTER_SECRET_FILE")
-        .env_remove("INSECURE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command = clean_command(
+        env!("CARGO_BIN_EXE_notice-service"),
+        &["NOTICE_STORE", "NOTICE_CHECK_STORE", "NOTICE_LISTEN"],
+    );
+    command.args(["--distributor", ""]);
     command
 }
 
-/// Runs the binary with `args` until it exits; returns (success, stdout and stderr).
-async fn run_to_exit(args: &[&str]) -> (bool, String) {
-    let output = tokio::time::timeout(WAIT, notice_service().args(args).output())
-        .await
-        .expect("the binary did not exit")
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+/// `notice-service` with `args`.
+fn notice_service_with(args: &[&str]) -> Command {
+    let mut command = notice_service();
+    command.args(args);
+    command
 }
 
 /// A serving notice-service process and a client connected to it; killed on drop.
 struct Process {
-    child: Child,
+    serving: Serving,
     client: PacketClient,
 }
 
 impl Process {
     /// Starts the binary on `store` and waits until it serves.
     async fn start(store: &Path) -> Process {
-        let addr = format!("127.0.0.1:{}", shared::testing::free_port());
-        let mut child = notice_service()
-            .args(["--store", &sqlite(store), "--listen", &addr])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (serving, served) = oneshot::channel();
-        let kept = log.clone();
-        // Keeps the log and drains it, so the child never blocks on a full pipe.
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut serving = Some(serving);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("serving") {
-                    if let Some(serving) = serving.take() {
-                        let _ = serving.send(());
-                    }
-                }
-                kept.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        tokio::time::timeout(WAIT, served)
-            .await
-            .expect("the service did not start in time")
-            .unwrap_or_else(|_| panic!("exited before serving:\n{}", log.lock().unwrap()));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let command = notice_service_with(&["--store", &sqlite_spec(store), "--listen", &addr]);
+        let (serving, ()) =
+            Serving::start(command, |line| line.contains("serving").then_some(())).await;
         let client = PacketClient::connect(addr, Dialect::Packet);
         tokio::time::timeout(WAIT, client.connected())
             .await
             .expect("the service accepts connections");
-        Process { child, client }
+        Process { serving, client }
     }
 
     /// The messages of the first notices, oldest first.
@@ -112,17 +78,9 @@ impl Process {
             .collect()
     }
 
-    async fn stop(mut self) {
-        self.child.start_kill().unwrap();
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("the process did not exit")
-            .unwrap();
+    async fn stop(self) {
+        let _killed = self.serving.stop().await;
     }
-}
-
-fn sqlite(path: &Path) -> String {
-    format!("sqlite:{}", path.display())
 }
 
 /// A store of `count` notices written through the service's own SQLite store, then closed.
@@ -148,27 +106,20 @@ async fn a_damaged_page_is_refused_at_start_with_the_file_named() {
     let path = dir.path().join("notices.db");
     filled_store(&path, 2000).await;
     let page = damage::garble_middle_page(&path).unwrap();
-    let listen = format!("127.0.0.1:{}", shared::testing::free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
 
     for check in ["quick", "full"] {
-        let (success, output) = run_to_exit(&[
+        let store = sqlite_spec(&path);
+        let args = [
             "--store",
-            &sqlite(&path),
+            &store,
             "--check-store",
             check,
             "--listen",
             &listen,
-        ])
-        .await;
-        assert!(
-            !success,
-            "started on page {page} garbled ({check}):\n{output}"
-        );
-        assert!(output.contains(&path.display().to_string()), "{output}");
-        assert!(output.contains("is damaged"), "{output}");
-        // The findings of the pragma: which page is bad.
-        assert!(output.contains(&format!("page {page}")), "{output}");
-        assert!(output.contains(".recover"), "{output}");
+        ];
+        let exit = run_to_exit(notice_service_with(&args)).await;
+        assert_refused_as_damaged(&exit, &path, page);
     }
 }
 
@@ -176,12 +127,11 @@ async fn a_damaged_page_is_refused_at_start_with_the_file_named() {
 async fn a_file_that_is_not_a_database_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notices.db");
-    std::fs::write(&path, "notice\n".repeat(1000)).unwrap();
-    let listen = format!("127.0.0.1:{}", shared::testing::free_port());
-    let (success, output) = run_to_exit(&["--store", &sqlite(&path), "--listen", &listen]).await;
-    assert!(!success, "started on a text file:\n{output}");
-    assert!(output.contains(&path.display().to_string()), "{output}");
-    assert!(output.contains("not a SQLite database"), "{output}");
+    write_not_a_database(&path);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--store", &sqlite_spec(&path), "--listen", &listen];
+    let exit = run_to_exit(notice_service_with(&args)).await;
+    assert_refused_as_not_a_database(&exit, &path);
 }
 
 #[tokio::test]
@@ -206,10 +156,7 @@ async fn a_backup_taken_while_serving_restores_every_notice() {
         publish_now(&process.client, json!({"message": format!("m{n}")})).await;
     }
 
-    let to = copy.display().to_string();
-    let (success, output) = run_to_exit(&["backup", "--store", &sqlite(&live), "--to", &to]).await;
-    assert!(success, "{output}");
-    assert!(output.contains("backed up"), "{output}");
+    back_up(notice_service(), &live, &copy).await;
     // The service goes on writing after the copy; that notice is not in it.
     publish_now(&process.client, json!({"message": "after"})).await;
     process.stop().await;
@@ -225,24 +172,11 @@ async fn backup_refuses_to_overwrite_and_refuses_other_stores() {
     let dir = tempfile::tempdir().unwrap();
     let live = dir.path().join("notices.db");
     filled_store(&live, 10).await;
-    let taken = dir.path().join("taken.db");
-    std::fs::write(&taken, "an earlier backup").unwrap();
-    let to = taken.display().to_string();
-
-    let (success, output) = run_to_exit(&["backup", "--store", &sqlite(&live), "--to", &to]).await;
-    assert!(!success, "{output}");
-    assert!(output.contains("already exists"), "{output}");
-    assert_eq!(
-        std::fs::read_to_string(&taken).unwrap(),
-        "an earlier backup"
-    );
-
-    let fresh = dir.path().join("fresh.db").display().to_string();
-    for store in ["mem", "postgres://notice:secret@127.0.0.1/notices"] {
-        let (success, output) = run_to_exit(&["backup", "--store", store, "--to", &fresh]).await;
-        assert!(!success, "{output}");
-        assert!(output.contains("sqlite:PATH"), "{output}");
-        assert!(!output.contains("secret"), "{output}");
-    }
-    assert!(!Path::new(&fresh).exists());
+    assert_backup_refusals(
+        notice_service,
+        &live,
+        dir.path(),
+        "postgres://notice:secret@127.0.0.1/notices",
+    )
+    .await;
 }

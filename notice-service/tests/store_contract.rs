@@ -7,59 +7,29 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use notice_service::{
     notice::{Interest, NewNotice, Whispers},
-    store::{
-        NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreOptions, StoreSpec,
-    },
+    store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreOptions},
 };
-use shared::testing::TestPostgres;
+use shared::testing::{Backend, StoreFixture};
 
 /// The bound on one case.
 const WAIT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Copy)]
-enum Backend {
-    Memory,
-    Sqlite,
-    Postgres,
-}
-
 /// An opened store and what keeps its data alive.
 struct Opened {
     store: Arc<NoticeBackend>,
-    spec: StoreSpec,
-    _dir: Option<tempfile::TempDir>,
-    _postgres: Option<TestPostgres>,
+    fixture: StoreFixture,
 }
 
 /// A fresh store; `None` only when PostgreSQL cannot be started outside CI (TestPostgres says
 /// why).
 async fn open(backend: Backend) -> Option<Opened> {
-    let (spec, dir, postgres) = match backend {
-        Backend::Memory => (StoreSpec::Memory, None, None),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            (
-                StoreSpec::Sqlite(dir.path().join("notices.db")),
-                Some(dir),
-                None,
-            )
-        }
-        Backend::Postgres => {
-            let postgres = tokio::time::timeout(Duration::from_secs(180), TestPostgres::start())
-                .await
-                .expect("PostgreSQL did not start in time")?;
-            let url = postgres.create_database("contract").await;
-            (StoreSpec::Postgres(url), None, Some(postgres))
-        }
-    };
-    let store = NoticeBackend::open(&spec, StoreOptions::default())
+    let fixture = StoreFixture::new(backend, "notices").await?;
+    let store = NoticeBackend::open(&fixture.spec, StoreOptions::default())
         .await
         .expect("the store opens");
     Some(Opened {
         store: Arc::new(store),
-        spec,
-        _dir: dir,
-        _postgres: postgres,
+        fixture,
     })
 }
 
@@ -315,7 +285,8 @@ async fn retention_caps_count_and_age_without_reusing_ids(store: Arc<NoticeBacke
 /// Notices and schedules written before the store is closed are there when it is opened again,
 /// and ids keep increasing (SQL stores only).
 async fn data_survives_reopening(opened: Opened) {
-    let Opened { store, spec, .. } = &opened;
+    let Opened { store, fixture } = &opened;
+    let spec = &fixture.spec;
     let now = Utc::now();
     let kept = store.insert(new("kept", None, None), now).await.unwrap();
     store.schedule(new("later", None, None), now).await.unwrap();
@@ -334,47 +305,12 @@ async fn data_survives_reopening(opened: Opened) {
     reopened.close().await;
 }
 
-macro_rules! contract {
-    ($backend:ident: $kind:expr) => {
-        mod $backend {
-            use super::*;
-
-            macro_rules! case {
-                ($case:ident) => {
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $case() {
-                        let Some(opened) = open($kind).await else {
-                            return;
-                        };
-                        tokio::time::timeout(WAIT, super::$case(opened.store.clone()))
-                            .await
-                            .expect("the case finished in time");
-                        opened.store.close().await;
-                    }
-                };
-            }
-
-            case!(ids_increase_and_queries_filter);
-            case!(whispers_are_listed_only_to_their_addressee);
-            case!(the_sender_is_kept_now_and_when_scheduled);
-            case!(schedules_are_claimed_once_in_due_order);
-            case!(retention_caps_count_and_age_without_reusing_ids);
-        }
-    };
-}
-
-contract!(memory: Backend::Memory);
-contract!(sqlite: Backend::Sqlite);
-contract!(postgres: Backend::Postgres);
-
-#[tokio::test(flavor = "multi_thread")]
-async fn sqlite_data_survives_reopening() {
-    data_survives_reopening(open(Backend::Sqlite).await.unwrap()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_data_survives_reopening() {
-    if let Some(opened) = open(Backend::Postgres).await {
-        data_survives_reopening(opened).await;
-    }
+shared::store_contract! {
+    within: WAIT, workers: 2;
+    ids_increase_and_queries_filter,
+    whispers_are_listed_only_to_their_addressee,
+    the_sender_is_kept_now_and_when_scheduled,
+    schedules_are_claimed_once_in_due_order,
+    retention_caps_count_and_age_without_reusing_ids;
+    durable: data_survives_reopening,
 }

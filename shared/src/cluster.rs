@@ -47,7 +47,10 @@ use crate::{
     connection::PacketReader,
     packet::PROTOCOL_VERSION,
     secrets::read_secret_file,
-    server::{is_loopback, ConnectionLimits, MAX_CONNECTIONS_PER_IP},
+    server::{
+        check_protected_mode, ConnectionLimits, ListenerAdvice, UnprotectedListener,
+        MAX_CONNECTIONS_PER_IP,
+    },
     token::TokenError,
     Packet,
 };
@@ -138,14 +141,22 @@ pub struct ClusterArgs {
 pub enum ConfigError {
     #[error(transparent)]
     Secret(#[from] TokenError),
-    #[error(
-        "refusing to serve {what} on {addr} without a cluster secret: any host that reaches it \
-         could join the cluster. Give every node the same --cluster-secret-file (for example \
-         `head -c 32 /dev/urandom | base64 > cluster.secret && chmod 600 cluster.secret`), \
-         listen on 127.0.0.1, or pass --insecure for a throwaway setup"
-    )]
-    Unprotected { what: String, addr: SocketAddr },
+    #[error(transparent)]
+    Unprotected(#[from] UnprotectedListener),
 }
+
+/// What protected mode says about a packet listener, less what it serves (the caller names it).
+const PACKET_LISTENER: ListenerAdvice = ListenerAdvice {
+    serves: "a packet port",
+    lacking: "a cluster secret",
+    risk: "any host that reaches it could join the cluster",
+    authenticate: "Give every node the same --cluster-secret-file (for example `head -c 32 \
+        /dev/urandom | base64 > cluster.secret && chmod 600 cluster.secret`)",
+    loopback: "127.0.0.1",
+    opt_out: "pass --insecure for a throwaway setup",
+    opt_out_warning: "--insecure: serving without authentication on a non-loopback address; \
+        anyone who reaches it has full access",
+};
 
 impl ClusterArgs {
     /// The cluster secret, if a file is given.
@@ -156,32 +167,16 @@ impl ClusterArgs {
         }
     }
 
-    /// Protected mode's start-up rule for the packet listener `addr` (`what` names it in the
+    /// Protected mode's start-up rule for the packet listener `addr` (`serves` names it in the
     /// message): without a secret, only a loopback address, unless `--insecure`.
-    pub fn check_listen(&self, addr: SocketAddr, what: &str) -> Result<(), ConfigError> {
-        self.check_protected(addr, what, self.cluster_secret_file.is_some())
-    }
-
-    /// The same rule for a listener protected by something else (a token key): `protected`
-    /// says whether it is.
-    pub fn check_protected(
-        &self,
-        addr: SocketAddr,
-        what: &str,
-        protected: bool,
-    ) -> Result<(), ConfigError> {
-        if protected || is_loopback(addr.ip()) {
-            return Ok(());
-        }
-        if self.insecure {
-            warn!(%addr, what, "--insecure: serving without authentication on a non-loopback \
-                address; anyone who reaches it has full access");
-            return Ok(());
-        }
-        Err(ConfigError::Unprotected {
-            what: what.to_owned(),
-            addr,
-        })
+    pub fn check_listen(&self, addr: SocketAddr, serves: &'static str) -> Result<(), ConfigError> {
+        let advice = ListenerAdvice {
+            serves,
+            ..PACKET_LISTENER
+        };
+        let has_secret = self.cluster_secret_file.is_some();
+        check_protected_mode(addr, has_secret, self.insecure, &advice)?;
+        Ok(())
     }
 
     /// The limits of a listener that `protected` says is authenticated (or not).

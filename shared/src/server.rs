@@ -8,6 +8,11 @@
 //!   closed at once, so one address cannot take every slot from the others;
 //! - in protected mode ([`ConnectionLimits::loopback_only`]) only loopback peers are served.
 //!
+//! Protected mode's start-up rule lives here too ([`check_protected_mode`]): every listener of
+//! the workspace (packet ports, the kv text port, the gateway's HTTP port) refuses a
+//! non-loopback address without authentication the same way, and only its [`ListenerAdvice`]
+//! (what it serves, which flags protect it) differs.
+//!
 //! Each connection runs on a task of its own; a failing connection is logged by its handler and
 //! never stops the server, and accept errors are retried with backoff.
 
@@ -60,6 +65,67 @@ pub fn is_loopback(ip: IpAddr) -> bool {
             v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     }
+}
+
+/// What protected mode tells the operator about one listener. Each field is a phrase of the
+/// refusal ([`UnprotectedListener`]), so every binary refuses in the same shape while naming
+/// its own flags; `'static` because each is written once, next to the flags it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerAdvice {
+    /// What the listener serves: "the distributor", "the text protocol", "HTTP".
+    pub serves: &'static str,
+    /// The authentication it lacks: "a cluster secret", "a token key".
+    pub lacking: &'static str,
+    /// What anyone who reaches it could do.
+    pub risk: &'static str,
+    /// How to authenticate it, naming the flags (a sentence's first clause).
+    pub authenticate: &'static str,
+    /// A loopback address to listen on instead.
+    pub loopback: &'static str,
+    /// How to serve other hosts without authentication anyway.
+    pub opt_out: &'static str,
+    /// Logged at warn at every start that takes the opt-out.
+    pub opt_out_warning: &'static str,
+}
+
+/// Refused at start: a listener on a non-loopback address without authentication.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "refusing to serve {serves} on {addr} without {lacking}: {risk}. {authenticate}, listen on \
+     {loopback}, or {opt_out}",
+    serves = .advice.serves,
+    lacking = .advice.lacking,
+    risk = .advice.risk,
+    authenticate = .advice.authenticate,
+    loopback = .advice.loopback,
+    opt_out = .advice.opt_out
+)]
+pub struct UnprotectedListener {
+    pub addr: SocketAddr,
+    /// Boxed: an error this rare should not make every `Result` that carries it large.
+    pub advice: Box<ListenerAdvice>,
+}
+
+/// Protected mode's start-up rule for a listener bound to `addr`: one that does not
+/// authenticate its clients (`authenticated` false) may only listen on a loopback address,
+/// unless the operator opted out (`insecure`), which is logged at warn.
+pub fn check_protected_mode(
+    addr: SocketAddr,
+    authenticated: bool,
+    insecure: bool,
+    advice: &ListenerAdvice,
+) -> Result<(), UnprotectedListener> {
+    if authenticated || is_loopback(addr.ip()) {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(UnprotectedListener {
+            addr,
+            advice: Box::new(*advice),
+        });
+    }
+    warn!(%addr, listener = advice.serves, "{}", advice.opt_out_warning);
+    Ok(())
 }
 
 /// Accepts connections on `listener` until `shutdown` is cancelled and runs `handle(stream,
@@ -222,6 +288,37 @@ mod tests {
         ] {
             assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    const ADVICE: ListenerAdvice = ListenerAdvice {
+        serves: "the test port",
+        lacking: "a test key",
+        risk: "anyone could test it",
+        authenticate: "Give --test-key",
+        loopback: "127.0.0.1",
+        opt_out: "pass --insecure",
+        opt_out_warning: "serving the test port to anyone (--insecure)",
+    };
+
+    #[test]
+    fn protected_mode_refuses_only_an_unauthenticated_public_address() {
+        let public: SocketAddr = "0.0.0.0:9".parse().unwrap();
+        let mapped_loopback: SocketAddr = "[::ffff:127.0.0.1]:9".parse().unwrap();
+        assert!(check_protected_mode(public, false, false, &ADVICE).is_err());
+        assert!(check_protected_mode(public, true, false, &ADVICE).is_ok());
+        assert!(check_protected_mode(public, false, true, &ADVICE).is_ok());
+        assert!(check_protected_mode(mapped_loopback, false, false, &ADVICE).is_ok());
+    }
+
+    #[test]
+    fn the_refusal_names_the_listener_and_every_way_out() {
+        let public: SocketAddr = "10.0.0.1:9".parse().unwrap();
+        let refusal = check_protected_mode(public, false, false, &ADVICE).unwrap_err();
+        assert_eq!(
+            refusal.to_string(),
+            "refusing to serve the test port on 10.0.0.1:9 without a test key: anyone could \
+             test it. Give --test-key, listen on 127.0.0.1, or pass --insecure"
+        );
     }
 
     #[test]

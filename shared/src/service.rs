@@ -32,8 +32,11 @@
 //! - A stream handler checks its request before it builds the future that lives as long as the
 //!   stream (a refusal is then a plain answer), opens the [`EventSink`], and ends with an answer
 //!   like any other handler.
-//! - `lib.rs`'s `run` builds the core and calls [`serve`] with the router and a
-//!   [`ServiceConfig`].
+//! - A `Config` holding the service's own settings and a [`ServiceConfig`] (`node`), which
+//!   `main.rs` builds with [`ServiceConfig::from_flags`] and tests with [`ServiceConfig::named`].
+//!   `lib.rs`'s `run` opens the store (waiting for it as long as it takes), builds the core, and
+//!   calls [`serve`] with the router and that `ServiceConfig`, its `readiness` following the
+//!   store.
 //!
 //! Inside, a connection's packets go one of three ways (`Connection::dispatch`): control
 //! packets (a cancel, a heartbeat, a handshake this node cannot take) are handled on the spot,
@@ -358,6 +361,40 @@ pub struct ServiceConfig {
     /// Whether the service can serve right now (true: its store is reachable), reported to the
     /// distributor so that gateways route around it while it cannot. `None`: always ready.
     pub readiness: Option<watch::Receiver<bool>>,
+}
+
+impl ServiceConfig {
+    /// An unregistered service called `name`, with the default limits (tests, embedding).
+    pub fn named(name: &str) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_owned(),
+            ..ServiceConfig::default()
+        }
+    }
+
+    /// A service called `name` as the flags every service takes describe it: `--distributor`
+    /// (empty: serve without registering), `--advertise-host`, and the cluster flags with the
+    /// `secret` they named. Services serve no original-design peers: only the distributor and
+    /// the gateway do.
+    pub fn from_flags(
+        name: &str,
+        distributor: String,
+        advertise_host: Option<String>,
+        cluster: &crate::cluster::ClusterArgs,
+        secret: Option<crate::cluster::ClusterSecret>,
+    ) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_owned(),
+            distributor: Some(distributor).filter(|addr| !addr.is_empty()),
+            advertise_host,
+            limits: cluster.limits(secret.is_some()),
+            cluster: ClusterPolicy {
+                secret,
+                allow_legacy: false,
+            },
+            readiness: None,
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the requests in

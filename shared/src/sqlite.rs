@@ -133,6 +133,29 @@ pub fn check_file(path: &Path, how: StoreCheck) -> Result<(), CheckError> {
     check_connection(&connection, path, how)
 }
 
+/// The subcommands of the services that keep a store: `kv-service backup --store sqlite:PATH
+/// --to FILE` (the store is the service's own `--store` flag, which is global).
+#[derive(Debug, clap::Subcommand)]
+pub enum StoreCommand {
+    /// Copies a SQLite store to a new file with SQLite's online backup (safe while the service
+    /// runs and writes), checks the copy, and exits.
+    Backup {
+        /// The backup file to write; it must not exist yet.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+}
+
+impl StoreCommand {
+    /// Runs the command on `store`, printing what it did. Blocking: run it before anything else.
+    pub fn run(&self, store: &StoreSpec) -> Result<(), BackupError> {
+        match self {
+            StoreCommand::Backup { to } => println!("{}", backup_store(store, to)?),
+        }
+        Ok(())
+    }
+}
+
 /// A backup that was written; its `Display` is the line the `backup` commands print.
 #[derive(Debug)]
 pub struct Backup {

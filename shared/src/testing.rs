@@ -12,6 +12,12 @@
 //!   outlives its test;
 //! - PostgreSQL refuses to run as root, so when the tests run as root the cluster is created and
 //!   served as the `postgres` user.
+//!
+//! Beside it, the fixtures kv-service and notice-service share, so each helper is written once:
+//! [`StoreFixture`] (a fresh store on each [`Backend`]), [`store_contract!`](crate::store_contract)
+//! (one contract suite run on all three backends), [`free_port`], [`hs256_token`], [`process`] (running a
+//! workspace binary: to its exit, or serving until dropped) and [`store_binary`] (what a
+//! service binary says when it refuses a store or backs one up).
 
 use std::{
     io::Read,
@@ -19,6 +25,8 @@ use std::{
     process::{Child, ChildStdin, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::store_spec::StoreSpec;
 
 /// How long `initdb` may take; several tests may be creating clusters at once on a small machine.
 const INITDB_TIMEOUT: Duration = Duration::from_secs(120);
@@ -482,6 +490,399 @@ fn server_pid(data: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The three places a service keeps its data, for suites run once on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// How long a test waits for its own PostgreSQL cluster; `initdb` is slow on a busy machine.
+const POSTGRES_START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A store specification plus whatever keeps its data alive (a temporary directory, a
+/// PostgreSQL server), dropped with it.
+pub struct StoreFixture {
+    pub spec: StoreSpec,
+    _dir: Option<tempfile::TempDir>,
+    pub postgres: Option<TestPostgres>,
+}
+
+impl StoreFixture {
+    /// A fresh, empty store on `backend`; `name` names its SQLite file (`NAME.db`) or its
+    /// PostgreSQL database. `None` only when PostgreSQL cannot be started outside CI
+    /// ([`TestPostgres::start`] says why).
+    pub async fn new(backend: Backend, name: &str) -> Option<StoreFixture> {
+        Some(match backend {
+            Backend::Memory => StoreFixture {
+                spec: StoreSpec::Memory,
+                _dir: None,
+                postgres: None,
+            },
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                StoreFixture {
+                    spec: StoreSpec::Sqlite(dir.path().join(format!("{name}.db"))),
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            Backend::Postgres => {
+                let postgres = tokio::time::timeout(POSTGRES_START_TIMEOUT, TestPostgres::start())
+                    .await
+                    .expect("PostgreSQL did not start in time")?;
+                let url = postgres.create_database(name).await;
+                StoreFixture {
+                    spec: StoreSpec::Postgres(url),
+                    _dir: None,
+                    postgres: Some(postgres),
+                }
+            }
+        })
+    }
+}
+
+/// Runs each of a store contract's cases on each [`Backend`], as one test per case and
+/// backend, in modules `memory`, `sqlite` and `postgres`. The calling file provides
+/// `open(Backend) -> Option<Opened>` (`None` skips the case: PostgreSQL could not start outside
+/// CI), where `Opened` has a `store: Arc<S>` with an `async fn close(&self)`, and each case as
+/// `async fn case(store: Arc<S>)`. `within` bounds each case; `workers` is the runtime's
+/// worker threads (a literal). The `durable` cases run on the SQL backends only and get the
+/// whole `Opened` (to close the store and open it again): `async fn case(opened: Opened)`.
+///
+/// ```ignore
+/// shared::store_contract! {
+///     within: WAIT, workers: 2;
+///     ids_increase_and_queries_filter,
+///     whispers_are_listed_only_to_their_addressee;
+///     durable: data_survives_reopening,
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_contract {
+    (
+        within: $within:expr, workers: $workers:literal;
+        $($case:ident),+ $(,)?
+        $(; durable: $($durable:ident),+ $(,)?)?
+    ) => {
+        $crate::store_contract!(@backend memory, Memory, $within, $workers; $($case),+;);
+        $crate::store_contract!(
+            @backend sqlite, Sqlite, $within, $workers; $($case),+; $($($durable),+)?
+        );
+        $crate::store_contract!(
+            @backend postgres, Postgres, $within, $workers; $($case),+; $($($durable),+)?
+        );
+    };
+    (
+        @backend $module:ident, $kind:ident, $within:expr, $workers:literal;
+        $($case:ident),+; $($durable:ident),*
+    ) => {
+        mod $module {
+            use super::*;
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = $workers)]
+                async fn $case() {
+                    let Some(opened) = open($crate::testing::Backend::$kind).await else {
+                        return;
+                    };
+                    tokio::time::timeout($within, super::$case(opened.store.clone()))
+                        .await
+                        .expect("the case finished in time");
+                    opened.store.close().await;
+                }
+            )+
+
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $durable() {
+                    let Some(opened) = open($crate::testing::Backend::$kind).await else {
+                        return;
+                    };
+                    super::$durable(opened).await;
+                }
+            )*
+        }
+    };
+}
+
+/// An HS256 token signed with `secret` for `subject` with `scopes`, valid for `ttl`: what a
+/// test hands the gateway or the kv text port as a caller's credentials.
+pub fn hs256_token(secret: &[u8], subject: &str, scopes: &[&str], ttl: Duration) -> String {
+    let scopes: Vec<String> = scopes.iter().map(|scope| scope.to_string()).collect();
+    crate::token::mint(
+        secret,
+        &crate::token::TokenRequest {
+            subject,
+            scopes: &scopes,
+            ttl,
+            audience: None,
+            issuer: None,
+        },
+    )
+    .expect("a token can be minted")
+}
+
+/// Running a workspace binary from its tests: a clean command, a run to its exit with what it
+/// printed, and a serving process found ready by a line of its log (the address it logs), killed
+/// when dropped. The services' and the gateway's process tests all start binaries this way.
+pub mod process {
+    use std::{
+        net::SocketAddr,
+        process::{ExitStatus, Stdio},
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tokio::{
+        io::{AsyncBufReadExt, BufReader},
+        process::{Child, Command},
+        sync::oneshot,
+        task::JoinHandle,
+    };
+
+    /// Bound on a binary's start, on its run to exit and on its stop; only reached when a test
+    /// fails.
+    pub const WAIT: Duration = Duration::from_secs(30);
+
+    /// `program` with `RUST_LOG=info`, no colours, none of `cleared_env` (the binary's own
+    /// variables, so the developer's environment cannot change a test), no stdin, piped output,
+    /// and killed when dropped.
+    pub fn clean_command(program: &str, cleared_env: &[&str]) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for name in cleared_env {
+            command.env_remove(name);
+        }
+        command
+    }
+
+    /// How a binary run to its exit ended.
+    #[derive(Debug)]
+    pub struct Exit {
+        pub success: bool,
+        /// Its stdout followed by its stderr.
+        pub output: String,
+    }
+
+    /// Runs `command` until it exits, within [`WAIT`].
+    pub async fn run_to_exit(mut command: Command) -> Exit {
+        let output = tokio::time::timeout(WAIT, command.output())
+            .await
+            .expect("the binary did not exit in time")
+            .expect("the binary runs");
+        Exit {
+            success: output.status.success(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
+    }
+
+    /// The value of `addr=` on a log line, colour codes or not.
+    pub fn logged_addr(line: &str) -> Option<SocketAddr> {
+        let plain = without_colour(line);
+        let start = plain.find("addr=")? + "addr=".len();
+        plain[start..].split_whitespace().next()?.parse().ok()
+    }
+
+    /// `line` without ANSI colour sequences (`ESC [ ... m`).
+    fn without_colour(line: &str) -> String {
+        let mut plain = String::with_capacity(line.len());
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|&c| c == 'm');
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
+    }
+
+    /// A serving process, killed when dropped.
+    pub struct Serving {
+        child: Child,
+        /// Everything it has logged so far.
+        log: Arc<Mutex<String>>,
+        /// Reads the log; ends when the process has exited.
+        reader: JoinHandle<()>,
+    }
+
+    /// How a serving process ended.
+    #[derive(Debug)]
+    pub struct Stopped {
+        pub status: ExitStatus,
+        /// Its whole log (stderr).
+        pub log: String,
+    }
+
+    impl Serving {
+        /// Spawns `command` and feeds each line of its log to `ready` until it returns what
+        /// the test waits for (within [`WAIT`]). Its stderr is kept and drained for as long as
+        /// it runs, so it never blocks on a full pipe; a process that exits first fails the
+        /// test with its log.
+        pub async fn start<T: Send + 'static>(
+            mut command: Command,
+            mut ready: impl FnMut(&str) -> Option<T> + Send + 'static,
+        ) -> (Serving, T) {
+            let mut child = command
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the binary starts");
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let log = Arc::new(Mutex::new(String::new()));
+            let (found, found_rx) = oneshot::channel();
+            let kept = log.clone();
+            let reader = tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                let mut found = Some(found);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(value) = found.is_some().then(|| ready(&line)).flatten() {
+                        let _ = found.take().expect("not sent yet").send(value);
+                    }
+                    let mut log = kept.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+            let value = tokio::time::timeout(WAIT, found_rx)
+                .await
+                .expect("the binary did not start serving in time")
+                .unwrap_or_else(|_| panic!("exited before serving:\n{}", log.lock().unwrap()));
+            (Serving { child, log, reader }, value)
+        }
+
+        /// Its process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id().expect("the process runs")
+        }
+
+        /// What it has logged so far.
+        pub fn log(&self) -> String {
+            self.log.lock().unwrap().clone()
+        }
+
+        /// Waits (within [`WAIT`]) until it exits by itself.
+        pub async fn wait(&mut self) -> ExitStatus {
+            tokio::time::timeout(WAIT, self.child.wait())
+                .await
+                .expect("the process did not exit")
+                .expect("waiting for the process")
+        }
+
+        /// Kills it (`SIGKILL`), waits (within [`WAIT`]) until it has exited and its log is
+        /// read to the end, and returns both.
+        pub async fn stop(mut self) -> Stopped {
+            self.child.start_kill().expect("the process can be killed");
+            let status = self.wait().await;
+            tokio::time::timeout(WAIT, &mut self.reader)
+                .await
+                .expect("the log did not end")
+                .expect("the log reader did not panic");
+            Stopped {
+                status,
+                log: self.log(),
+            }
+        }
+    }
+}
+
+/// Running kv-service or notice-service on a SQLite store the way an operator does: both check
+/// and back up their files with the same code (`crate::sqlite`), so the checks of what they
+/// print live here once; each service's tests keep only how to start, fill and read it.
+pub mod store_binary {
+    use std::path::Path;
+
+    use tokio::process::Command;
+
+    use super::process::{run_to_exit, Exit};
+
+    /// The `--store` value for the SQLite file at `path`.
+    pub fn sqlite_spec(path: &Path) -> String {
+        format!("sqlite:{}", path.display())
+    }
+
+    /// Writes text that is not a SQLite database where a store is expected.
+    pub fn write_not_a_database(path: &Path) {
+        std::fs::write(path, "not a database\n".repeat(1000)).expect("writing the file");
+    }
+
+    /// `exit` is a refusal to start on `path`, whose page `page` is damaged, naming the file,
+    /// the page and the way to recover.
+    pub fn assert_refused_as_damaged(exit: &Exit, path: &Path, page: u64) {
+        let Exit { success, output } = exit;
+        assert!(!success, "started with page {page} garbled:\n{output}");
+        assert!(output.contains(&path.display().to_string()), "{output}");
+        assert!(output.contains("is damaged"), "{output}");
+        // The findings of the pragma: which page is bad.
+        assert!(output.contains(&format!("page {page}")), "{output}");
+        assert!(output.contains(".recover"), "{output}");
+    }
+
+    /// `exit` is a refusal to start on `path`, which is not a SQLite database, naming the file.
+    pub fn assert_refused_as_not_a_database(exit: &Exit, path: &Path) {
+        let Exit { success, output } = exit;
+        assert!(!success, "started on a text file:\n{output}");
+        assert!(output.contains(&path.display().to_string()), "{output}");
+        assert!(output.contains("not a SQLite database"), "{output}");
+    }
+
+    /// Runs `binary backup` from the store at `live` to `copy` and checks that it succeeded.
+    pub async fn back_up(mut binary: Command, live: &Path, copy: &Path) {
+        let to = copy.display().to_string();
+        binary.args(["backup", "--store", &sqlite_spec(live), "--to", &to]);
+        let Exit { success, output } = run_to_exit(binary).await;
+        assert!(success, "{output}");
+        assert!(output.contains("backed up"), "{output}");
+    }
+
+    /// `binary backup` refuses to overwrite a file (leaving it as it was) and refuses a store
+    /// that is not SQLite (the memory store, and `postgres_url`, whose password it does not
+    /// print: it must be `secret`). `live` is a SQLite store; `dir` a directory for the files
+    /// it tries.
+    pub async fn assert_backup_refusals(
+        binary: impl Fn() -> Command,
+        live: &Path,
+        dir: &Path,
+        postgres_url: &str,
+    ) {
+        let taken = dir.join("taken.db");
+        std::fs::write(&taken, "an earlier backup").unwrap();
+        let to = taken.display().to_string();
+        let mut command = binary();
+        command.args(["backup", "--store", &sqlite_spec(live), "--to", &to]);
+        let Exit { success, output } = run_to_exit(command).await;
+        assert!(!success, "{output}");
+        assert!(output.contains("already exists"), "{output}");
+        assert_eq!(
+            std::fs::read_to_string(&taken).unwrap(),
+            "an earlier backup"
+        );
+
+        let fresh = dir.join("fresh.db").display().to_string();
+        for store in ["mem", postgres_url] {
+            let mut command = binary();
+            command.args(["backup", "--store", store, "--to", &fresh]);
+            let Exit { success, output } = run_to_exit(command).await;
+            assert!(!success, "{output}");
+            assert!(output.contains("sqlite:PATH"), "{output}");
+            assert!(!output.contains("secret"), "{output}");
+        }
+        assert!(!Path::new(&fresh).exists());
+    }
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
+use shared::testing::process::{clean_command, logged_addr, Serving};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    process::{Child, Command},
-    sync::oneshot,
+    process::Command,
     time::timeout,
 };
 
@@ -19,52 +19,25 @@ pub const PROMPTLY: Duration = Duration::from_secs(15);
 /// A gateway process listening on a 127.0.0.1 port of its own; killed when dropped.
 pub struct GatewayProcess {
     pub addr: SocketAddr,
-    child: Child,
+    serving: Serving,
 }
 
 impl GatewayProcess {
     /// Starts the binary with `args` after `--listen 127.0.0.1:0` and waits until it listens.
     pub async fn start(args: &[&str]) -> GatewayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        let mut command = clean_command(env!("CARGO_BIN_EXE_gateway"), &[]);
+        command
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             // No topology cache file left in the crate's directory.
-            .env("GATEWAY_TOPOLOGY_CACHE", "")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the gateway binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (found, listening) = oneshot::channel();
-        // Reads the log until the listening line, then keeps draining it so the process never
-        // blocks on a full pipe.
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut found = Some(found);
-            let mut seen = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("gateway listening") {
-                    if let (Some(sender), Some(addr)) = (found.take(), addr_in(&line)) {
-                        let _ = sender.send(Ok(addr));
-                    }
-                } else if found.is_some() {
-                    seen.push(line);
-                }
-            }
-            if let Some(sender) = found {
-                let _ = sender.send(Err(seen.join("\n")));
-            }
-        });
-        let addr = timeout(PROMPTLY, listening)
-            .await
-            .expect("the gateway starts listening promptly")
-            .expect("the log reader lives")
-            .unwrap_or_else(|log| panic!("the gateway exited before listening:\n{log}"));
-        GatewayProcess { addr, child }
+            .env("GATEWAY_TOPOLOGY_CACHE", "");
+        let (serving, addr) = Serving::start(command, |line| {
+            line.contains("gateway listening")
+                .then(|| logged_addr(line))
+                .flatten()
+        })
+        .await;
+        GatewayProcess { addr, serving }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -72,23 +45,13 @@ impl GatewayProcess {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id().expect("the process runs") as i32
+        self.serving.pid() as i32
     }
 
     /// Waits for the process to exit; its exit code.
     pub async fn exit_code(&mut self) -> Option<i32> {
-        timeout(PROMPTLY, self.child.wait())
-            .await
-            .expect("the gateway exits promptly")
-            .unwrap()
-            .code()
+        self.serving.wait().await.code()
     }
-}
-
-/// The `addr=` field of a log line.
-fn addr_in(line: &str) -> Option<SocketAddr> {
-    let start = line.find("addr=")? + "addr=".len();
-    line[start..].split_whitespace().next()?.parse().ok()
 }
 
 /// Runs the gateway binary with `args` and returns its exit code and log, for flags that must

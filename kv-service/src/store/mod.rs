@@ -175,7 +175,9 @@ impl KvBackend {
             StoreSpec::Memory => KvBackend::Memory(MemoryStore::new()),
             StoreSpec::Sqlite(path) => KvBackend::Sqlite(SqliteStore::open(path, options).await?),
             StoreSpec::Postgres(url) => {
-                KvBackend::Postgres(PostgresStore::open(url, options).await?)
+                let store = PostgresStore::open(url, postgres::MAX_CONNECTIONS, options).await?;
+                store.migrate(&postgres::MIGRATIONS).await?;
+                KvBackend::Postgres(store)
             }
         })
     }
@@ -190,7 +192,7 @@ impl KvBackend {
     /// `None` for those that are always there.
     pub fn follow_readiness(&self, shutdown: CancellationToken) -> Option<watch::Receiver<bool>> {
         match self {
-            KvBackend::Postgres(store) => Some(store.database().follow_readiness(shutdown)),
+            KvBackend::Postgres(store) => Some(store.follow_readiness(shutdown)),
             KvBackend::Memory(_) | KvBackend::Sqlite(_) => None,
         }
     }
@@ -200,7 +202,7 @@ impl KvBackend {
         match self {
             KvBackend::Memory(_) => {}
             KvBackend::Sqlite(store) => store.close().await,
-            KvBackend::Postgres(store) => store.database().close().await,
+            KvBackend::Postgres(store) => store.close().await,
         }
     }
 }

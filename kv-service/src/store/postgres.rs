@@ -11,41 +11,27 @@
 //! a connection already taken from the pool, so a failure says whether the write may have been
 //! applied (shared's `postgres::StoreFailure`).
 
-use shared::postgres::Database;
 use sqlx::migrate::Migrator;
 
 use super::{
     items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
-    StoreError, StoreOptions, ValueRow, Versioned,
+    StoreError, ValueRow, Versioned,
 };
 
-const MAX_CONNECTIONS: u32 = 16;
+/// The store is shared's `Database` (the pool and the store timeout); this module gives it the
+/// kv operations.
+pub use shared::postgres::Database as PostgresStore;
 
-static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+/// Connections at most per replica.
+pub const MAX_CONNECTIONS: u32 = 16;
 
-pub struct PostgresStore {
-    db: Database,
-}
-
-impl PostgresStore {
-    pub async fn open(url: &str, options: StoreOptions) -> Result<PostgresStore, StoreError> {
-        let db = Database::open(url, MAX_CONNECTIONS, options).await?;
-        db.migrate(&MIGRATIONS).await?;
-        Ok(PostgresStore { db })
-    }
-
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-}
+/// The schema, brought up to date at open.
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl KvStore for PostgresStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let query = sqlx::query_as(sql::GET).bind(key.as_bytes());
-        let row: Option<ValueRow> = self
-            .db
-            .uncommitted(query.fetch_optional(self.db.pool()))
-            .await?;
+        let row: Option<ValueRow> = self.uncommitted(query.fetch_optional(self.pool())).await?;
         row.map(ValueRow::into_versioned).transpose()
     }
 
@@ -61,9 +47,8 @@ impl KvStore for PostgresStore {
         if let Condition::IfVersion(expected) = condition {
             query = query.bind(expected);
         }
-        let mut connection = self.db.acquire().await?;
+        let mut connection = self.acquire().await?;
         let written: Option<i64> = self
-            .db
             .committing(query.fetch_optional(&mut *connection))
             .await?;
         if let Some(version) = written {
@@ -73,7 +58,6 @@ impl KvStore for PostgresStore {
         // is fine: the caller only learns why its put was refused).
         let query = sqlx::query_scalar(sql::VERSION).bind(key.as_bytes());
         let current: Option<i64> = self
-            .db
             .uncommitted(query.fetch_optional(&mut *connection))
             .await?;
         Ok(PutOutcome::Conflict { current })
@@ -81,8 +65,8 @@ impl KvStore for PostgresStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let query = sqlx::query(sql::DELETE).bind(key.as_bytes());
-        let mut connection = self.db.acquire().await?;
-        let result = self.db.committing(query.execute(&mut *connection)).await?;
+        let mut connection = self.acquire().await?;
+        let result = self.committing(query.execute(&mut *connection)).await?;
         Ok(result.rows_affected() > 0)
     }
 
@@ -98,7 +82,7 @@ impl KvStore for PostgresStore {
             .bind(lower)
             .bind(upper)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let rows: Vec<ItemRow> = self.db.uncommitted(query.fetch_all(self.db.pool())).await?;
+        let rows: Vec<ItemRow> = self.uncommitted(query.fetch_all(self.pool())).await?;
         items(rows)
     }
 }

@@ -11,58 +11,20 @@ use kv_service::{
     text_protocol::{OwnedReply, ReplyCodec},
 };
 use serde_json::{json, Value};
-use shared::{testing::TestPostgres, Dialect, Packet, PacketClient};
+use shared::{Dialect, Packet, PacketClient};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{codec::Framed, sync::CancellationToken};
 
 /// Bound on every wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Memory,
-    Sqlite,
-    Postgres,
-}
+/// The store fixtures both services' tests share.
+pub use shared::testing::{Backend, StoreFixture};
 
-/// A store configuration plus whatever keeps its data alive (a temp dir, a PostgreSQL server).
-pub struct StoreFixture {
-    pub config: StoreSpec,
-    _dir: Option<tempfile::TempDir>,
-    pub postgres: Option<TestPostgres>,
-}
-
-impl StoreFixture {
-    /// `None` only when PostgreSQL cannot be started outside CI (TestPostgres says why).
-    pub async fn new(backend: Backend) -> Option<StoreFixture> {
-        Some(match backend {
-            Backend::Memory => StoreFixture {
-                config: StoreSpec::Memory,
-                _dir: None,
-                postgres: None,
-            },
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                StoreFixture {
-                    config: StoreSpec::Sqlite(dir.path().join("kv.db")),
-                    _dir: Some(dir),
-                    postgres: None,
-                }
-            }
-            Backend::Postgres => {
-                let postgres =
-                    tokio::time::timeout(Duration::from_secs(180), TestPostgres::start())
-                        .await
-                        .expect("PostgreSQL did not start in time")?;
-                let url = postgres.create_database("kv").await;
-                StoreFixture {
-                    config: StoreSpec::Postgres(url),
-                    _dir: None,
-                    postgres: Some(postgres),
-                }
-            }
-        })
-    }
+/// A fresh kv store on `backend` (`kv.db`, or the database `kv`); `None` only when PostgreSQL
+/// cannot be started outside CI.
+pub async fn kv_store(backend: Backend) -> Option<StoreFixture> {
+    StoreFixture::new(backend, "kv").await
 }
 
 /// A kv-service running in this process on two port-0 listeners.
@@ -223,4 +185,25 @@ pub async fn concurrent_put_versions(clients: &[PacketClient], count: usize) -> 
     }
     versions.sort();
     versions
+}
+
+/// An HS256 token signed with `secret` for `subject` with `scopes` (space-separated), valid for
+/// an hour.
+pub fn token_with(secret: &[u8], subject: &str, scopes: &str) -> String {
+    let scopes: Vec<&str> = scopes.split_whitespace().collect();
+    shared::testing::hs256_token(secret, subject, &scopes, Duration::from_secs(3600))
+}
+
+/// Starts `command` (the kv-service binary) and waits until its text port serves; returns the
+/// running process and the text port's address as it logged it.
+pub async fn serve_text(
+    command: tokio::process::Command,
+) -> (shared::testing::process::Serving, SocketAddr) {
+    use shared::testing::process::{logged_addr, Serving};
+    Serving::start(command, |line| {
+        line.contains("serving the text protocol")
+            .then(|| logged_addr(line))
+            .flatten()
+    })
+    .await
 }

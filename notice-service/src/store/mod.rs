@@ -163,7 +163,9 @@ impl NoticeBackend {
                 NoticeBackend::Sqlite(SqliteStore::open(path, options).await?)
             }
             StoreSpec::Postgres(url) => {
-                NoticeBackend::Postgres(PostgresStore::open(url, options).await?)
+                let store = PostgresStore::open(url, postgres::MAX_CONNECTIONS, options).await?;
+                store.migrate(&postgres::MIGRATIONS).await?;
+                NoticeBackend::Postgres(store)
             }
         })
     }
@@ -172,7 +174,7 @@ impl NoticeBackend {
     /// for the stores that serve one instance.
     pub fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
         match self {
-            NoticeBackend::Postgres(store) => Some(store.database().pool()),
+            NoticeBackend::Postgres(store) => Some(store.pool()),
             NoticeBackend::Memory(_) | NoticeBackend::Sqlite(_) => None,
         }
     }
@@ -181,7 +183,7 @@ impl NoticeBackend {
     /// `None` for those that are always there.
     pub fn follow_readiness(&self, shutdown: CancellationToken) -> Option<watch::Receiver<bool>> {
         match self {
-            NoticeBackend::Postgres(store) => Some(store.database().follow_readiness(shutdown)),
+            NoticeBackend::Postgres(store) => Some(store.follow_readiness(shutdown)),
             NoticeBackend::Memory(_) | NoticeBackend::Sqlite(_) => None,
         }
     }
@@ -191,7 +193,7 @@ impl NoticeBackend {
         match self {
             NoticeBackend::Memory(_) => {}
             NoticeBackend::Sqlite(store) => store.close().await,
-            NoticeBackend::Postgres(store) => store.database().close().await,
+            NoticeBackend::Postgres(store) => store.close().await,
         }
     }
 }

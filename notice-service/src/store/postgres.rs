@@ -12,51 +12,38 @@
 //! (shared's `postgres::StoreFailure`).
 
 use chrono::{DateTime, Utc};
-use shared::postgres::Database;
-use sqlx::migrate::Migrator;
-use sqlx::{Postgres, Transaction};
+use sqlx::{migrate::Migrator, Postgres, Transaction};
 
 use super::{
     sql, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector, StoreError,
-    StoreOptions,
 };
 use crate::notice::{NewNotice, Notice};
+
+/// The store is shared's `Database` (the pool and the store timeout); this module gives it the
+/// notice operations.
+pub use shared::postgres::Database as PostgresStore;
 
 /// NOTIFY channel announcing new notices; the payload is the highest new id.
 pub const PUBLISHED_CHANNEL: &str = "notice_published";
 /// Connections at most: publishes hold one each while they wait for the publish lock.
-const MAX_CONNECTIONS: u32 = 8;
+pub const MAX_CONNECTIONS: u32 = 8;
 /// Advisory lock key serializing publishers ("notice" in ASCII).
 const PUBLISH_LOCK: i64 = 0x6e6f_7469_6365;
 
-static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+/// The schema, brought up to date at open.
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-pub struct PostgresStore {
-    db: Database,
-}
-
-impl PostgresStore {
-    pub async fn open(url: &str, options: StoreOptions) -> Result<PostgresStore, StoreError> {
-        let db = Database::open(url, MAX_CONNECTIONS, options).await?;
-        db.migrate(&MIGRATIONS).await?;
-        Ok(PostgresStore { db })
-    }
-
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    async fn begin_publish(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        let begin = async {
-            let mut tx = self.db.pool().begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(PUBLISH_LOCK)
-                .execute(&mut *tx)
-                .await?;
-            Ok(tx)
-        };
-        Ok(self.db.uncommitted(begin).await?)
-    }
+/// Starts a publishing transaction: it holds the publish lock until it commits.
+async fn begin_publish(db: &PostgresStore) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let begin = async {
+        let mut tx = db.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PUBLISH_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    };
+    Ok(db.uncommitted(begin).await?)
 }
 
 async fn insert_in(
@@ -93,14 +80,14 @@ impl NoticeStore for PostgresStore {
         notice: NewNotice,
         created_at: DateTime<Utc>,
     ) -> Result<Notice, StoreError> {
-        let mut tx = self.begin_publish().await?;
+        let mut tx = begin_publish(self).await?;
         let publish = async {
             let notice = insert_in(&mut tx, notice, created_at).await?;
             notify_published(&mut tx, notice.id).await?;
             Ok(notice)
         };
-        let notice = self.db.uncommitted(publish).await?;
-        self.db.committing(tx.commit()).await?;
+        let notice = self.uncommitted(publish).await?;
+        self.committing(tx.commit()).await?;
         Ok(notice)
     }
 
@@ -111,21 +98,21 @@ impl NoticeStore for PostgresStore {
             .bind(&notice.to)
             .bind(&notice.from)
             .bind(at.timestamp_millis());
-        let mut connection = self.db.acquire().await?;
-        self.db.committing(query.execute(&mut *connection)).await?;
+        let mut connection = self.acquire().await?;
+        self.committing(query.execute(&mut *connection)).await?;
         Ok(())
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let query = sqlx::query_scalar(sql::NEXT_DUE);
-        let due: Option<i64> = self.db.uncommitted(query.fetch_one(self.db.pool())).await?;
+        let due: Option<i64> = self.uncommitted(query.fetch_one(self.pool())).await?;
         Ok(due.map(crate::notice::from_millis))
     }
 
     async fn claim_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Notice>, StoreError> {
         // Under the publish lock only one instance claims at a time, and the delete commits
         // together with the inserts: each scheduled notice is published exactly once.
-        let mut tx = self.begin_publish().await?;
+        let mut tx = begin_publish(self).await?;
         let claim = async {
             let mut due: Vec<ScheduledRow> = sqlx::query_as(sql::CLAIM_DUE)
                 .bind(now.timestamp_millis())
@@ -142,11 +129,11 @@ impl NoticeStore for PostgresStore {
             }
             Ok(claimed)
         };
-        let claimed = self.db.uncommitted(claim).await?;
+        let claimed = self.uncommitted(claim).await?;
         if claimed.is_empty() {
             return Ok(claimed);
         }
-        self.db.committing(tx.commit()).await?;
+        self.committing(tx.commit()).await?;
         Ok(claimed)
     }
 
@@ -166,10 +153,7 @@ impl NoticeStore for PostgresStore {
                 select = select.bind(topics).bind(&interest.name);
             }
         }
-        let rows = self
-            .db
-            .uncommitted(select.fetch_all(self.db.pool()))
-            .await?;
+        let rows = self.uncommitted(select.fetch_all(self.pool())).await?;
         Ok(rows.into_iter().map(Notice::from).collect())
     }
 
@@ -177,7 +161,7 @@ impl NoticeStore for PostgresStore {
         // MAX(id), not the sequence: an id drawn by a transaction that has not committed yet
         // is above every committed one, and the fan-out must still read it once it commits.
         let query = sqlx::query_scalar("SELECT MAX(id) FROM notices");
-        let last: Option<i64> = self.db.uncommitted(query.fetch_one(self.db.pool())).await?;
+        let last: Option<i64> = self.uncommitted(query.fetch_one(self.pool())).await?;
         Ok(last.unwrap_or(0))
     }
 
@@ -186,14 +170,14 @@ impl NoticeStore for PostgresStore {
         if let Some(max) = retention.max_count {
             pruned += sqlx::query(sql::PRUNE_BEYOND_COUNT)
                 .bind(i64::try_from(max).unwrap_or(i64::MAX))
-                .execute(self.db.pool())
+                .execute(self.pool())
                 .await?
                 .rows_affected();
         }
         if let Some(cutoff) = retention.age_cutoff(now) {
             pruned += sqlx::query(sql::PRUNE_OLDER_THAN)
                 .bind(cutoff.timestamp_millis())
-                .execute(self.db.pool())
+                .execute(self.pool())
                 .await?
                 .rows_affected();
         }
