@@ -93,3 +93,109 @@ async fn a_subscriber_gets_its_topic_a_whisper_and_a_scheduled_notice() {
 fn rfc3339_in(after: Duration) -> String {
     (chrono::Utc::now() + after).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// Restarts the stack's notice-service on the same port and store, keeping only the newest
+/// `keep` notices, and waits until the gateway lists no more than that.
+async fn restart_notices_keeping(stack: &mut Stack, keep: usize) {
+    let store = format!("sqlite:{}", stack.dir.path().join("notices.db").display());
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{}", stack.notice_port.unwrap()),
+        "--distributor".into(),
+        format!("127.0.0.1:{}", stack.distributor_port),
+        "--store".into(),
+        store,
+        "--retain-count".into(),
+        keep.to_string(),
+    ];
+    args.extend(
+        stack
+            .secrets
+            .as_ref()
+            .map(|s| s.cluster_flags())
+            .unwrap_or_default(),
+    );
+    stack.notice.as_mut().unwrap().kill9().await;
+    stack.notice = Some(e2e::Process::spawn("notice", "notice-service", &args));
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(response) = stack.http.get(stack.url("/notices")).send().await {
+                if response.status() == StatusCode::OK {
+                    let listed: Value = response.json().await.unwrap();
+                    if listed["items"].as_array().unwrap().len() <= keep {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the restarted service prunes to its retention");
+}
+
+/// The next event, which must be a `reset`; its data.
+async fn next_reset(stream: &mut EventStream) -> Value {
+    let event = stream.next_within(WAIT).await.unwrap();
+    assert_eq!(event.event.as_deref(), Some("reset"), "{event:?}");
+    assert_eq!(
+        event.id, None,
+        "a reset leaves the browser's Last-Event-ID alone"
+    );
+    event.json()
+}
+
+async fn next_notice_id(stream: &mut EventStream) -> i64 {
+    let event = stream.next_within(WAIT).await.unwrap();
+    assert_eq!(event.event.as_deref(), Some("notice"), "{event:?}");
+    event.json()["id"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_resume_point_the_store_cannot_continue_from_gets_a_reset() {
+    let mut stack = Stack::start(notices_only()).await;
+    let mut checks = Checks::new("honest replay over Server-Sent Events");
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (status, notice) = publish(&stack, json!({"message": format!("n{i}")})).await;
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(notice["id"].as_i64().unwrap());
+    }
+    restart_notices_keeping(&mut stack, 3).await;
+    let stream_url = stack.url("/notices/stream");
+
+    // Retention deleted ids[1] .. ids[2]: reset, then the kept ones, then live.
+    let too_old = ids[0].to_string();
+    let mut old = EventStream::open(&stack.http, &stream_url, Some(&too_old))
+        .await
+        .unwrap();
+    let reset = next_reset(&mut old).await;
+    assert_eq!(reset, json!({"oldest_id": ids[3], "current_id": ids[5]}));
+    for id in &ids[3..] {
+        assert_eq!(next_notice_id(&mut old).await, *id);
+    }
+    checks.pass("a Last-Event-ID older than the oldest kept notice gets reset, then the kept ones");
+
+    // From another database: reset, then nothing stored, only what is published next.
+    let too_new = (ids[5] + 1000).to_string();
+    let mut new = EventStream::open(&stack.http, &stream_url, Some(&too_new))
+        .await
+        .unwrap();
+    let reset = next_reset(&mut new).await;
+    assert_eq!(reset, json!({"oldest_id": ids[3], "current_id": ids[5]}));
+
+    // An ordinary resume point: no reset, just what was missed.
+    let recent = ids[4].to_string();
+    let mut ordinary = EventStream::open(&stack.http, &stream_url, Some(&recent))
+        .await
+        .unwrap();
+    assert_eq!(next_notice_id(&mut ordinary).await, ids[5]);
+
+    let (_, live) = publish(&stack, json!({"message": "live"})).await;
+    let live = live["id"].as_i64().unwrap();
+    for stream in [&mut old, &mut new, &mut ordinary] {
+        assert_eq!(next_notice_id(stream).await, live);
+    }
+    checks.pass("a Last-Event-ID above every published id gets reset, then live notices");
+    checks.pass("an ordinary Last-Event-ID gets no reset");
+}

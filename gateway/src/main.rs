@@ -176,11 +176,9 @@ async fn main() -> anyhow::Result<()> {
         }),
         cluster_secret,
         allow_legacy_nodes: args.allow_legacy_nodes,
-        edge: args.edge.config(
-            args.request_timeout,
-            args.sse_keep_alive,
-            args.cluster.max_connections_per_ip,
-        )?,
+        edge: args
+            .edge
+            .config(args.request_timeout, args.sse_keep_alive, &args.cluster)?,
     };
     let shutdown = CancellationToken::new();
     let server = gateway::run(listener, config, shutdown.clone());
@@ -208,9 +206,16 @@ struct EdgeArgs {
     /// Largest request head, request line and headers (431 above it): bytes, or with a unit.
     #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = gateway::config::parse_byte_size)]
     max_header_bytes: usize,
-    /// Connections served at once; further ones wait until one closes.
-    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = shared::server::MAX_CONNECTIONS)]
-    max_connections: usize,
+    /// The gateway's earlier name for `--max-connections` (which every binary now takes),
+    /// kept so that deployments setting GATEWAY_MAX_CONNECTIONS keep their cap; the shared
+    /// flag wins when both are set.
+    #[arg(
+        long = "gateway-max-connections",
+        env = "GATEWAY_MAX_CONNECTIONS",
+        hide = true,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    legacy_max_connections: Option<u64>,
     /// Browser origins allowed to call the gateway (CORS), such as https://app.example.com;
     /// repeat the flag or separate with commas; `*` for any. None by default.
     #[arg(
@@ -229,14 +234,20 @@ struct EdgeArgs {
 
 impl EdgeArgs {
     /// The checked settings; the answers in flight and the event streams' keep-alives must fit
-    /// in the idle timeout, or it would cut them. `max_connections_per_ip` is the flag every
+    /// in the idle timeout, or it would cut them. The connection caps are the flags every
     /// binary shares (`ClusterArgs`).
     fn config(
         self,
         request_timeout: Duration,
         sse_keep_alive: Duration,
-        max_connections_per_ip: usize,
+        cluster: &ClusterArgs,
     ) -> anyhow::Result<gateway::config::EdgeConfig> {
+        let max_connections_per_ip = cluster.max_connections_per_ip;
+        let caps = ClusterArgs {
+            max_connections: cluster.max_connections.or(self.legacy_max_connections),
+            ..cluster.clone()
+        };
+        let max_connections = caps.max_connections();
         anyhow::ensure!(
             !self.header_timeout.is_zero() && !self.body_timeout.is_zero(),
             "--header-timeout and --body-timeout must be longer than 0"
@@ -248,7 +259,7 @@ impl EdgeArgs {
         anyhow::ensure!(
             self.max_headers > 0
                 && self.max_header_bytes > 0
-                && self.max_connections > 0
+                && max_connections > 0
                 && max_connections_per_ip > 0,
             "--max-headers, --max-header-bytes, --max-connections and --max-connections-per-ip \
              must be at least 1"
@@ -265,7 +276,7 @@ impl EdgeArgs {
             idle_timeout: self.idle_timeout,
             max_headers: self.max_headers,
             max_header_bytes: self.max_header_bytes,
-            max_connections: self.max_connections,
+            max_connections,
             max_connections_per_ip,
             cors,
             tls,

@@ -5,14 +5,32 @@
 //! store is read. Every notice is stored before it is fanned out, and notices are fanned out in
 //! id order, so a notice is either already visible to the replay read or arrives live later;
 //! one that is both is recognised by its id (not above the last one sent) and skipped.
+//!
+//! A resume point the store cannot continue from exactly is never papered over: before the
+//! first notice, [`resume_start`] says so with a [`Reset`] when retention deleted notices after
+//! it (the replay then starts at the oldest kept one) or when it is above every id ever
+//! published (the subscriber talked to another database; it then gets what is published from
+//! now on instead of waiting for ids this store may never reach). That is read before the
+//! subscription exists: the new start is then just another replay point, and the order above
+//! still holds from it.
 
 use std::{collections::VecDeque, sync::Arc};
+
+use serde::Serialize;
 
 use crate::{
     hub::{EndReason, Subscription},
     notice::{Notice, OutgoingNotice},
-    store::{NoticeBackend, NoticeQuery, NoticeStore, Selector, StoreError},
+    store::{NoticeBackend, NoticeQuery, NoticeStore, ResumePoint, Selector, StoreError},
 };
+
+/// What a subscriber whose resume point cannot be continued from exactly is told first (the
+/// `reset` event): the oldest id it can still get and the highest id published so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Reset {
+    pub oldest_id: i64,
+    pub current_id: i64,
+}
 
 /// Stored notices are replayed in pages of this size, so a long catch-up never loads the whole
 /// history into memory.
@@ -24,6 +42,32 @@ pub enum FeedEnd {
     Ended(EndReason),
     #[error("replay failed: {0}")]
     Store(#[from] StoreError),
+}
+
+/// Where a subscription resuming after `after` starts its replay, and the reset it must be
+/// told first, if any. Call it before subscribing: a start read afterwards could lie above a
+/// notice already on its way live, which the feed would then skip as already sent.
+pub async fn resume_start(
+    store: &NoticeBackend,
+    after: Option<i64>,
+) -> Result<(Option<i64>, Option<Reset>), StoreError> {
+    let Some(resume) = after.filter(|after| *after > 0) else {
+        return Ok((after, None));
+    };
+    let bounds = store.id_bounds().await?;
+    let reset = Reset {
+        oldest_id: bounds.oldest_id(),
+        current_id: bounds.current,
+    };
+    Ok(match bounds.resume_point(resume) {
+        ResumePoint::Exact => (after, None),
+        // The replay reads ids above `after`: exactly the kept ones.
+        ResumePoint::TooOld => (after, Some(reset)),
+        // The last committed id, not `current` (on PostgreSQL possibly a publish still
+        // committing): a publish committing later has a larger id, so it is replayed or
+        // arrives live, never skipped.
+        ResumePoint::TooNew => (Some(store.last_id().await?), Some(reset)),
+    })
 }
 
 pub struct Feed {

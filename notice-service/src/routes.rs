@@ -353,11 +353,23 @@ async fn send_notices(
     after: Option<i64>,
     sink: EventSink,
 ) -> Result<Json<Value>, ServiceError> {
+    let (after, reset) = service.resume_start(after).await?;
     let mut feed = service.subscribe(interest, after)?;
     // Accepted: tell the caller now (the gateway then sends its HTTP headers), not only when
     // the first notice comes.
     if sink.open().await.is_err() {
         return Ok(Json(Value::Null));
+    }
+    if let Some(reset) = reset {
+        // No id: a browser keeps its Last-Event-ID until the replay's first notice brings one.
+        let event = Event {
+            id: None,
+            event: Some("reset".into()),
+            data: json!(reset),
+        };
+        if sink.send(event).await.is_err() {
+            return Ok(Json(Value::Null));
+        }
     }
     loop {
         match feed.next().await {

@@ -9,7 +9,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::{
     cluster::Cluster,
-    feed::Feed,
+    feed::{Feed, Reset},
     hub::{Hub, SubscribeError, SubscriberInfo},
     notice::{Interest, NewNotice, Notice, OutgoingNotice},
     store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, StoreError},
@@ -127,6 +127,15 @@ impl NoticeService {
 
     pub async fn list(&self, query: &NoticeQuery) -> Result<Vec<Notice>, StoreError> {
         self.inner.store.query(query).await
+    }
+
+    /// Where a subscriber resuming after `after` starts, and the reset to tell it first
+    /// (`feed::resume_start`); read before [`NoticeService::subscribe`], which takes the start.
+    pub async fn resume_start(
+        &self,
+        after: Option<i64>,
+    ) -> Result<(Option<i64>, Option<Reset>), StoreError> {
+        crate::feed::resume_start(&self.inner.store, after).await
     }
 
     /// Subscribes to live notices first, then (with `after`) replays the stored ones.
@@ -282,6 +291,34 @@ mod tests {
         assert_eq!(feed.next().await.unwrap().id, to_alice.id);
         let live = publish(&service, "live").await;
         assert_eq!(feed.next().await.unwrap().id, live.id);
+    }
+
+    #[tokio::test]
+    async fn a_resume_point_from_another_database_misses_nothing_published_after_it() {
+        let service = service(64);
+        let old = publish(&service, "old").await;
+        let (start, reset) = service.resume_start(Some(old.id + 100)).await.unwrap();
+        assert_eq!(
+            reset,
+            Some(Reset {
+                oldest_id: old.id,
+                current_id: old.id
+            })
+        );
+        assert_eq!(start, Some(old.id));
+        // Published after the start was read and before the subscription exists: the replay
+        // finds it.
+        let between = publish(&service, "between").await;
+        let mut feed = service.subscribe(everyone(), start).unwrap();
+        assert_eq!(feed.next().await.unwrap().id, between.id);
+        let live = publish(&service, "live").await;
+        assert_eq!(feed.next().await.unwrap().id, live.id);
+        // An ordinary resume point is left alone.
+        assert_eq!(
+            service.resume_start(Some(old.id)).await.unwrap(),
+            (Some(old.id), None)
+        );
+        assert_eq!(service.resume_start(None).await.unwrap(), (None, None));
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use notice_service::{
     notice::{Interest, NewNotice, Whispers},
-    store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, Selector, StoreOptions},
+    store::{
+        NoticeBackend, NoticeQuery, NoticeStore, ResumePoint, Retention, Selector, StoreOptions,
+    },
 };
 use shared::testing::{Backend, StoreFixture};
 
@@ -282,6 +284,59 @@ async fn retention_caps_count_and_age_without_reusing_ids(store: Arc<NoticeBacke
     assert!(fresh.id > last, "ids are never reused");
 }
 
+async fn id_bounds_know_the_oldest_kept_and_the_highest_published(store: Arc<NoticeBackend>) {
+    let nothing = store.id_bounds().await.unwrap();
+    assert_eq!(nothing.oldest_kept, None);
+    assert_eq!(nothing.current, 0);
+    assert_eq!(nothing.resume_point(0), ResumePoint::Exact);
+
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            store
+                .insert(new(&format!("b{i}"), None, None), now)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let all_kept = store.id_bounds().await.unwrap();
+    assert_eq!(all_kept.oldest_kept, Some(ids[0]));
+    assert_eq!(all_kept.current, ids[4]);
+
+    let count_cap = Retention {
+        max_count: Some(2),
+        max_age: None,
+    };
+    store.prune(&count_cap, now).await.unwrap();
+    let pruned = store.id_bounds().await.unwrap();
+    assert_eq!(pruned.oldest_kept, Some(ids[3]));
+    assert_eq!(
+        pruned.current, ids[4],
+        "current is not lowered by retention"
+    );
+    assert_eq!(pruned.resume_point(ids[1]), ResumePoint::TooOld);
+    assert_eq!(pruned.resume_point(ids[2]), ResumePoint::Exact);
+    assert_eq!(pruned.resume_point(ids[4] + 1), ResumePoint::TooNew);
+
+    // Every notice deleted: the highest id is still known.
+    let age_cap = Retention {
+        max_count: None,
+        max_age: Some(Duration::from_secs(60)),
+    };
+    store
+        .prune(&age_cap, now + chrono::Duration::seconds(61))
+        .await
+        .unwrap();
+    let emptied = store.id_bounds().await.unwrap();
+    assert_eq!(emptied.oldest_kept, None);
+    assert_eq!(emptied.current, ids[4]);
+    assert_eq!(emptied.oldest_id(), ids[4] + 1);
+    assert_eq!(emptied.resume_point(ids[3]), ResumePoint::TooOld);
+    assert_eq!(emptied.resume_point(ids[4]), ResumePoint::Exact);
+}
+
 /// Notices and schedules written before the store is closed are there when it is opened again,
 /// and ids keep increasing (SQL stores only).
 async fn data_survives_reopening(opened: Opened) {
@@ -311,6 +366,7 @@ shared::store_contract! {
     whispers_are_listed_only_to_their_addressee,
     the_sender_is_kept_now_and_when_scheduled,
     schedules_are_claimed_once_in_due_order,
-    retention_caps_count_and_age_without_reusing_ids;
+    retention_caps_count_and_age_without_reusing_ids,
+    id_bounds_know_the_oldest_kept_and_the_highest_published;
     durable: data_survives_reopening,
 }

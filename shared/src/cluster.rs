@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     codec::{encode_frame, CodecError, PacketCodec},
@@ -48,8 +48,8 @@ use crate::{
     packet::PROTOCOL_VERSION,
     secrets::read_secret_file,
     server::{
-        check_protected_mode, ConnectionLimits, ListenerAdvice, UnprotectedListener,
-        MAX_CONNECTIONS_PER_IP,
+        check_protected_mode, default_max_connections, ConnectionLimits, ListenerAdvice,
+        UnprotectedListener, MAX_CONNECTIONS_PER_IP,
     },
     token::TokenError,
     Packet,
@@ -134,6 +134,11 @@ pub struct ClusterArgs {
     /// Connections one IP address may hold on each listener.
     #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = MAX_CONNECTIONS_PER_IP)]
     pub max_connections_per_ip: usize,
+    /// Connections each listener serves at once; further clients wait in the listen backlog
+    /// until one closes. By default sized from the open-file limit (`ulimit -n`): the limit
+    /// less 5% and 64 descriptors for files and the node's own connections.
+    #[arg(long, env = "MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
 }
 
 /// Why a binary refuses to start with the flags it was given.
@@ -179,12 +184,27 @@ impl ClusterArgs {
         Ok(())
     }
 
+    /// The connection cap of each listener: `--max-connections`, else sized from the
+    /// open-file limit (`server::default_max_connections`). Logged, since a cap set too low
+    /// shows up only as clients that wait.
+    pub fn max_connections(&self) -> usize {
+        let (cap, source) = match self.max_connections {
+            Some(flag) => (
+                usize::try_from(flag).unwrap_or(usize::MAX),
+                "--max-connections",
+            ),
+            None => (default_max_connections(), "the open-file limit"),
+        };
+        info!(max_connections = cap, from = source, "connection cap");
+        cap
+    }
+
     /// The limits of a listener that `protected` says is authenticated (or not).
     pub fn limits(&self, protected: bool) -> ConnectionLimits {
         ConnectionLimits {
+            max_connections: self.max_connections(),
             max_per_ip: self.max_connections_per_ip.max(1),
             loopback_only: !protected && !self.insecure,
-            ..ConnectionLimits::default()
         }
     }
 }

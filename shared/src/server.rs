@@ -3,7 +3,10 @@
 //!
 //! It exists so that the limits one client may hold are enforced once, the same way everywhere:
 //! - at most [`ConnectionLimits::max_connections`] connections at once; further clients wait in
-//!   the listen backlog, so no server can be driven out of file descriptors;
+//!   the listen backlog, so no server can be driven out of file descriptors. The default cap
+//!   ([`default_max_connections`]) is sized from the process's open-file limit, so that raising
+//!   the limit is all it takes to serve more clients, and a low limit never turns into failed
+//!   `accept` calls;
 //! - at most [`ConnectionLimits::max_per_ip`] of them from one IP address; a client over it is
 //!   closed at once, so one address cannot take every slot from the others;
 //! - in protected mode ([`ConnectionLimits::loopback_only`]) only loopback peers are served.
@@ -31,8 +34,88 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-/// Connections served at once by default.
+/// Connections served at once when the open-file limit cannot be read (and by
+/// [`ConnectionLimits::default`], which tests use).
 pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// Descriptors kept back from connections whatever the open-file limit: the listeners, log
+/// and database files, the node's own packet connections, a database pool.
+pub const FILE_RESERVE: u64 = 64;
+
+/// The share of the open-file limit kept back on top of [`FILE_RESERVE`], in percent: room for
+/// what grows with the load (SQLite readers, a pool under pressure). Small enough that a limit
+/// of 20,000 still serves 18,000 clients.
+pub const FILE_HEADROOM_PERCENT: u64 = 5;
+
+/// The cap never goes below this, however low the limit: a server that cannot take a handful
+/// of connections is useless, and accept errors are retried anyway.
+pub const MIN_CONNECTIONS: usize = 16;
+
+/// The cap when the limit is `unlimited`: the semaphore needs a number, and no process serves
+/// more than this on one listener.
+pub const MAX_SIZED_CONNECTIONS: usize = 1 << 20;
+
+/// The connection cap for an open-file soft limit (`None`: unlimited): the limit less
+/// [`FILE_HEADROOM_PERCENT`] and [`FILE_RESERVE`], never below [`MIN_CONNECTIONS`].
+pub fn connections_for_file_limit(soft_limit: Option<u64>) -> usize {
+    let Some(limit) = soft_limit else {
+        return MAX_SIZED_CONNECTIONS;
+    };
+    let headroom = limit / 100 * FILE_HEADROOM_PERCENT + limit % 100 * FILE_HEADROOM_PERCENT / 100;
+    let usable = limit.saturating_sub(headroom).saturating_sub(FILE_RESERVE);
+    usize::try_from(usable)
+        .unwrap_or(MAX_SIZED_CONNECTIONS)
+        .clamp(MIN_CONNECTIONS, MAX_SIZED_CONNECTIONS)
+}
+
+/// The default connection cap: sized from this process's open-file soft limit
+/// ([`connections_for_file_limit`]), or [`MAX_CONNECTIONS`] where the limit cannot be read.
+pub fn default_max_connections() -> usize {
+    match open_file_limit() {
+        Ok(limit) => connections_for_file_limit(limit),
+        Err(err) => {
+            debug!(%err, "open-file limit unknown; using the fixed connection cap");
+            MAX_CONNECTIONS
+        }
+    }
+}
+
+/// Why the open-file limit could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileLimitError {
+    #[error("cannot read /proc/self/limits: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("/proc/self/limits has no readable \"Max open files\" line")]
+    Malformed,
+}
+
+/// The largest `/proc/self/limits` we read; the real file is under 2 KiB.
+const LIMITS_FILE_MAX: u64 = 16 * 1024;
+
+/// This process's open-file soft limit (RLIMIT_NOFILE); `None` when unlimited. Read from
+/// `/proc/self/limits` (Linux), which needs no binding to `getrlimit`.
+pub fn open_file_limit() -> Result<Option<u64>, FileLimitError> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open("/proc/self/limits")?
+        .take(LIMITS_FILE_MAX)
+        .read_to_string(&mut text)?;
+    parse_open_file_limit(&text).ok_or(FileLimitError::Malformed)
+}
+
+/// The soft limit of the `Max open files` line of a `/proc/self/limits` text: `Some(None)` for
+/// `unlimited`, `None` when the line is missing or not a number.
+fn parse_open_file_limit(limits: &str) -> Option<Option<u64>> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    match line
+        .strip_prefix("Max open files")?
+        .split_whitespace()
+        .next()?
+    {
+        "unlimited" => Some(None),
+        soft => soft.parse().ok().map(Some),
+    }
+}
 
 /// Connections from one IP address by default: generous, since a gateway or a load balancer
 /// in front of us is one address carrying many clients.
@@ -273,6 +356,38 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_room_below_the_open_file_limit() {
+        // The machine the scale target is measured on: 18,000 subscribers must fit.
+        assert_eq!(connections_for_file_limit(Some(20_000)), 18_936);
+        // The usual default soft limit.
+        assert_eq!(connections_for_file_limit(Some(1_024)), 909);
+        assert_eq!(connections_for_file_limit(Some(1_048_576)), 996_084);
+        // A tiny limit still serves a few; unlimited gets the ceiling.
+        assert_eq!(connections_for_file_limit(Some(50)), MIN_CONNECTIONS);
+        assert_eq!(connections_for_file_limit(Some(0)), MIN_CONNECTIONS);
+        assert_eq!(connections_for_file_limit(None), MAX_SIZED_CONNECTIONS);
+        assert_eq!(
+            connections_for_file_limit(Some(u64::MAX)),
+            MAX_SIZED_CONNECTIONS
+        );
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            20000                524288               files     \n";
+        assert_eq!(parse_open_file_limit(text), Some(Some(20_000)));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_open_file_limit(unlimited), Some(None));
+        assert_eq!(parse_open_file_limit("Max open files  lots  files\n"), None);
+        assert_eq!(parse_open_file_limit("Max processes 100 100\n"), None);
+        // This process's own limit is readable on Linux, and is a number or unlimited.
+        assert!(open_file_limit().is_ok());
+    }
 
     #[test]
     fn loopback_addresses_are_recognised() {

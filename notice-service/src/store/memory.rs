@@ -11,7 +11,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 
-use super::{NoticeQuery, NoticeStore, Retention, StoreError};
+use super::{IdBounds, NoticeQuery, NoticeStore, Retention, StoreError};
 use crate::notice::{NewNotice, Notice};
 
 /// Scheduled notices wait in memory here, so their number needs a cap of its own.
@@ -117,6 +117,14 @@ impl NoticeStore for MemoryStore {
 
     async fn last_id(&self) -> Result<i64, StoreError> {
         Ok(self.state().last_id)
+    }
+
+    async fn id_bounds(&self) -> Result<IdBounds, StoreError> {
+        let state = self.state();
+        Ok(IdBounds {
+            oldest_kept: state.notices.front().map(|n| n.id),
+            current: state.last_id,
+        })
     }
 
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {

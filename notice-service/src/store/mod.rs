@@ -60,6 +60,53 @@ impl NoticeQuery {
     }
 }
 
+/// Where the kept notices start and how far ids have gone: what decides whether a subscriber's
+/// resume point can be continued from exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdBounds {
+    /// The smallest id still stored; `None` when no notice is kept.
+    pub oldest_kept: Option<i64>,
+    /// The highest id ever published (0 when none), including ones retention deleted since.
+    pub current: i64,
+}
+
+/// How a resume point (`after`) relates to what the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumePoint {
+    /// Every notice after it that was ever published is still stored (or none was deleted that
+    /// the reader could have missed): replay continues exactly.
+    Exact,
+    /// Notices after it were deleted by retention: a replay would skip them.
+    TooOld,
+    /// Above every id ever published: the reader talked to another database.
+    TooNew,
+}
+
+impl IdBounds {
+    /// The oldest id a reader can still get: the oldest kept, or the next to be published when
+    /// none is kept.
+    pub fn oldest_id(&self) -> i64 {
+        self.oldest_kept.unwrap_or(self.current + 1)
+    }
+
+    /// Ids come from one increasing sequence, so a resume point just below the oldest kept
+    /// notice missed nothing, and one further below missed what retention deleted. `after` 0
+    /// asks for everything there is and is always exact. (PostgreSQL can skip an id when a
+    /// publish fails; a skipped id just below the oldest kept one then reads as deleted, so
+    /// the error is a needless reset, never a silent gap.)
+    pub fn resume_point(&self, after: i64) -> ResumePoint {
+        if after <= 0 {
+            ResumePoint::Exact
+        } else if after > self.current {
+            ResumePoint::TooNew
+        } else if after < self.oldest_id() - 1 {
+            ResumePoint::TooOld
+        } else {
+            ResumePoint::Exact
+        }
+    }
+}
+
 /// The cap on stored notices. `None` means no cap of that kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
@@ -126,6 +173,9 @@ pub trait NoticeStore: Send + Sync {
     /// An id that every notice committed from now on will exceed: the largest committed id
     /// (0 when none). The cluster fan-out starts reading after it.
     fn last_id(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// The oldest kept id and the highest id ever published, read together.
+    fn id_bounds(&self) -> impl Future<Output = Result<IdBounds, StoreError>> + Send;
 
     /// Deletes notices beyond the retention cap and returns how many went.
     fn prune(
@@ -251,6 +301,14 @@ impl NoticeStore for NoticeBackend {
         }
     }
 
+    async fn id_bounds(&self) -> Result<IdBounds, StoreError> {
+        match self {
+            NoticeBackend::Memory(store) => store.id_bounds().await,
+            NoticeBackend::Sqlite(store) => store.id_bounds().await,
+            NoticeBackend::Postgres(store) => store.id_bounds().await,
+        }
+    }
+
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {
         match self {
             NoticeBackend::Memory(store) => store.prune(retention, now).await,
@@ -326,6 +384,12 @@ mod sql {
              ORDER BY due_at, id LIMIT $2)
          RETURNING id, message, topic, recipient, sender, due_at";
 
+    /// The oldest kept id and, as a second column, the largest id of the `current` expression
+    /// each backend passes: both may be NULL.
+    pub fn id_bounds(current: &str) -> String {
+        format!("SELECT (SELECT MIN(id) FROM notices), {current}")
+    }
+
     /// Binds the number of notices to keep.
     pub const PRUNE_BEYOND_COUNT: &str = "DELETE FROM notices WHERE id <= (
              SELECT id FROM notices ORDER BY id DESC LIMIT 1 OFFSET $1)";
@@ -354,5 +418,42 @@ mod sql {
             "SELECT id, message, topic, recipient, sender, created_at FROM notices
              WHERE id > $3 AND {visible} {selected} ORDER BY id LIMIT $4"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_points_are_classified_against_the_kept_ids() {
+        let kept = IdBounds {
+            oldest_kept: Some(10),
+            current: 20,
+        };
+        assert_eq!(kept.resume_point(0), ResumePoint::Exact, "from the start");
+        assert_eq!(kept.resume_point(8), ResumePoint::TooOld, "9 was deleted");
+        assert_eq!(kept.resume_point(9), ResumePoint::Exact);
+        assert_eq!(kept.resume_point(15), ResumePoint::Exact);
+        assert_eq!(kept.resume_point(20), ResumePoint::Exact, "up to date");
+        assert_eq!(kept.resume_point(21), ResumePoint::TooNew);
+
+        let never = IdBounds {
+            oldest_kept: None,
+            current: 0,
+        };
+        assert_eq!(never.resume_point(0), ResumePoint::Exact);
+        assert_eq!(never.resume_point(1), ResumePoint::TooNew);
+        assert_eq!(never.oldest_id(), 1);
+
+        // Everything published was deleted since.
+        let emptied = IdBounds {
+            oldest_kept: None,
+            current: 7,
+        };
+        assert_eq!(emptied.oldest_id(), 8);
+        assert_eq!(emptied.resume_point(6), ResumePoint::TooOld);
+        assert_eq!(emptied.resume_point(7), ResumePoint::Exact);
+        assert_eq!(emptied.resume_point(8), ResumePoint::TooNew);
     }
 }

@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{migrate::Migrator, Postgres, Transaction};
 
 use super::{
-    sql, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector, StoreError,
+    sql, IdBounds, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector,
+    StoreError,
 };
 use crate::notice::{NewNotice, Notice};
 
@@ -163,6 +164,23 @@ impl NoticeStore for PostgresStore {
         let query = sqlx::query_scalar("SELECT MAX(id) FROM notices");
         let last: Option<i64> = self.uncommitted(query.fetch_one(self.pool())).await?;
         Ok(last.unwrap_or(0))
+    }
+
+    async fn id_bounds(&self) -> Result<IdBounds, StoreError> {
+        // The identity sequence remembers the highest id drawn after retention deleted every
+        // row; it may be a publish still committing (or one rolled back), which only makes
+        // `current` a little higher than the committed notices.
+        let sql = sql::id_bounds(
+            "GREATEST((SELECT MAX(id) FROM notices),
+                      pg_sequence_last_value(pg_get_serial_sequence('notices', 'id')))",
+        );
+        let query = sqlx::query_as(&sql);
+        let (oldest_kept, current): (Option<i64>, Option<i64>) =
+            self.uncommitted(query.fetch_one(self.pool())).await?;
+        Ok(IdBounds {
+            oldest_kept,
+            current: current.unwrap_or(0),
+        })
     }
 
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {

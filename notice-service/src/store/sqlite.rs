@@ -15,8 +15,8 @@ use sqlx::{
 };
 
 use super::{
-    sql, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector, StoreError,
-    StoreOptions,
+    sql, IdBounds, NoticeQuery, NoticeRow, NoticeStore, Retention, ScheduledRow, Selector,
+    StoreError, StoreOptions,
 };
 use crate::notice::{NewNotice, Notice};
 
@@ -144,6 +144,18 @@ impl NoticeStore for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(seq.unwrap_or(0))
+    }
+
+    async fn id_bounds(&self) -> Result<IdBounds, StoreError> {
+        // One statement, so both come from the same snapshot; sqlite_sequence keeps the highest
+        // id after retention deleted its row.
+        let sql = sql::id_bounds("(SELECT seq FROM sqlite_sequence WHERE name = 'notices')");
+        let (oldest_kept, current): (Option<i64>, Option<i64>) =
+            sqlx::query_as(&sql).fetch_one(&self.pool).await?;
+        Ok(IdBounds {
+            oldest_kept,
+            current: current.unwrap_or(0),
+        })
     }
 
     async fn prune(&self, retention: &Retention, now: DateTime<Utc>) -> Result<u64, StoreError> {
