@@ -4,15 +4,13 @@
 //! and nothing crashes.
 
 mod common;
+mod process;
 
 use common::{Distributor, Gateway, Service, PROMPTLY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::service::{Event, Response, Router};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    time::timeout,
-};
+use tokio::time::timeout;
 
 /// A stream whose events carry ids and names that try to end their line and start new fields.
 fn forging_router() -> Router {
@@ -81,35 +79,22 @@ async fn line_breaks_and_nuls_never_reach_sse_fields() {
 async fn request_ids_that_are_not_plain_text_are_replaced() {
     let distributor = Distributor::start().await;
     let gateway = Gateway::start(distributor.addr, |_| {}).await;
-    let addr = gateway.url("").trim_start_matches("http://").to_owned();
+    let addr = gateway
+        .url("")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
 
     // Raw bytes, as no HTTP library would send them: obs-text and a tab inside the id.
-    let mut socket = tokio::net::TcpStream::connect(addr.as_str()).await.unwrap();
-    socket
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\xffb\tc\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    timeout(PROMPTLY, socket.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let request =
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\xffb\tc\r\nConnection: close\r\n\r\n";
+    let answer = process::exchange(addr, request.to_vec()).await.text;
     assert!(!answer.contains('\u{fffd}'), "{answer}");
     assert!(!answer.contains("a\tb"), "{answer}");
 
     // A CR or LF cannot even be sent inside a header value: the request is refused whole.
-    let mut socket = tokio::net::TcpStream::connect(addr.as_str()).await.unwrap();
-    socket
-        .write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\rInjected: 1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    timeout(PROMPTLY, socket.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\rInjected: 1\r\n\r\n";
+    let answer = process::exchange(addr, request.to_vec()).await.text;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(
         !answer.to_ascii_lowercase().contains("injected"),

@@ -20,7 +20,7 @@ use shared::{
         serve, with_state, Created, Event, EventSink, Json, Request, Response, Router,
         ServiceConfig, ServiceError,
     },
-    ClientError, Dialect, Packet, PacketClient,
+    ClientError, Dialect, Packet, PacketClient, ResponseStream,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -365,6 +365,15 @@ async fn the_runtime_echoes_heartbeats() {
 }
 
 /// Sends `count` events (ids 0.., event "tick"), then ends with `{"count": count}`.
+/// The stream's next packet, which must come within [`PROMPTLY`] and not be an error.
+async fn next_packet(stream: &mut ResponseStream) -> Packet {
+    timeout(PROMPTLY, stream.next())
+        .await
+        .expect("a packet in time")
+        .expect("the stream has not ended")
+        .expect("the stream did not fail")
+}
+
 fn counting_router() -> Router {
     Router::new().stream(
         "GET",
@@ -395,11 +404,7 @@ async fn a_stream_sends_its_events_in_order_then_an_end_packet() {
         .await
         .unwrap();
     for i in 0..50u64 {
-        let event = timeout(PROMPTLY, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let event = next_packet(&mut stream).await;
         assert!(event.stream, "events carry stream:true: {event:?}");
         assert!(!event.end);
         assert_eq!(event.id, Some(json!(i)));
@@ -407,11 +412,7 @@ async fn a_stream_sends_its_events_in_order_then_an_end_packet() {
         assert_eq!(event.params, json!({"i": i}));
         assert_eq!(event.uri, "/count");
     }
-    let end = timeout(PROMPTLY, stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let end = next_packet(&mut stream).await;
     assert!(end.end, "{end:?}");
     assert_eq!(end.status(), 200);
     assert_eq!(end.params, json!({"count": 50}));
@@ -554,11 +555,7 @@ async fn typed_answers_and_named_errors_travel_as_their_statuses() {
         .stream(Packet::request("GET", "/names/stream", Value::Null))
         .await
         .unwrap();
-    let end = timeout(PROMPTLY, stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let end = next_packet(&mut stream).await;
     assert!(end.end, "{end:?}");
     assert_eq!(
         (end.status, end.error.as_deref()),
@@ -577,11 +574,7 @@ async fn a_stream_refused_before_it_opens_ends_with_its_error() {
         .stream(Packet::request("GET", "/picky", Value::Null))
         .await
         .unwrap();
-    let end = timeout(PROMPTLY, stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let end = next_packet(&mut stream).await;
     assert!(end.end, "{end:?}");
     assert_eq!(end.status, Some(400));
     assert_eq!(end.error.as_deref(), Some("no topic given"));
@@ -615,11 +608,7 @@ async fn dropping_a_response_stream_cancels_the_handler() {
         .stream(Packet::request("GET", "/forever", Value::Null))
         .await
         .unwrap();
-    let first = timeout(PROMPTLY, stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = next_packet(&mut stream).await;
     assert_eq!(first.params, "first");
     assert!(dropped.try_recv().is_err(), "the handler still runs");
 

@@ -57,15 +57,7 @@ impl NoticeStore for SqliteStore {
         notice: NewNotice,
         created_at: DateTime<Utc>,
     ) -> Result<Notice, StoreError> {
-        let id: i64 = sqlx::query_scalar(sql::INSERT)
-            .bind(&notice.message)
-            .bind(&notice.topic)
-            .bind(&notice.to)
-            .bind(&notice.from)
-            .bind(created_at.timestamp_millis())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(notice.stored(id, created_at))
+        Ok(insert_in(&self.pool, notice, created_at).await?)
     }
 
     async fn schedule(&self, notice: NewNotice, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -99,16 +91,7 @@ impl NoticeStore for SqliteStore {
         due.sort_by_key(|row| (row.due_at, row.id));
         let mut claimed = Vec::with_capacity(due.len());
         for row in due {
-            let notice = row.into_new();
-            let id: i64 = sqlx::query_scalar(sql::INSERT)
-                .bind(&notice.message)
-                .bind(&notice.topic)
-                .bind(&notice.to)
-                .bind(&notice.from)
-                .bind(now.timestamp_millis())
-                .fetch_one(&mut *tx)
-                .await?;
-            claimed.push(notice.stored(id, now));
+            claimed.push(insert_in(&mut *tx, row.into_new(), now).await?);
         }
         tx.commit().await?;
         Ok(claimed)
@@ -176,4 +159,21 @@ impl NoticeStore for SqliteStore {
         }
         Ok(pruned)
     }
+}
+
+/// Stores `notice` as published at `created_at`, on the pool or inside a claim's transaction.
+async fn insert_in(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    notice: NewNotice,
+    created_at: DateTime<Utc>,
+) -> Result<Notice, sqlx::Error> {
+    let id: i64 = sqlx::query_scalar(sql::INSERT)
+        .bind(&notice.message)
+        .bind(&notice.topic)
+        .bind(&notice.to)
+        .bind(&notice.from)
+        .bind(created_at.timestamp_millis())
+        .fetch_one(executor)
+        .await?;
+    Ok(notice.stored(id, created_at))
 }
