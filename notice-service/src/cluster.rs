@@ -11,27 +11,50 @@
 //! Presence: each instance mirrors its hub's subscribers into `notice_subscribers` and keeps a
 //! heartbeat in `notice_instances`. Presence lists this instance's hub plus the rows of the
 //! other instances whose heartbeat is fresh; an instance that died without cleaning up is
-//! ignored after `STALE_AFTER` (15 s) and deleted (its subscribers cascade) after twice that.
+//! deleted (its subscribers cascade) by the others once its heartbeat is `STALE_AFTER` (15 s)
+//! old.
 //!
-//! Kick: the instance that receives it kicks its own subscribers, counts the other instances'
-//! subscribers of that name, and tells them with `NOTIFY notice_kick`.
+//! Presence events: every change to the rows (subscribers arriving, leaving, renamed, an
+//! instance stopping or found dead) runs in one transaction that first takes an advisory lock,
+//! reads which (name, topic) pairs are present among the names it touches, changes the rows,
+//! reads them again, and records the difference as `join`/`leave` rows in
+//! `notice_presence_events`, then `NOTIFY notice_presence`. Under the lock, changes are decided
+//! one at a time against every instance's rows, so a name with tabs on two instances joins once
+//! and leaves once; the events' ids commit in order, so each instance fans them out like
+//! notices: everything after the last one it read, exactly once.
+//!
+//! Kick and rename: the instance that receives one applies it to its own subscribers, counts
+//! the other instances' subscribers of that name, and tells them with `NOTIFY notice_kick` or
+//! `NOTIFY notice_rename`.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::{postgres::PgListener, PgPool, Postgres, Row, Transaction};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    hub::{Hub, PresenceChange, SubscriberInfo},
+    hub::{
+        Hub, LocalSubscriber, NameClaim, PresenceChange, PresenceEvent, PresenceKind,
+        SubscriberInfo,
+    },
     notice::{from_millis, OutgoingNotice, Whispers},
     store::{NoticeBackend, NoticeQuery, NoticeStore, Selector, StoreError, PUBLISHED_CHANNEL},
 };
 
 /// NOTIFY channel asking the other instances to kick a name.
 const KICK_CHANNEL: &str = "notice_kick";
+/// NOTIFY channel asking the other instances to rename a name's subscribers.
+const RENAME_CHANNEL: &str = "notice_rename";
+/// NOTIFY channel announcing new rows in `notice_presence_events`.
+const PRESENCE_CHANNEL: &str = "notice_presence";
+/// The advisory lock every presence change takes (any fixed number; "notice" in ASCII).
+const PRESENCE_LOCK: i64 = 0x6e6f_7469_6365;
+/// How long presence events are kept: far longer than any instance takes to read them.
+const PRESENCE_EVENTS_KEPT: Duration = Duration::from_secs(600);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// An instance whose heartbeat is older than this no longer counts as present.
 const STALE_AFTER: Duration = Duration::from_secs(15);
@@ -43,6 +66,13 @@ const FAN_OUT_BATCH: u32 = 1000;
 #[derive(Serialize, Deserialize)]
 struct KickMessage {
     name: String,
+    origin: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RenameMessage {
+    from: String,
+    to: String,
     origin: String,
 }
 
@@ -78,15 +108,25 @@ impl Cluster {
             .await?;
         let mut listener = PgListener::connect_with(&pool).await?;
         listener
-            .listen_all([PUBLISHED_CHANNEL, KICK_CHANNEL])
+            .listen_all([
+                PUBLISHED_CHANNEL,
+                KICK_CHANNEL,
+                RENAME_CHANNEL,
+                PRESENCE_CHANNEL,
+            ])
             .await?;
-        // Read after LISTEN: a notice committed in between is both announced and above it.
+        // Read after LISTEN: a notice or event committed in between is both announced and above.
         let last_fanned_out = store.last_id().await?;
+        let (last_presence_event,): (i64,) =
+            sqlx::query_as("SELECT coalesce(max(id), 0) FROM notice_presence_events")
+                .fetch_one(&pool)
+                .await?;
         info!(instance = %instance_id, "joined the notice cluster");
         let cluster = Cluster { pool, instance_id };
         let listener = ClusterListener {
             listener,
             last_fanned_out,
+            last_presence_event,
         };
         Ok((cluster, listener))
     }
@@ -112,10 +152,10 @@ impl Cluster {
             .collect())
     }
 
-    /// Asks the other instances to kick `name`; returns how many subscribers they have by it.
-    pub async fn kick_remote(&self, name: &str) -> Result<usize, StoreError> {
-        let (count,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM notice_subscribers s
+    /// How the other live instances' subscribers hold `name`.
+    async fn remote_claims(&self, name: &str) -> Result<Vec<NameClaim>, StoreError> {
+        let rows: Vec<(bool, Option<String>)> = sqlx::query_as(
+            "SELECT s.chosen, s.client FROM notice_subscribers s
              JOIN notice_instances i ON i.instance_id = s.instance_id
              WHERE s.name = $1 AND s.instance_id <> $2
                AND i.heartbeat_at > now() - make_interval(secs => $3)",
@@ -123,31 +163,99 @@ impl Cluster {
         .bind(name)
         .bind(&self.instance_id)
         .bind(STALE_AFTER.as_secs_f64())
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(chosen, client)| match chosen {
+                true => NameClaim::Chosen { client },
+                false => NameClaim::Entitled,
+            })
+            .collect())
+    }
+
+    /// Whether a subscriber of another instance holds `name` in a way `claim` may not share.
+    /// (Two instances checking the same new name at the same moment can both find it free:
+    /// the check is as exact as one instance's only when the claims are a moment apart.)
+    pub async fn name_taken(&self, name: &str, claim: &NameClaim) -> Result<bool, StoreError> {
+        let holders = self.remote_claims(name).await?;
+        Ok(holders.iter().any(|holder| !claim.may_share_with(holder)))
+    }
+
+    /// Asks the other instances to kick `name`; returns how many subscribers they have by it.
+    pub async fn kick_remote(&self, name: &str) -> Result<usize, StoreError> {
+        let message = KickMessage {
+            name: name.to_string(),
+            origin: self.instance_id.clone(),
+        };
+        self.tell_holders(name, KICK_CHANNEL, &message).await
+    }
+
+    /// Asks the other instances to rename `from`'s subscribers to `to`; returns how many
+    /// subscribers they have by `from`.
+    pub async fn rename_remote(&self, from: &str, to: &str) -> Result<usize, StoreError> {
+        let message = RenameMessage {
+            from: from.to_string(),
+            to: to.to_string(),
+            origin: self.instance_id.clone(),
+        };
+        self.tell_holders(from, RENAME_CHANNEL, &message).await
+    }
+
+    /// Sends `message` on `channel` when other instances have subscribers named `name`;
+    /// returns how many they have.
+    async fn tell_holders(
+        &self,
+        name: &str,
+        channel: &str,
+        message: &impl Serialize,
+    ) -> Result<usize, StoreError> {
+        let count = self.remote_claims(name).await?.len();
         if count > 0 {
-            let message = KickMessage {
-                name: name.to_string(),
-                origin: self.instance_id.clone(),
-            };
             sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(KICK_CHANNEL)
-                .bind(serde_json::to_string(&message).expect("strings serialize"))
+                .bind(channel)
+                .bind(serde_json::to_string(message).expect("strings serialize"))
                 .execute(&self.pool)
                 .await?;
         }
-        Ok(usize::try_from(count).unwrap_or(0))
+        Ok(count)
     }
 
     /// Removes this instance (and so its presence rows) on a clean shutdown.
     async fn leave(&self) {
-        let left = sqlx::query("DELETE FROM notice_instances WHERE instance_id = $1")
-            .bind(&self.instance_id)
-            .execute(&self.pool)
-            .await;
-        if let Err(err) = left {
+        if let Err(err) = self.remove_instances(InstanceSet::This).await {
             warn!(%err, "could not remove this instance from presence");
         }
+    }
+
+    /// Deletes this instance or the stale ones, with the leave events of their subscribers.
+    async fn remove_instances(&self, which: InstanceSet) -> Result<(), StoreError> {
+        let condition = match which {
+            InstanceSet::This => "instance_id = $1::text",
+            InstanceSet::Stale => "heartbeat_at < now() - make_interval(secs => $1::float8)",
+        };
+        let bind = |query| match which {
+            InstanceSet::This => sqlx::query(query).bind(self.instance_id.clone()),
+            InstanceSet::Stale => sqlx::query(query).bind(STALE_AFTER.as_secs_f64()),
+        };
+        let mut change = PresenceTransaction::begin(&self.pool).await?;
+        let select = format!(
+            "SELECT DISTINCT name FROM notice_subscribers WHERE name IS NOT NULL
+               AND instance_id IN (SELECT instance_id FROM notice_instances WHERE {condition})"
+        );
+        let names = bind(&select).fetch_all(&mut *change.tx).await?;
+        change
+            .touching(names.iter().map(|row| row.get::<String, _>(0)))
+            .await?;
+        let delete = format!("DELETE FROM notice_instances WHERE {condition}");
+        let deleted = bind(&delete).execute(&mut *change.tx).await?;
+        if which == InstanceSet::Stale && deleted.rows_affected() > 0 {
+            info!(
+                instances = deleted.rows_affected(),
+                "removed instances whose heartbeat stopped; their subscribers left"
+            );
+        }
+        change.commit().await
     }
 
     /// Refreshes the heartbeat, recreating the row if others deleted it as stale; returns
@@ -161,22 +269,54 @@ impl Cluster {
         .bind(&self.instance_id)
         .fetch_one(&self.pool)
         .await?;
-        sqlx::query(
-            "DELETE FROM notice_instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
+        let (any_stale,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM notice_instances
+                            WHERE heartbeat_at < now() - make_interval(secs => $1))",
         )
-        .bind(2.0 * STALE_AFTER.as_secs_f64())
-        .execute(&self.pool)
+        .bind(STALE_AFTER.as_secs_f64())
+        .fetch_one(&self.pool)
         .await?;
+        if any_stale {
+            self.remove_instances(InstanceSet::Stale).await?;
+        }
+        sqlx::query("DELETE FROM notice_presence_events WHERE at < $1")
+            .bind(Utc::now().timestamp_millis() - PRESENCE_EVENTS_KEPT.as_millis() as i64)
+            .execute(&self.pool)
+            .await?;
         Ok(recreated)
     }
 
     async fn apply(&self, changes: &[PresenceChange]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for change in changes {
-            match change {
+        let mut change = PresenceTransaction::begin(&self.pool).await?;
+        let left: Vec<i64> = changes
+            .iter()
+            .filter_map(|change| match change {
+                PresenceChange::Left(id) => Some(*id as i64),
+                PresenceChange::Joined(_) => None,
+            })
+            .collect();
+        let leaving: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT name FROM notice_subscribers
+             WHERE instance_id = $1 AND subscriber_id = ANY($2) AND name IS NOT NULL",
+        )
+        .bind(&self.instance_id)
+        .bind(&left)
+        .fetch_all(&mut *change.tx)
+        .await?;
+        let joining = changes.iter().filter_map(|change| match change {
+            PresenceChange::Joined(present) => present.info.name.clone(),
+            PresenceChange::Left(_) => None,
+        });
+        let names: Vec<String> = leaving
+            .into_iter()
+            .map(|(name,)| name)
+            .chain(joining)
+            .collect();
+        change.touching(names).await?;
+        for each in changes {
+            match each {
                 PresenceChange::Joined(present) => {
-                    insert_subscriber(&mut tx, &self.instance_id, present.id, &present.info)
-                        .await?;
+                    insert_subscriber(&mut change.tx, &self.instance_id, present).await?;
                 }
                 PresenceChange::Left(id) => {
                     sqlx::query(
@@ -185,45 +325,160 @@ impl Cluster {
                     )
                     .bind(&self.instance_id)
                     .bind(*id as i64)
-                    .execute(&mut *tx)
+                    .execute(&mut *change.tx)
                     .await?;
                 }
             }
         }
-        tx.commit().await?;
-        Ok(())
+        change.commit().await
     }
 
     /// Rewrites this instance's presence rows from the hub, after a failure left them unsure.
     async fn resync(&self, hub: &Hub) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut change = PresenceTransaction::begin(&self.pool).await?;
+        let present = hub.presence();
+        let listed: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT name FROM notice_subscribers
+             WHERE instance_id = $1 AND name IS NOT NULL",
+        )
+        .bind(&self.instance_id)
+        .fetch_all(&mut *change.tx)
+        .await?;
+        let names = listed
+            .into_iter()
+            .map(|(name,)| name)
+            .chain(present.iter().filter_map(|p| p.info.name.clone()));
+        change.touching(names).await?;
         sqlx::query("DELETE FROM notice_subscribers WHERE instance_id = $1")
             .bind(&self.instance_id)
+            .execute(&mut *change.tx)
+            .await?;
+        for subscriber in &present {
+            insert_subscriber(&mut change.tx, &self.instance_id, subscriber).await?;
+        }
+        change.commit().await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InstanceSet {
+    This,
+    Stale,
+}
+
+/// One change to the presence rows, with the join/leave events it causes (see the module doc).
+/// Call [`PresenceTransaction::touching`] with every name whose rows will change, before
+/// changing them, then [`PresenceTransaction::commit`].
+struct PresenceTransaction {
+    tx: Transaction<'static, Postgres>,
+    names: Vec<String>,
+    before: BTreeSet<(String, String)>,
+}
+
+impl PresenceTransaction {
+    async fn begin(pool: &PgPool) -> Result<PresenceTransaction, StoreError> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PRESENCE_LOCK)
             .execute(&mut *tx)
             .await?;
-        for present in hub.presence() {
-            insert_subscriber(&mut tx, &self.instance_id, present.id, &present.info).await?;
+        Ok(PresenceTransaction {
+            tx,
+            names: Vec::new(),
+            before: BTreeSet::new(),
+        })
+    }
+
+    async fn touching(
+        &mut self,
+        names: impl IntoIterator<Item = String>,
+    ) -> Result<(), StoreError> {
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort();
+        names.dedup();
+        self.before = present_pairs(&mut self.tx, &names).await?;
+        self.names = names;
+        Ok(())
+    }
+
+    async fn commit(mut self) -> Result<(), StoreError> {
+        let after = present_pairs(&mut self.tx, &self.names).await?;
+        let at = Utc::now().timestamp_millis();
+        let mut events = 0;
+        let changed = self
+            .before
+            .difference(&after)
+            .map(|pair| (PresenceKind::Leave, pair))
+            .chain(
+                after
+                    .difference(&self.before)
+                    .map(|pair| (PresenceKind::Join, pair)),
+            );
+        for (kind, (name, topic)) in changed {
+            sqlx::query(
+                "INSERT INTO notice_presence_events (kind, name, topic, at)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(kind.event_name())
+            .bind(name)
+            .bind(topic)
+            .bind(at)
+            .execute(&mut *self.tx)
+            .await?;
+            events += 1;
         }
-        tx.commit().await?;
+        if events > 0 {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(PRESENCE_CHANNEL)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await?;
         Ok(())
     }
 }
 
+/// The (name, topic) pairs present among `names` on every instance still listed.
+async fn present_pairs(
+    tx: &mut Transaction<'static, Postgres>,
+    names: &[String],
+) -> Result<BTreeSet<(String, String)>, StoreError> {
+    if names.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let pairs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT s.name, t.topic FROM notice_subscribers s
+         CROSS JOIN LATERAL jsonb_array_elements_text(s.topics::jsonb) AS t(topic)
+         WHERE s.name = ANY($1)",
+    )
+    .bind(names)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(pairs.into_iter().collect())
+}
+
 async fn insert_subscriber(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    tx: &mut Transaction<'static, Postgres>,
     instance_id: &str,
-    id: u64,
-    info: &SubscriberInfo,
+    subscriber: &LocalSubscriber,
 ) -> Result<(), StoreError> {
+    let info = &subscriber.info;
+    let (chosen, client) = match &subscriber.claim {
+        NameClaim::Entitled => (false, None),
+        NameClaim::Chosen { client } => (true, client.as_deref()),
+    };
     sqlx::query(
-        "INSERT INTO notice_subscribers (instance_id, subscriber_id, name, topics, since)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO notice_subscribers
+           (instance_id, subscriber_id, name, topics, since, chosen, client)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
     )
     .bind(instance_id)
-    .bind(id as i64)
+    .bind(subscriber.id as i64)
     .bind(&info.name)
     .bind(serde_json::to_string(&info.topics).expect("strings serialize"))
     .bind(info.since.timestamp_millis())
+    .bind(chosen)
+    .bind(client)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -234,6 +489,8 @@ pub struct ClusterListener {
     listener: PgListener,
     /// The last notice stored when the listening began.
     last_fanned_out: i64,
+    /// The last presence event recorded when the listening began.
+    last_presence_event: i64,
 }
 
 /// Fans out every notice committed by any instance to this instance's hub, until `shutdown`.
@@ -242,6 +499,7 @@ pub async fn run_fan_out(
     ClusterListener {
         mut listener,
         last_fanned_out: mut last,
+        last_presence_event: mut last_event,
     }: ClusterListener,
     store: Arc<NoticeBackend>,
     hub: Hub,
@@ -249,15 +507,17 @@ pub async fn run_fan_out(
 ) {
     let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
     loop {
+        // What to read after this wake-up; the periodic tick reads both.
+        let mut reads = Reads::ALL;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
             notification = listener.try_recv() => match notification {
                 Ok(Some(notification)) => {
-                    handle_notification(&cluster, &hub, notification.channel(), notification.payload());
+                    reads = handle_notification(&cluster, &hub, notification.channel(), notification.payload());
                     // Coalesce a burst of notifications into one read.
                     while let Some(more) = listener.next_buffered() {
-                        handle_notification(&cluster, &hub, more.channel(), more.payload());
+                        reads = reads.and(handle_notification(&cluster, &hub, more.channel(), more.payload()));
                     }
                 }
                 // The connection was lost; the next try_recv reconnects and the periodic read
@@ -272,23 +532,108 @@ pub async fn run_fan_out(
                 }
             },
         }
-        if let Err(err) = catch_up(store.as_ref(), &hub, &mut last).await {
-            warn!(%err, "could not read new notices; retrying");
+        if reads.notices {
+            if let Err(err) = catch_up(store.as_ref(), &hub, &mut last).await {
+                warn!(%err, "could not read new notices; retrying");
+            }
+        }
+        if reads.presence {
+            if let Err(err) = catch_up_presence(&cluster.pool, &hub, &mut last_event).await {
+                warn!(%err, "could not read new presence events; retrying");
+            }
         }
     }
 }
 
-fn handle_notification(cluster: &Cluster, hub: &Hub, channel: &str, payload: &str) {
-    if channel != KICK_CHANNEL {
-        return;
-    }
-    match serde_json::from_str::<KickMessage>(payload) {
-        Ok(kick) if kick.origin != cluster.instance_id => {
-            let kicked = hub.kick(&kick.name);
-            debug!(name = %kick.name, kicked, "kicked at another instance's request");
+/// Which tables a wake-up of the fan-out has to read.
+#[derive(Debug, Clone, Copy)]
+struct Reads {
+    notices: bool,
+    presence: bool,
+}
+
+impl Reads {
+    const ALL: Reads = Reads {
+        notices: true,
+        presence: true,
+    };
+    const NONE: Reads = Reads {
+        notices: false,
+        presence: false,
+    };
+
+    fn and(self, other: Reads) -> Reads {
+        Reads {
+            notices: self.notices || other.notices,
+            presence: self.presence || other.presence,
         }
-        Ok(_) => {}
-        Err(err) => warn!(%err, "ignoring a malformed kick notification"),
+    }
+}
+
+fn handle_notification(cluster: &Cluster, hub: &Hub, channel: &str, payload: &str) -> Reads {
+    match channel {
+        PUBLISHED_CHANNEL => Reads {
+            notices: true,
+            presence: false,
+        },
+        PRESENCE_CHANNEL => Reads {
+            notices: false,
+            presence: true,
+        },
+        KICK_CHANNEL => {
+            match serde_json::from_str::<KickMessage>(payload) {
+                Ok(kick) if kick.origin != cluster.instance_id => {
+                    let kicked = hub.kick(&kick.name);
+                    debug!(name = %kick.name, kicked, "kicked at another instance's request");
+                }
+                Ok(_) => {}
+                Err(err) => warn!(%err, "ignoring a malformed kick notification"),
+            }
+            Reads::NONE
+        }
+        RENAME_CHANNEL => {
+            match serde_json::from_str::<RenameMessage>(payload) {
+                Ok(rename) if rename.origin != cluster.instance_id => {
+                    let renamed = hub.rename(&rename.from, &rename.to);
+                    debug!(from = %rename.from, to = %rename.to, renamed, "renamed at another instance's request");
+                }
+                Ok(_) => {}
+                Err(err) => warn!(%err, "ignoring a malformed rename notification"),
+            }
+            Reads::NONE
+        }
+        _ => Reads::NONE,
+    }
+}
+
+/// Hands the presence events recorded after `last` to this instance's presence subscribers.
+async fn catch_up_presence(pool: &PgPool, hub: &Hub, last: &mut i64) -> Result<(), StoreError> {
+    loop {
+        let events: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT id, kind, name, topic, at FROM notice_presence_events
+             WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(*last)
+        .bind(i64::from(FAN_OUT_BATCH))
+        .fetch_all(pool)
+        .await?;
+        let full = events.len() == FAN_OUT_BATCH as usize;
+        for (id, kind, name, topic, at) in events {
+            *last = id;
+            let kind = match kind.as_str() {
+                "join" => PresenceKind::Join,
+                _ => PresenceKind::Leave,
+            };
+            hub.announce(PresenceEvent {
+                kind,
+                name,
+                topic,
+                at: from_millis(at),
+            });
+        }
+        if !full {
+            return Ok(());
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::{collections::VecDeque, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    hub::{EndReason, Subscription},
+    hub::{EndReason, Live, Subscription},
     notice::{Notice, OutgoingNotice},
     store::{NoticeBackend, NoticeQuery, NoticeStore, ResumePoint, Selector, StoreError},
 };
@@ -100,7 +100,9 @@ impl Feed {
         self.last_sent
     }
 
-    pub async fn next(&mut self) -> Result<Arc<OutgoingNotice>, FeedEnd> {
+    /// The next notice, replayed or live, or a live presence event. Presence is never
+    /// replayed: it says who is here now.
+    pub async fn next(&mut self) -> Result<Live, FeedEnd> {
         loop {
             if let Some(reason @ (EndReason::Kicked | EndReason::Shutdown)) =
                 self.subscription.end_reason()
@@ -109,7 +111,7 @@ impl Feed {
             }
             if let Some(notice) = self.page.pop_front() {
                 self.last_sent = notice.id;
-                return Ok(OutgoingNotice::new(notice));
+                return Ok(Live::Notice(OutgoingNotice::new(notice)));
             }
             if let Some(after) = self.replay_after {
                 let interest = self.subscription.interest();
@@ -130,10 +132,13 @@ impl Feed {
                 self.page = page.into();
                 continue;
             }
-            let notice = self.subscription.recv().await.map_err(FeedEnd::Ended)?;
-            if notice.id > self.last_sent {
-                self.last_sent = notice.id;
-                return Ok(notice);
+            match self.subscription.recv().await.map_err(FeedEnd::Ended)? {
+                Live::Notice(notice) if notice.id <= self.last_sent => {}
+                Live::Notice(notice) => {
+                    self.last_sent = notice.id;
+                    return Ok(Live::Notice(notice));
+                }
+                presence @ Live::Presence(_) => return Ok(presence),
             }
         }
     }

@@ -11,14 +11,21 @@
 //! std mutex in the workspace's services: the sections holding one only update maps and offer to
 //! channels, calls that leave each collection whole, so a panic elsewhere in a task cannot leave
 //! them half-updated, and refusing the lock would turn one failed request into failing them all.
+//!
+//! Presence is counted per name and topic: a name that has several subscriptions to a topic
+//! (several browser tabs) is present once, from its first subscription to its last. On a single
+//! instance the hub announces those changes itself, as `join` and `leave` events to the
+//! subscriptions that asked for presence; in a cluster the changes of every instance meet in
+//! PostgreSQL, which decides them once for all (see `cluster`), and the hub only relays them.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
 };
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -59,11 +66,49 @@ fn serialize_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok
     s.serialize_str(&format_time(t))
 }
 
+/// How a subscription holds its name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NameClaim {
+    /// A name the caller is entitled to (its token's subject, or taken by an admin): any number
+    /// of subscriptions share it.
+    #[default]
+    Entitled,
+    /// A name chosen freely by a caller without a token: it is unique among live subscribers,
+    /// except to the subscriptions that present the same `client` id (the tabs of one browser).
+    Chosen { client: Option<String> },
+}
+
+impl NameClaim {
+    /// Whether a new subscription claiming a name this way may join `holder`, which has it.
+    pub fn may_share_with(&self, holder: &NameClaim) -> bool {
+        match (self, holder) {
+            (NameClaim::Entitled, _) => true,
+            (
+                NameClaim::Chosen { client: Some(mine) },
+                NameClaim::Chosen {
+                    client: Some(theirs),
+                },
+            ) => mine == theirs,
+            (NameClaim::Chosen { .. }, _) => false,
+        }
+    }
+}
+
+/// What a subscription is besides what it receives: whether it hears presence and how it holds
+/// its name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Receive `join`/`leave` events for its topics.
+    pub presence: bool,
+    pub claim: NameClaim,
+}
+
 /// One subscriber of this instance, with the id its presence rows are kept under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalSubscriber {
     pub id: u64,
     pub info: SubscriberInfo,
+    pub claim: NameClaim,
 }
 
 /// Presence changes, for whoever mirrors this instance's presence elsewhere (the PostgreSQL
@@ -75,12 +120,58 @@ pub enum PresenceChange {
     Left(u64),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Whether a name arrived on a topic or left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceKind {
+    Join,
+    Leave,
+}
+
+impl PresenceKind {
+    /// The event name a stream gets it under.
+    pub fn event_name(self) -> &'static str {
+        match self {
+            PresenceKind::Join => "join",
+            PresenceKind::Leave => "leave",
+        }
+    }
+}
+
+/// A name arriving on a topic (its first subscription to it) or leaving it (its last one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub kind: PresenceKind,
+    pub name: String,
+    pub topic: String,
+    pub at: DateTime<Utc>,
+}
+
+impl PresenceEvent {
+    /// The event's data as streams carry it.
+    pub fn data(&self) -> Value {
+        json!({"name": self.name, "topic": self.topic, "at": format_time(&self.at)})
+    }
+}
+
+/// What a subscription receives live.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Notice(Arc<OutgoingNotice>),
+    Presence(Arc<PresenceEvent>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("too many subscribers ({0}), try again later")]
     Full(usize),
     #[error("the service is shutting down")]
     ShuttingDown,
+    #[error(
+        "the name {0:?} is in use by another client; reconnecting tabs of one client send the \
+         same client id (client=...)"
+    )]
+    NameTaken(String),
 }
 
 /// How a subscription learns it was ended, even while it is busy writing to its client.
@@ -99,7 +190,8 @@ impl Ending {
 
 struct Entry {
     info: SubscriberInfo,
-    sender: mpsc::Sender<Arc<OutgoingNotice>>,
+    membership: Membership,
+    sender: mpsc::Sender<Live>,
     ending: Arc<Ending>,
 }
 
@@ -107,21 +199,160 @@ struct Entry {
 struct HubState {
     next_id: u64,
     shut_down: bool,
+    /// Single instance: the hub announces presence changes itself.
+    announces_presence: bool,
     subscribers: HashMap<u64, Entry>,
     by_topic: HashMap<String, HashSet<u64>>,
     by_name: HashMap<String, HashSet<u64>>,
+    /// The subscriptions that asked for presence events, by topic.
+    presence_by_topic: HashMap<String, HashSet<u64>>,
+}
+
+/// What a locked section changed, to report once the lock is released.
+#[derive(Default)]
+struct Changes {
+    delivery: Delivery,
+    presence: Vec<PresenceChange>,
 }
 
 impl HubState {
-    fn remove(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.subscribers.remove(&id)?;
+    fn insert(&mut self, id: u64, entry: Entry, changes: &mut Changes) {
+        let before = self.topics_of(entry.info.name.as_deref());
         for topic in &entry.info.topics {
-            remove_from_index(&mut self.by_topic, topic, id);
+            self.by_topic.entry(topic.clone()).or_default().insert(id);
+            if entry.membership.presence {
+                let ids = self.presence_by_topic.entry(topic.clone()).or_default();
+                ids.insert(id);
+            }
         }
         if let Some(name) = &entry.info.name {
-            remove_from_index(&mut self.by_name, name, id);
+            self.by_name.entry(name.clone()).or_default().insert(id);
         }
-        Some(entry)
+        let name = entry.info.name.clone();
+        changes
+            .presence
+            .push(PresenceChange::Joined(LocalSubscriber {
+                id,
+                info: entry.info.clone(),
+                claim: entry.membership.claim.clone(),
+            }));
+        self.subscribers.insert(id, entry);
+        for lagged in self.announce_difference(name.as_deref(), &before, changes) {
+            self.remove(lagged, Some(EndReason::Lagged), changes);
+        }
+    }
+
+    /// Removes the subscription (ending it for `reason`, if any) and whatever lagged on the
+    /// presence events its leaving caused.
+    fn remove(&mut self, id: u64, reason: Option<EndReason>, changes: &mut Changes) {
+        let mut pending = vec![(id, reason)];
+        while let Some((id, reason)) = pending.pop() {
+            let Some(present) = self.subscribers.get(&id) else {
+                continue;
+            };
+            let before = self.topics_of(present.info.name.as_deref());
+            let entry = self.subscribers.remove(&id).expect("just found");
+            let name = entry.info.name.as_deref();
+            for topic in &entry.info.topics {
+                remove_from_index(&mut self.by_topic, topic, id);
+                remove_from_index(&mut self.presence_by_topic, topic, id);
+            }
+            if let Some(name) = name {
+                remove_from_index(&mut self.by_name, name, id);
+            }
+            if let Some(reason) = reason {
+                entry.ending.end(reason);
+            }
+            changes.presence.push(PresenceChange::Left(id));
+            let lagged = self.announce_difference(name, &before, changes);
+            pending.extend(lagged.into_iter().map(|id| (id, Some(EndReason::Lagged))));
+        }
+    }
+
+    /// The topics on which `name` is present (has at least one subscription).
+    fn topics_of(&self, name: Option<&str>) -> BTreeSet<String> {
+        let Some(ids) = name.and_then(|name| self.by_name.get(name)) else {
+            return BTreeSet::new();
+        };
+        ids.iter()
+            .flat_map(|id| self.subscribers[id].info.topics.iter().cloned())
+            .collect()
+    }
+
+    /// On a single instance, tells the presence subscribers how `name`'s presence changed since
+    /// it was `before`; returns the subscriptions that lagged on it (not yet removed).
+    fn announce_difference(
+        &mut self,
+        name: Option<&str>,
+        before: &BTreeSet<String>,
+        changes: &mut Changes,
+    ) -> Vec<u64> {
+        let Some(name) = name.filter(|_| self.announces_presence) else {
+            return Vec::new();
+        };
+        let after = self.topics_of(Some(name));
+        let at = Utc::now();
+        let event = |kind, topic: &String| {
+            Arc::new(PresenceEvent {
+                kind,
+                name: name.to_string(),
+                topic: topic.clone(),
+                at,
+            })
+        };
+        let events: Vec<Arc<PresenceEvent>> = before
+            .difference(&after)
+            .map(|topic| event(PresenceKind::Leave, topic))
+            .chain(
+                after
+                    .difference(before)
+                    .map(|topic| event(PresenceKind::Join, topic)),
+            )
+            .collect();
+        let mut lagged = Vec::new();
+        for event in events {
+            lagged.extend(self.offer_presence(event, &mut changes.delivery));
+        }
+        lagged
+    }
+
+    /// Hands a presence event to the subscriptions of its topic that asked for presence;
+    /// returns those that lagged.
+    fn offer_presence(&self, event: Arc<PresenceEvent>, delivery: &mut Delivery) -> Vec<u64> {
+        let ids = self
+            .presence_by_topic
+            .get(&event.topic)
+            .into_iter()
+            .flatten();
+        self.offer(ids, &Live::Presence(event), delivery)
+    }
+
+    fn offer<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a u64>,
+        item: &Live,
+        delivery: &mut Delivery,
+    ) -> Vec<u64> {
+        let mut lagged = Vec::new();
+        for id in ids {
+            match self.subscribers[id].sender.try_send(item.clone()) {
+                Ok(()) => delivery.delivered += 1,
+                // Closed means the subscription is being dropped right now; its guard removes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => lagged.push(*id),
+            }
+        }
+        delivery.lagged += lagged.len();
+        lagged
+    }
+
+    /// Whether a new subscription claiming `name` this way may have it.
+    fn name_free_for(&self, name: &str, claim: &NameClaim) -> bool {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .all(|id| claim.may_share_with(&self.subscribers[id].membership.claim))
     }
 }
 
@@ -155,7 +386,9 @@ pub struct Delivery {
 }
 
 impl Hub {
-    /// `buffer` is each subscriber's queue length; `observer` hears every join and leave.
+    /// `buffer` is each subscriber's queue length; `observer` hears every join and leave of a
+    /// subscription. Without an observer the hub is the whole service and announces presence
+    /// events itself; with one (a cluster) they come back through [`Hub::announce`].
     pub fn new(
         buffer: usize,
         max_subscribers: usize,
@@ -163,7 +396,10 @@ impl Hub {
     ) -> Hub {
         Hub {
             shared: Arc::new(HubShared {
-                state: Mutex::default(),
+                state: Mutex::new(HubState {
+                    announces_presence: observer.is_none(),
+                    ..HubState::default()
+                }),
                 buffer: buffer.max(1),
                 max_subscribers,
                 observer,
@@ -178,47 +414,58 @@ impl Hub {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn observe(&self, change: PresenceChange) {
+    /// Runs `section` under the lock, then reports the presence changes it made.
+    fn change<T>(&self, section: impl FnOnce(&mut HubState, &mut Changes) -> T) -> (T, Delivery) {
+        let mut changes = Changes::default();
+        let result = section(&mut self.state(), &mut changes);
         if let Some(observer) = &self.shared.observer {
-            let _ = observer.send(change);
+            for change in changes.presence {
+                let _ = observer.send(change);
+            }
         }
+        (result, changes.delivery)
     }
 
     pub fn subscribe(&self, interest: Interest) -> Result<Subscription, SubscribeError> {
+        self.subscribe_with(interest, Membership::default())
+    }
+
+    pub fn subscribe_with(
+        &self,
+        interest: Interest,
+        membership: Membership,
+    ) -> Result<Subscription, SubscribeError> {
         let (sender, receiver) = mpsc::channel(self.shared.buffer);
         let ending = Arc::new(Ending::default());
-        let info = SubscriberInfo {
-            name: interest.name.clone(),
-            topics: interest.topics.clone(),
-            since: Utc::now(),
+        let entry = Entry {
+            info: SubscriberInfo {
+                name: interest.name.clone(),
+                topics: interest.topics.clone(),
+                since: Utc::now(),
+            },
+            membership,
+            sender,
+            ending: ending.clone(),
         };
-        let id = {
-            let mut state = self.state();
+        let (id, _) = self.change(|state, changes| {
             if state.shut_down {
                 return Err(SubscribeError::ShuttingDown);
             }
             if state.subscribers.len() >= self.shared.max_subscribers {
                 return Err(SubscribeError::Full(self.shared.max_subscribers));
             }
+            if let Some(name) = &entry.info.name {
+                if !state.name_free_for(name, &entry.membership.claim) {
+                    return Err(SubscribeError::NameTaken(name.clone()));
+                }
+            }
             state.next_id += 1;
             let id = state.next_id;
-            for topic in &info.topics {
-                state.by_topic.entry(topic.clone()).or_default().insert(id);
-            }
-            if let Some(name) = &info.name {
-                state.by_name.entry(name.clone()).or_default().insert(id);
-            }
-            let entry = Entry {
-                info: info.clone(),
-                sender,
-                ending: ending.clone(),
-            };
-            state.subscribers.insert(id, entry);
-            id
-        };
-        self.observe(PresenceChange::Joined(LocalSubscriber { id, info }));
+            state.insert(id, entry, changes);
+            Ok(id)
+        });
         Ok(Subscription {
-            id,
+            id: id?,
             hub: self.clone(),
             receiver,
             ending,
@@ -226,89 +473,108 @@ impl Hub {
         })
     }
 
+    /// Whether a subscription claiming `name` this way would get it here now.
+    pub fn name_free_for(&self, name: &str, claim: &NameClaim) -> bool {
+        self.state().name_free_for(name, claim)
+    }
+
     /// Hands a notice to every subscriber entitled to it, in the order notices are published.
     pub fn publish(&self, notice: Arc<OutgoingNotice>) -> Delivery {
-        let mut delivery = Delivery::default();
-        let mut lagged = Vec::new();
-        {
-            let mut state = self.state();
-            let state = &mut *state;
-            let mut offer = |id: &u64, entry: &Entry| match entry.sender.try_send(notice.clone()) {
-                Ok(()) => delivery.delivered += 1,
-                // Closed means the subscription is being dropped right now; its guard removes it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => lagged.push(*id),
-            };
+        self.change(|state, changes| {
             // The same audience rule as `Interest::wants`, through the indexes: a whisper goes
             // only to the subscriptions named after its addressee (the `Whispers` rule).
-            match (&notice.to, &notice.topic) {
-                (Some(to), _) => {
-                    for id in state.by_name.get(to).into_iter().flatten() {
-                        offer(id, &state.subscribers[id]);
-                    }
-                }
-                (None, Some(topic)) => {
-                    for id in state.by_topic.get(topic).into_iter().flatten() {
-                        offer(id, &state.subscribers[id]);
-                    }
-                }
-                (None, None) => {
-                    for (id, entry) in &state.subscribers {
-                        offer(id, entry);
-                    }
-                }
+            let ids: Box<dyn Iterator<Item = &u64>> = match (&notice.to, &notice.topic) {
+                (Some(to), _) => Box::new(state.by_name.get(to).into_iter().flatten()),
+                (None, Some(topic)) => Box::new(state.by_topic.get(topic).into_iter().flatten()),
+                (None, None) => Box::new(state.subscribers.keys()),
+            };
+            let lagged = state.offer(ids, &Live::Notice(notice), &mut changes.delivery);
+            for id in lagged {
+                state.remove(id, Some(EndReason::Lagged), changes);
             }
-            for id in &lagged {
-                if let Some(entry) = state.remove(*id) {
-                    entry.ending.end(EndReason::Lagged);
-                }
+        })
+        .1
+    }
+
+    /// Hands a presence event decided elsewhere (by the cluster) to this instance's presence
+    /// subscribers of its topic.
+    pub fn announce(&self, event: PresenceEvent) -> Delivery {
+        self.change(|state, changes| {
+            let lagged = state.offer_presence(Arc::new(event), &mut changes.delivery);
+            for id in lagged {
+                state.remove(id, Some(EndReason::Lagged), changes);
             }
-        }
-        delivery.lagged = lagged.len();
-        for id in lagged {
-            self.observe(PresenceChange::Left(id));
-        }
-        delivery
+        })
+        .1
     }
 
     /// Ends every subscription with this name; returns how many there were.
     pub fn kick(&self, name: &str) -> usize {
-        let kicked: Vec<u64> = {
-            let mut state = self.state();
+        self.change(|state, changes| {
             let ids: Vec<u64> = state
                 .by_name
                 .get(name)
-                .map(|ids| ids.iter().copied().collect())
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
             for id in &ids {
-                if let Some(entry) = state.remove(*id) {
-                    entry.ending.end(EndReason::Kicked);
-                }
+                state.remove(*id, Some(EndReason::Kicked), changes);
             }
-            ids
-        };
-        for id in &kicked {
-            self.observe(PresenceChange::Left(*id));
-        }
-        kicked.len()
+            ids.len()
+        })
+        .0
+    }
+
+    /// Gives every subscription named `from` the name `to`: whispers to `to` reach them from
+    /// now on, and presence sees `from` leave and `to` join. Returns how many there were.
+    pub fn rename(&self, from: &str, to: &str) -> usize {
+        self.change(|state, changes| {
+            let ids: Vec<u64> = state
+                .by_name
+                .get(from)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            if ids.is_empty() || from == to {
+                return ids.len();
+            }
+            let before_from = state.topics_of(Some(from));
+            let before_to = state.topics_of(Some(to));
+            for id in &ids {
+                remove_from_index(&mut state.by_name, from, *id);
+                state.by_name.entry(to.to_string()).or_default().insert(*id);
+                let entry = state.subscribers.get_mut(id).expect("indexed");
+                entry.info.name = Some(to.to_string());
+                changes.presence.push(PresenceChange::Left(*id));
+                changes
+                    .presence
+                    .push(PresenceChange::Joined(LocalSubscriber {
+                        id: *id,
+                        info: entry.info.clone(),
+                        claim: entry.membership.claim.clone(),
+                    }));
+            }
+            let mut lagged = state.announce_difference(Some(from), &before_from, changes);
+            lagged.extend(state.announce_difference(Some(to), &before_to, changes));
+            for id in lagged {
+                state.remove(id, Some(EndReason::Lagged), changes);
+            }
+            ids.len()
+        })
+        .0
     }
 
     /// Ends every subscription and refuses new ones.
     pub fn shut_down(&self) {
-        let ids: Vec<u64> = {
-            let mut state = self.state();
+        self.change(|state, changes| {
             state.shut_down = true;
             let ids: Vec<u64> = state.subscribers.keys().copied().collect();
-            for id in &ids {
-                if let Some(entry) = state.remove(*id) {
-                    entry.ending.end(EndReason::Shutdown);
-                }
+            for id in ids {
+                state.remove(id, Some(EndReason::Shutdown), changes);
             }
-            ids
-        };
-        for id in ids {
-            self.observe(PresenceChange::Left(id));
-        }
+        });
     }
 
     /// Who is subscribed here now, oldest first.
@@ -320,6 +586,7 @@ impl Hub {
             .map(|(id, entry)| LocalSubscriber {
                 id: *id,
                 info: entry.info.clone(),
+                claim: entry.membership.claim.clone(),
             })
             .collect();
         all.sort_by_key(|present| present.id);
@@ -332,10 +599,7 @@ impl Hub {
     }
 
     fn unsubscribe(&self, id: u64) {
-        let removed = self.state().remove(id).is_some();
-        if removed {
-            self.observe(PresenceChange::Left(id));
-        }
+        self.change(|state, changes| state.remove(id, None, changes));
     }
 }
 
@@ -344,7 +608,7 @@ impl Hub {
 pub struct Subscription {
     id: u64,
     hub: Hub,
-    receiver: mpsc::Receiver<Arc<OutgoingNotice>>,
+    receiver: mpsc::Receiver<Live>,
     ending: Arc<Ending>,
     interest: Interest,
 }
@@ -365,14 +629,15 @@ impl Subscription {
         self.end_reason().unwrap_or(EndReason::Shutdown)
     }
 
-    /// The next live notice. A kicked or shut-down subscription stops at once; a lagged one
-    /// first hands out what its buffer still holds, so the client resumes from a later id.
-    pub async fn recv(&mut self) -> Result<Arc<OutgoingNotice>, EndReason> {
+    /// The next live notice or presence event. A kicked or shut-down subscription stops at
+    /// once; a lagged one first hands out what its buffer still holds, so the client resumes
+    /// from a later id.
+    pub async fn recv(&mut self) -> Result<Live, EndReason> {
         if let Some(reason @ (EndReason::Kicked | EndReason::Shutdown)) = self.end_reason() {
             return Err(reason);
         }
         match self.receiver.recv().await {
-            Some(notice) => Ok(notice),
+            Some(live) => Ok(live),
             None => Err(self.end_reason().unwrap_or(EndReason::Shutdown)),
         }
     }
@@ -408,11 +673,54 @@ mod tests {
         }
     }
 
+    fn notice_id(live: Live) -> i64 {
+        match live {
+            Live::Notice(notice) => notice.id,
+            other => panic!("expected a notice, got {other:?}"),
+        }
+    }
+
+    /// The presence events a subscription has buffered right now, as "join alice@room".
+    fn presence_events(sub: &mut Subscription) -> Vec<String> {
+        let mut events = Vec::new();
+        while let Ok(live) = sub.receiver.try_recv() {
+            if let Live::Presence(event) = live {
+                events.push(format!(
+                    "{} {}@{}",
+                    event.kind.event_name(),
+                    event.name,
+                    event.topic
+                ));
+            }
+        }
+        events
+    }
+
+    fn watcher(hub: &Hub, topics: &[&str]) -> Subscription {
+        let membership = Membership {
+            presence: true,
+            ..Membership::default()
+        };
+        hub.subscribe_with(interest(None, topics), membership)
+            .unwrap()
+    }
+
+    fn chosen(client: Option<&str>) -> Membership {
+        Membership {
+            presence: false,
+            claim: NameClaim::Chosen {
+                client: client.map(Into::into),
+            },
+        }
+    }
+
     /// Everything a subscription has buffered right now.
     fn drain(sub: &mut Subscription) -> Vec<i64> {
         let mut ids = Vec::new();
-        while let Ok(n) = sub.receiver.try_recv() {
-            ids.push(n.id);
+        while let Ok(live) = sub.receiver.try_recv() {
+            if let Live::Notice(n) = live {
+                ids.push(n.id);
+            }
         }
         ids
     }
@@ -442,15 +750,15 @@ mod tests {
         let mut fast = hub.subscribe(interest(None, &[])).unwrap();
         for id in 1..=5 {
             let delivery = hub.publish(notice(id, None, None));
-            assert_eq!(fast.recv().await.unwrap().id, id);
+            assert_eq!(notice_id(fast.recv().await.unwrap()), id);
             if id == 3 {
                 assert_eq!(delivery.lagged, 1);
             }
         }
         assert_eq!(hub.len(), 1, "the slow one is gone from presence");
         // The slow one still gets what it had buffered, then the lagged end.
-        assert_eq!(slow.recv().await.unwrap().id, 1);
-        assert_eq!(slow.recv().await.unwrap().id, 2);
+        assert_eq!(notice_id(slow.recv().await.unwrap()), 1);
+        assert_eq!(notice_id(slow.recv().await.unwrap()), 2);
         assert_eq!(slow.recv().await.unwrap_err(), EndReason::Lagged);
         let mut left = 0;
         while let Ok(change) = changes.try_recv() {
@@ -511,5 +819,104 @@ mod tests {
             hub.subscribe(interest(None, &[])).err(),
             Some(SubscribeError::ShuttingDown)
         );
+    }
+
+    #[test]
+    fn a_name_joins_with_its_first_tab_and_leaves_with_its_last() {
+        let hub = Hub::new(16, 100, None);
+        let mut watching = watcher(&hub, &["room", "hall"]);
+        let first = hub.subscribe(interest(Some("alice"), &["room"])).unwrap();
+        let second = hub
+            .subscribe(interest(Some("alice"), &["room", "hall"]))
+            .unwrap();
+        let _other_topic = hub
+            .subscribe(interest(Some("bob"), &["elsewhere"]))
+            .unwrap();
+        let _anonymous = hub.subscribe(interest(None, &["room"])).unwrap();
+        assert_eq!(
+            presence_events(&mut watching),
+            ["join alice@room", "join alice@hall"]
+        );
+        drop(second);
+        assert_eq!(presence_events(&mut watching), ["leave alice@hall"]);
+        drop(first);
+        assert_eq!(presence_events(&mut watching), ["leave alice@room"]);
+    }
+
+    #[test]
+    fn presence_reaches_only_the_subscriptions_that_asked_for_it_on_that_topic() {
+        let hub = Hub::new(16, 100, None);
+        let mut on_room = watcher(&hub, &["room"]);
+        let mut on_hall = watcher(&hub, &["hall"]);
+        let mut not_asking = hub.subscribe(interest(None, &["room"])).unwrap();
+        let alice = hub.subscribe(interest(Some("alice"), &["room"])).unwrap();
+        hub.kick("alice");
+        drop(alice);
+        assert_eq!(
+            presence_events(&mut on_room),
+            ["join alice@room", "leave alice@room"]
+        );
+        assert!(presence_events(&mut on_hall).is_empty());
+        assert!(presence_events(&mut not_asking).is_empty());
+    }
+
+    #[test]
+    fn a_chosen_name_is_unique_except_to_the_same_client() {
+        let hub = Hub::new(16, 100, None);
+        let tab = hub
+            .subscribe_with(interest(Some("ann"), &[]), chosen(Some("c1")))
+            .unwrap();
+        let _second_tab = hub
+            .subscribe_with(interest(Some("ann"), &[]), chosen(Some("c1")))
+            .unwrap();
+        for other in [chosen(Some("c2")), chosen(None)] {
+            assert_eq!(
+                hub.subscribe_with(interest(Some("ann"), &[]), other).err(),
+                Some(SubscribeError::NameTaken("ann".into()))
+            );
+        }
+        // Without a client id a chosen name cannot be shared, not even by a second stream.
+        let _lone = hub
+            .subscribe_with(interest(Some("lone"), &[]), chosen(None))
+            .unwrap();
+        assert!(hub
+            .subscribe_with(interest(Some("lone"), &[]), chosen(None))
+            .is_err());
+        // An entitled name (a token's subject) is not bound by it.
+        assert!(hub.subscribe(interest(Some("ann"), &[])).is_ok());
+        drop(tab);
+    }
+
+    #[test]
+    fn rename_moves_whispers_and_presence_to_the_new_name() {
+        let hub = Hub::new(16, 100, None);
+        let mut watching = watcher(&hub, &["room"]);
+        let mut alice = hub.subscribe(interest(Some("alice"), &["room"])).unwrap();
+        let _alice_tab = hub.subscribe(interest(Some("alice"), &["room"])).unwrap();
+        presence_events(&mut watching);
+        assert_eq!(hub.rename("alice", "ally"), 2);
+        assert_eq!(hub.rename("alice", "ally"), 0);
+        assert_eq!(
+            presence_events(&mut watching),
+            ["leave alice@room", "join ally@room"]
+        );
+        hub.publish(notice(1, None, Some("alice")));
+        hub.publish(notice(2, None, Some("ally")));
+        assert_eq!(drain(&mut alice), [2]);
+        let names: Vec<_> = hub.presence().into_iter().map(|p| p.info.name).collect();
+        assert_eq!(names, [None, Some("ally".into()), Some("ally".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_presence_watcher_that_lags_is_ended_like_any_other() {
+        let hub = Hub::new(2, 100, None);
+        let watching = watcher(&hub, &["room"]);
+        let _subscribers: Vec<_> = (0..3)
+            .map(|i| {
+                hub.subscribe(interest(Some(&format!("n{i}")), &["room"]))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(watching.ended().await, EndReason::Lagged);
     }
 }

@@ -27,9 +27,9 @@ use tracing::{debug, warn};
 
 use crate::{
     feed::FeedEnd,
-    hub::SubscribeError,
+    hub::{Live, Membership, NameClaim, SubscribeError},
     notice::{format_time, validate_label, Interest, NewNotice, Whispers, MAX_TOPICS},
-    service::{NoticeService, Published},
+    service::{JoinError, NoticeService, Published},
     store::{NoticeQuery, Selector, StoreError, StoreFailure},
 };
 
@@ -69,9 +69,16 @@ pub fn router(service: NoticeService, streams: TaskTracker) -> Router {
         .route(
             "DELETE",
             "/notices/subscribers",
-            with_state(service, kick_subscribers),
+            with_state(service.clone(), kick_subscribers),
         )
         .scope(NOTICE_ADMIN_SCOPE)
+        // `notice:admin`, or a subject renaming itself: the handler decides.
+        .route(
+            "POST",
+            "/notices/subscribers",
+            with_state(service, rename_subscribers),
+        )
+        .scope(SUBSCRIBE_SCOPE)
 }
 
 /// A full store refuses for now; any other failure stays in the logs, and the caller learns
@@ -103,6 +110,16 @@ impl From<SubscribeError> for ServiceError {
             SubscribeError::Full(_) | SubscribeError::ShuttingDown => {
                 ServiceError::Unavailable(err.to_string())
             }
+            SubscribeError::NameTaken(_) => ServiceError::Conflict(err.to_string()),
+        }
+    }
+}
+
+impl From<JoinError> for ServiceError {
+    fn from(err: JoinError) -> ServiceError {
+        match err {
+            JoinError::Refused(refused) => refused.into(),
+            JoinError::Store(failed) => failed.into(),
         }
     }
 }
@@ -261,10 +278,22 @@ struct StreamParams {
     after: Option<Value>,
     /// The gateway passes the `Last-Event-ID` header here.
     last_event_id: Option<Value>,
+    /// `1`/`true`: also receive `join` and `leave` events for the subscription's topics.
+    presence: Option<Value>,
+    /// What a browser tab sends to share a name chosen without a token with its other tabs.
+    client: Option<String>,
 }
 
-/// Who subscribes and from which id to replay (`None`: live notices only).
-fn subscription(request: &Request) -> Result<(Interest, Option<i64>), ServiceError> {
+/// What a subscription asks for: what it receives, how it takes part in presence, and from
+/// which id to replay (`None`: live notices only).
+#[derive(Debug)]
+struct Subscribing {
+    interest: Interest,
+    membership: Membership,
+    after: Option<i64>,
+}
+
+fn subscription(request: &Request) -> Result<Subscribing, ServiceError> {
     let params: StreamParams = request.params_as()?;
     let topics: Vec<String> = match &params.topics {
         None | Some(Value::Null) => Vec::new(),
@@ -301,7 +330,43 @@ fn subscription(request: &Request) -> Result<(Interest, Option<i64>), ServiceErr
         Some(last) => Some(last),
         None => integer_param("after", params.after.as_ref())?,
     };
-    Ok((Interest { name, topics }, after))
+    let presence = flag_param("presence", params.presence.as_ref())?;
+    let client = non_empty(params.client);
+    if let Some(client) = &client {
+        validate_label("client", client).map_err(ServiceError::BadRequest)?;
+    }
+    // A name taken through the gateway without a token is one the caller chose: unique to its
+    // client. A token's subject is entitled to its name, and so is a cluster member calling
+    // directly (no `auth`), which the authenticated link vouches for.
+    let claim = match (&name, &request.auth) {
+        (Some(_), Some(auth)) if auth.sub.is_none() => NameClaim::Chosen { client },
+        _ => NameClaim::Entitled,
+    };
+    Ok(Subscribing {
+        interest: Interest { name, topics },
+        membership: Membership { presence, claim },
+        after,
+    })
+}
+
+/// A yes/no param: `1`/`true`/`yes` or `0`/`false`/`no` (absent or empty: no).
+fn flag_param(field: &str, value: Option<&Value>) -> Result<bool, ServiceError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(flag)) => Ok(*flag),
+        Some(Value::Number(n)) if n.as_u64() == Some(0) => Ok(false),
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => Ok(true),
+        Some(Value::String(text)) => match text.as_str() {
+            "" | "0" | "false" | "no" => Ok(false),
+            "1" | "true" | "yes" => Ok(true),
+            _ => Err(ServiceError::BadRequest(format!(
+                "{field} must be 1 or 0 (or true/false)"
+            ))),
+        },
+        Some(_) => Err(ServiceError::BadRequest(format!(
+            "{field} must be 1 or 0 (or true/false)"
+        ))),
+    }
 }
 
 /// The name a subscription gets, which decides whose whispers it receives. A verified subject
@@ -342,19 +407,22 @@ fn stream_notices(
     sink: EventSink,
 ) -> impl Future<Output = Result<Json<Value>, ServiceError>> {
     match no_extra_path(&request).and_then(|()| subscription(&request)) {
-        Ok((interest, after)) => send_notices(service, interest, after, sink).left_future(),
+        Ok(subscribing) => send_notices(service, subscribing, sink).left_future(),
         Err(refusal) => std::future::ready(Err(refusal)).right_future(),
     }
 }
 
 async fn send_notices(
     service: NoticeService,
-    interest: Interest,
-    after: Option<i64>,
+    Subscribing {
+        interest,
+        membership,
+        after,
+    }: Subscribing,
     sink: EventSink,
 ) -> Result<Json<Value>, ServiceError> {
     let (after, reset) = service.resume_start(after).await?;
-    let mut feed = service.subscribe(interest, after)?;
+    let mut feed = service.subscribe(interest, membership, after).await?;
     // Accepted: tell the caller now (the gateway then sends its HTTP headers), not only when
     // the first notice comes.
     if sink.open().await.is_err() {
@@ -373,13 +441,27 @@ async fn send_notices(
     }
     loop {
         match feed.next().await {
-            Ok(notice) => {
-                let event = Event {
-                    id: Some(notice.id.into()),
-                    event: Some("notice".into()),
-                    data: &notice.json,
+            Ok(live) => {
+                let sent = match &live {
+                    Live::Notice(notice) => {
+                        sink.send(Event {
+                            id: Some(notice.id.into()),
+                            event: Some("notice".into()),
+                            data: &notice.json,
+                        })
+                        .await
+                    }
+                    // No id: presence is not part of the sequence a client resumes from.
+                    Live::Presence(presence) => {
+                        sink.send(Event {
+                            id: None,
+                            event: Some(presence.kind.event_name().into()),
+                            data: presence.data(),
+                        })
+                        .await
+                    }
                 };
-                if sink.send(event).await.is_err() {
+                if sent.is_err() {
                     // The caller is gone; dropping the feed frees the subscription.
                     return Ok(Json(Value::Null));
                 }
@@ -405,8 +487,56 @@ async fn list_subscribers(
     request: Request,
 ) -> Result<Json<Value>, ServiceError> {
     no_extra_path(&request)?;
-    let items = service.presence().await?;
+    let topic = non_empty(
+        request
+            .params
+            .get("topic")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    );
+    let items = service.presence(topic.as_deref()).await?;
     Ok(Json(json!({ "items": items })))
+}
+
+#[derive(Deserialize)]
+struct RenameParams {
+    to: Option<String>,
+}
+
+/// `POST /notices/subscribers/{name}/rename` `{"to":"newname"}`.
+async fn rename_subscribers(
+    service: NoticeService,
+    request: Request,
+) -> Result<Json<Value>, ServiceError> {
+    let from = request
+        .path_param()
+        .and_then(|rest| rest.strip_suffix("/rename"))
+        .filter(|name| !name.is_empty() && !name.contains('/'))
+        .ok_or_else(|| {
+            ServiceError::NotFound(
+                "no such resource: rename is POST /notices/subscribers/{name}/rename".into(),
+            )
+        })?;
+    if !(is_admin(&request) || request.subject() == Some(from)) {
+        return Err(ServiceError::Forbidden(format!(
+            "renaming {from:?} needs the scope {NOTICE_ADMIN_SCOPE:?}, or a token for {from:?}"
+        )));
+    }
+    let params: RenameParams = request.params_as()?;
+    let to = non_empty(params.to)
+        .ok_or_else(|| ServiceError::BadRequest("to is required: {\"to\":\"newname\"}".into()))?;
+    validate_label("to", &to).map_err(ServiceError::BadRequest)?;
+    if to == from {
+        return Err(ServiceError::BadRequest(format!(
+            "to must differ from the current name {from:?}"
+        )));
+    }
+    match service.rename(from, &to).await? {
+        0 => Err(ServiceError::NotFound(format!(
+            "no subscriber named {from:?}"
+        ))),
+        renamed => Ok(Json(json!({ "renamed": renamed, "name": to }))),
+    }
 }
 
 async fn kick_subscribers(
@@ -460,7 +590,7 @@ mod tests {
 
     fn name_of(request: &Request) -> Result<Option<String>, u16> {
         subscription(request)
-            .map(|(interest, _)| interest.name)
+            .map(|subscribing| subscribing.interest.name)
             .map_err(|refusal| refusal.status())
     }
 
@@ -517,24 +647,53 @@ mod tests {
 
     #[test]
     fn stream_params_accept_gateway_and_packet_shapes() {
-        let (interest, after) = subscription(&request(
-            json!({"topics": "a, b,", "name": "alice", "after": "7"}),
+        let Subscribing {
+            interest,
+            membership,
+            after,
+        } = subscription(&as_caller(
+            json!({
+                "topics": "a, b,", "name": "alice", "after": "7", "presence": "1", "client": "tab-1"
+            }),
+            // What a loopback caller of a development stack without a key is granted.
+            None,
+            &[NOTICE_ADMIN_SCOPE],
         ))
         .unwrap();
         assert_eq!(interest.name.as_deref(), Some("alice"));
         assert_eq!(interest.topics.iter().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(after, Some(7));
-        let (interest, after) = subscription(&request(
-            json!({"topics": ["x"], "after": 3, "last_event_id": "9"}),
+        assert_eq!(
+            membership,
+            Membership {
+                presence: true,
+                claim: NameClaim::Chosen {
+                    client: Some("tab-1".into())
+                }
+            }
+        );
+        let Subscribing {
+            interest,
+            membership,
+            after,
+        } = subscription(&request(
+            json!({"topics": ["x"], "after": 3, "last_event_id": "9", "presence": 0}),
         ))
         .unwrap();
         assert_eq!(interest.name, None);
         assert_eq!(after, Some(9), "Last-Event-ID wins over after");
-        let (_, after) = subscription(&request(json!({}))).unwrap();
-        assert_eq!(after, None);
+        assert_eq!(membership, Membership::default());
+        assert_eq!(subscription(&request(json!({}))).unwrap().after, None);
         // Topics are kept distinct and in order, however they were listed.
-        let (interest, _) = subscription(&request(json!({"topics": "b,a,b, a"}))).unwrap();
-        assert_eq!(interest.topics, ["a", "b"]);
+        let topics = subscription(&request(json!({"topics": "b,a,b, a"})))
+            .unwrap()
+            .interest
+            .topics;
+        assert_eq!(topics, ["a", "b"]);
+        // A token's subject is entitled to its name: no claim to defend.
+        let subject = as_caller(json!({"client": "x"}), Some("alice"), &[SUBSCRIBE_SCOPE]);
+        let membership = subscription(&subject).unwrap().membership;
+        assert_eq!(membership.claim, NameClaim::Entitled);
     }
 
     #[test]
@@ -545,6 +704,8 @@ mod tests {
             (json!({"topics": 5}), "topics must be"),
             (json!({"topics": [1]}), "topics must be"),
             (json!({"name": "a\nb"}), "name must not"),
+            (json!({"presence": "maybe"}), "presence must be"),
+            (json!({"client": "a\nb"}), "client must not"),
             (json!("oops"), "invalid parameters"),
         ] {
             let refusal = subscription(&request(params)).unwrap_err();
@@ -572,6 +733,7 @@ mod tests {
                 "GET/notices/stream",
                 "GET/notices/subscribers",
                 "POST/notices",
+                "POST/notices/subscribers",
             ]
         );
     }
@@ -591,6 +753,7 @@ mod tests {
             ("GET/notices/stream", SUBSCRIBE_SCOPE),
             ("GET/notices/subscribers", NOTICE_ADMIN_SCOPE),
             ("POST/notices", PUBLISH_SCOPE),
+            ("POST/notices/subscribers", SUBSCRIBE_SCOPE),
         ];
         let scopes: Vec<(&str, &str)> = scopes
             .iter()

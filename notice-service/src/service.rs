@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::{
     cluster::Cluster,
     feed::{Feed, Reset},
-    hub::{Hub, SubscribeError, SubscriberInfo},
+    hub::{Hub, Membership, NameClaim, SubscribeError, SubscriberInfo},
     notice::{Interest, NewNotice, Notice, OutgoingNotice},
     store::{NoticeBackend, NoticeQuery, NoticeStore, Retention, StoreError},
 };
@@ -23,6 +23,15 @@ const CLAIM_BATCH: u32 = 200;
 pub enum Published {
     Stored(Notice),
     Scheduled(DateTime<Utc>),
+}
+
+/// Why a subscription or a rename was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Refused(#[from] SubscribeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A cheap-to-clone handle over the service's shared state.
@@ -138,18 +147,28 @@ impl NoticeService {
         crate::feed::resume_start(&self.inner.store, after).await
     }
 
-    /// Subscribes to live notices first, then (with `after`) replays the stored ones.
-    pub fn subscribe(
+    /// Subscribes to live notices first, then (with `after`) replays the stored ones. A name
+    /// chosen without a token ([`NameClaim::Chosen`]) must be free on every instance.
+    pub async fn subscribe(
         &self,
         interest: Interest,
+        membership: Membership,
         after: Option<i64>,
-    ) -> Result<Feed, SubscribeError> {
-        let subscription = self.inner.hub.subscribe(interest)?;
+    ) -> Result<Feed, JoinError> {
+        if let (Some(name), Some(cluster), NameClaim::Chosen { .. }) =
+            (&interest.name, &self.inner.cluster, &membership.claim)
+        {
+            if cluster.name_taken(name, &membership.claim).await? {
+                return Err(SubscribeError::NameTaken(name.clone()).into());
+            }
+        }
+        let subscription = self.inner.hub.subscribe_with(interest, membership)?;
         Ok(Feed::new(subscription, self.inner.store.clone(), after))
     }
 
-    /// Everyone subscribed now, on this instance and (with a cluster) on the others.
-    pub async fn presence(&self) -> Result<Vec<SubscriberInfo>, StoreError> {
+    /// Everyone subscribed now, on this instance and (with a cluster) on the others; with
+    /// `topic`, only the subscribers of that topic.
+    pub async fn presence(&self, topic: Option<&str>) -> Result<Vec<SubscriberInfo>, StoreError> {
         let mut all: Vec<SubscriberInfo> = self
             .inner
             .hub
@@ -159,6 +178,9 @@ impl NoticeService {
             .collect();
         if let Some(cluster) = &self.inner.cluster {
             all.extend(cluster.remote_presence().await?);
+        }
+        if let Some(topic) = topic {
+            all.retain(|subscriber| subscriber.topics.iter().any(|t| t == topic));
         }
         all.sort_by(|a, b| a.since.cmp(&b.since).then_with(|| a.name.cmp(&b.name)));
         Ok(all)
@@ -172,6 +194,30 @@ impl NoticeService {
         };
         Ok(self.inner.hub.kick(name) + remote)
     }
+
+    /// Gives the live subscriptions of `from` the name `to`, everywhere; returns how many
+    /// there were. `to` must not be in use.
+    pub async fn rename(&self, from: &str, to: &str) -> Result<usize, JoinError> {
+        let taken_here = !self
+            .inner
+            .hub
+            .name_free_for(to, &NameClaim::Chosen { client: None });
+        let remote = match &self.inner.cluster {
+            Some(cluster) => {
+                if taken_here
+                    || cluster
+                        .name_taken(to, &NameClaim::Chosen { client: None })
+                        .await?
+                {
+                    return Err(SubscribeError::NameTaken(to.to_string()).into());
+                }
+                cluster.rename_remote(from, to).await?
+            }
+            None if taken_here => return Err(SubscribeError::NameTaken(to.to_string()).into()),
+            None => 0,
+        };
+        Ok(self.inner.hub.rename(from, to) + remote)
+    }
 }
 
 #[cfg(test)]
@@ -179,7 +225,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{feed::FeedEnd, hub::EndReason};
+    use crate::{
+        feed::FeedEnd,
+        hub::{EndReason, Live},
+    };
 
     fn service(buffer: usize) -> NoticeService {
         NoticeService::new(
@@ -197,6 +246,13 @@ mod tests {
             to.map(Into::into),
         )
         .unwrap()
+    }
+
+    async fn next_notice(feed: &mut Feed) -> Arc<OutgoingNotice> {
+        match feed.next().await.unwrap() {
+            Live::Notice(notice) => notice,
+            other => panic!("expected a notice, got {other:?}"),
+        }
     }
 
     fn everyone() -> Interest {
@@ -237,13 +293,16 @@ mod tests {
             let service = service.clone();
             subscribers.push(tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(delay * 2)).await;
-                let mut feed = service.subscribe(everyone(), Some(resume_from)).unwrap();
+                let mut feed = service
+                    .subscribe(everyone(), Membership::default(), Some(resume_from))
+                    .await
+                    .unwrap();
                 let mut received = Vec::new();
                 while received.last() != Some(&(BEFORE + DURING)) {
-                    let notice = tokio::time::timeout(Duration::from_secs(10), feed.next())
-                        .await
-                        .expect("no notice may be missing")
-                        .unwrap();
+                    let notice =
+                        tokio::time::timeout(Duration::from_secs(10), next_notice(&mut feed))
+                            .await
+                            .expect("no notice may be missing");
                     received.push(notice.id);
                 }
                 received
@@ -286,11 +345,14 @@ mod tests {
             name: Some("alice".into()),
             topics: Default::default(),
         };
-        let mut feed = service.subscribe(alice, Some(0)).unwrap();
-        assert_eq!(feed.next().await.unwrap().id, broadcast.id);
-        assert_eq!(feed.next().await.unwrap().id, to_alice.id);
+        let mut feed = service
+            .subscribe(alice, Membership::default(), Some(0))
+            .await
+            .unwrap();
+        assert_eq!(next_notice(&mut feed).await.id, broadcast.id);
+        assert_eq!(next_notice(&mut feed).await.id, to_alice.id);
         let live = publish(&service, "live").await;
-        assert_eq!(feed.next().await.unwrap().id, live.id);
+        assert_eq!(next_notice(&mut feed).await.id, live.id);
     }
 
     #[tokio::test]
@@ -309,10 +371,13 @@ mod tests {
         // Published after the start was read and before the subscription exists: the replay
         // finds it.
         let between = publish(&service, "between").await;
-        let mut feed = service.subscribe(everyone(), start).unwrap();
-        assert_eq!(feed.next().await.unwrap().id, between.id);
+        let mut feed = service
+            .subscribe(everyone(), Membership::default(), start)
+            .await
+            .unwrap();
+        assert_eq!(next_notice(&mut feed).await.id, between.id);
         let live = publish(&service, "live").await;
-        assert_eq!(feed.next().await.unwrap().id, live.id);
+        assert_eq!(next_notice(&mut feed).await.id, live.id);
         // An ordinary resume point is left alone.
         assert_eq!(
             service.resume_start(Some(old.id)).await.unwrap(),
@@ -325,15 +390,21 @@ mod tests {
     async fn a_subscriber_without_replay_gets_only_new_notices() {
         let service = service(64);
         publish(&service, "old").await;
-        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let mut feed = service
+            .subscribe(everyone(), Membership::default(), None)
+            .await
+            .unwrap();
         let fresh = publish(&service, "new").await;
-        assert_eq!(feed.next().await.unwrap().id, fresh.id);
+        assert_eq!(next_notice(&mut feed).await.id, fresh.id);
     }
 
     #[tokio::test]
     async fn a_lagging_feed_ends_after_its_buffer_and_resumes_exactly() {
         let service = service(4);
-        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let mut feed = service
+            .subscribe(everyone(), Membership::default(), None)
+            .await
+            .unwrap();
         let mut published = Vec::new();
         for i in 0..10 {
             published.push(publish(&service, &format!("n{i}")).await.id);
@@ -341,7 +412,8 @@ mod tests {
         let mut received = Vec::new();
         let reason = loop {
             match feed.next().await {
-                Ok(notice) => received.push(notice.id),
+                Ok(Live::Notice(notice)) => received.push(notice.id),
+                Ok(other) => panic!("expected a notice, got {other:?}"),
                 Err(FeedEnd::Ended(reason)) => break reason,
                 Err(other) => panic!("{other}"),
             }
@@ -350,17 +422,21 @@ mod tests {
         assert_eq!(received, published[..4]);
         // Resuming from the last id received gets the rest.
         let mut resumed = service
-            .subscribe(everyone(), Some(feed.last_sent()))
+            .subscribe(everyone(), Membership::default(), Some(feed.last_sent()))
+            .await
             .unwrap();
         for id in &published[4..] {
-            assert_eq!(resumed.next().await.unwrap().id, *id);
+            assert_eq!(next_notice(&mut resumed).await.id, *id);
         }
     }
 
     #[tokio::test]
     async fn scheduled_notices_wait_for_their_time() {
         let service = service(64);
-        let mut feed = service.subscribe(everyone(), None).unwrap();
+        let mut feed = service
+            .subscribe(everyone(), Membership::default(), None)
+            .await
+            .unwrap();
         let at = Utc::now() + chrono::Duration::milliseconds(300);
         let published = service
             .publish(new("later", None, None), Some(at))
@@ -370,7 +446,7 @@ mod tests {
         assert_eq!(service.publish_due().await.unwrap(), 0, "not due yet");
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(service.publish_due().await.unwrap(), 1);
-        assert_eq!(feed.next().await.unwrap().message, "later");
+        assert_eq!(next_notice(&mut feed).await.message, "later");
         assert_eq!(service.publish_due().await.unwrap(), 0, "published once");
     }
 }

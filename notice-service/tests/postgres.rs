@@ -8,7 +8,7 @@ use chrono::Utc;
 use common::*;
 use notice_service::{
     cluster::{self, Cluster},
-    hub::Hub,
+    hub::{Hub, Live},
     notice::{Interest, NewNotice},
     store::{NoticeBackend, NoticeStore, StoreOptions, StoreSpec},
     Config,
@@ -257,6 +257,9 @@ async fn a_notice_stored_while_an_instance_starts_is_fanned_out() {
         .await
         .expect("the notice was fanned out")
         .unwrap();
+    let Live::Notice(live) = live else {
+        panic!("expected a notice, got {live:?}")
+    };
     assert_eq!((live.id, live.message.as_str()), (stored.id, "meanwhile"));
 }
 
@@ -294,4 +297,142 @@ async fn after_postgres_returns_notices_reach_live_subscribers_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(next_notice(&mut on_a).await.1, "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_tabs_on_two_instances_joins_once_and_leaves_once_everywhere() {
+    let Some(pg) = postgres().await else { return };
+    let (a, b) = two_instances(&pg, "presence_events").await;
+    let (client_a, client_b) = (a.client().await, b.client().await);
+    let presence = json!({"topics": "room", "presence": "1"});
+    let mut watcher_a = subscribe(&client_a, presence.clone()).await;
+    let mut watcher_b = subscribe(&client_b, presence).await;
+    wait_for_presence(&client_a, 2).await;
+
+    // alice opens a tab on each instance, then a third; bob opens one on b.
+    let tab_a = subscribe(&client_a, json!({"name": "alice", "topics": "room"})).await;
+    let tab_b = subscribe(&client_b, json!({"name": "alice", "topics": "room"})).await;
+    let tab_b2 = subscribe(&client_b, json!({"name": "alice", "topics": "room"})).await;
+    let bob = subscribe(&client_b, json!({"name": "bob", "topics": "room"})).await;
+    wait_for_presence(&client_a, 6).await;
+    drop((tab_b, tab_a));
+    wait_for_presence(&client_b, 4).await;
+    drop((tab_b2, bob));
+    for watcher in [&mut watcher_a, &mut watcher_b] {
+        let mut events = Vec::new();
+        for _ in 0..4 {
+            events.push(next_presence(watcher).await);
+        }
+        // Per name in order; the two names may interleave either way.
+        let of = |name: &str| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e.contains(name))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(of("alice"), ["join alice@room", "leave alice@room"]);
+        assert_eq!(of("bob"), ["join bob@room", "leave bob@room"]);
+        assert_quiet(watcher, Duration::from_millis(1500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_renames_hold_across_instances() {
+    let Some(pg) = postgres().await else { return };
+    let (a, b) = two_instances(&pg, "names").await;
+    let (client_a, client_b) = (a.client().await, b.client().await);
+    let anonymous = caller(None, &["admin"]);
+    let mut watcher = subscribe(&client_a, json!({"topics": "room", "presence": "1"})).await;
+    let mut ann = subscribe_as(
+        &client_a,
+        &anonymous,
+        json!({"name": "ann", "topics": "room", "client": "c-1"}),
+    )
+    .await;
+    assert_eq!(next_presence(&mut watcher).await, "join ann@room");
+    // Another client cannot take ann's name on the other instance; her own client can.
+    let mut thief = subscribe_as(
+        &client_b,
+        &anonymous,
+        json!({"name": "ann", "client": "c-2"}),
+    )
+    .await;
+    assert_eq!(next_packet(&mut thief).await.status(), 409);
+    let ann_tab = subscribe_as(
+        &client_b,
+        &anonymous,
+        json!({"name": "ann", "topics": "room", "client": "c-1"}),
+    )
+    .await;
+    wait_for_presence(&client_a, 3).await;
+
+    // Renamed on both instances at once, announced once.
+    let renamed = call_as(
+        &client_b,
+        &anonymous,
+        "POST",
+        "/notices/subscribers",
+        json!({"params": "ann/rename", "to": "anna"}),
+    )
+    .await;
+    assert_eq!(
+        renamed.params,
+        json!({"renamed": 2, "name": "anna"}),
+        "{renamed:?}"
+    );
+    // Each instance renames its own tab; whichever goes first, ann leaves once and anna joins
+    // once.
+    let mut events = vec![
+        next_presence(&mut watcher).await,
+        next_presence(&mut watcher).await,
+    ];
+    events.sort();
+    assert_eq!(events, ["join anna@room", "leave ann@room"]);
+    assert_quiet(&mut watcher, Duration::from_millis(1500)).await;
+    let id = publish_now(&client_b, json!({"message": "hi anna", "to": "anna"})).await;
+    assert_eq!(next_notice(&mut ann).await.0, id);
+    drop(ann_tab);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribers_of_a_killed_instance_leave() {
+    let Some(pg) = postgres().await else { return };
+    let url = pg.create_database("killed").await;
+    let a = TestService::start(Config::standalone(StoreSpec::Postgres(url.clone()))).await;
+    let client_a = a.client().await;
+    let mut watcher = subscribe(&client_a, json!({"topics": "room", "presence": "1"})).await;
+
+    let addr = format!("127.0.0.1:{}", shared::testing::free_port());
+    let mut command = shared::testing::process::clean_command(
+        env!("CARGO_BIN_EXE_notice-service"),
+        &["NOTICE_STORE", "NOTICE_LISTEN", "NOTICE_DISTRIBUTOR"],
+    );
+    command.args(["--distributor", "", "--listen", &addr, "--store", &url]);
+    let (instance_b, ()) = shared::testing::process::Serving::start(command, |line| {
+        line.contains("serving").then_some(())
+    })
+    .await;
+    let client_b = shared::PacketClient::connect(addr, shared::Dialect::Packet);
+    tokio::time::timeout(WAIT, client_b.connected())
+        .await
+        .expect("instance b accepts connections");
+    let _carol = subscribe(&client_b, json!({"name": "carol", "topics": "room"})).await;
+    assert_eq!(next_presence(&mut watcher).await, "join carol@room");
+
+    // kill -9: no clean leave. The others notice the heartbeat stopped (15 s) and say so once.
+    instance_b.stop().await;
+    let leave = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let packet = watcher.next().await.expect("open").expect("not failed");
+            if !packet.is_empty_event() {
+                return packet;
+            }
+        }
+    })
+    .await
+    .expect("carol leaves once her instance's heartbeat is stale");
+    assert_eq!(leave.event.as_deref(), Some("leave"), "{leave:?}");
+    assert_eq!(leave.params["name"], "carol");
+    wait_for_presence(&client_a, 1).await;
 }

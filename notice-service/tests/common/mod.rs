@@ -177,3 +177,29 @@ pub async fn wait_for_presence(client: &PacketClient, count: usize) -> Vec<Value
     .await
     .unwrap_or_else(|_| panic!("presence never reached {count}"))
 }
+
+/// The next event of a stream, which must be a presence event: "join alice@room".
+pub async fn next_presence(stream: &mut ResponseStream) -> String {
+    let packet = next_packet(stream).await;
+    let kind = packet.event.clone().unwrap_or_default();
+    assert!(kind == "join" || kind == "leave", "{packet:?}");
+    assert_eq!(
+        packet.id, None,
+        "presence is not part of the resumable sequence"
+    );
+    let at = packet.params["at"].as_str().expect("an event time");
+    assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{at}");
+    format!(
+        "{kind} {}@{}",
+        packet.params["name"].as_str().unwrap(),
+        packet.params["topic"].as_str().unwrap()
+    )
+}
+
+/// Asserts that nothing more arrives on `stream` for a moment (used after the events a test
+/// expects, to show there was no duplicate).
+pub async fn assert_quiet(stream: &mut ResponseStream, quiet: Duration) {
+    if let Ok(more) = tokio::time::timeout(quiet, next_packet(stream)).await {
+        panic!("expected nothing more, got {more:?}");
+    }
+}
