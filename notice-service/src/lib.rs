@@ -18,6 +18,7 @@
 //! - [`scheduler`]: publishing scheduled notices on time, and retention.
 //! - [`cluster`]: LISTEN/NOTIFY fan-out and shared presence across instances on PostgreSQL.
 //! - [`routes`]: the packet routes on shared's service runtime.
+//! - [`udp`]: the UDP door (`--udp-listen`), subscribers that register an address.
 //! - `main.rs`: flags and process wiring only; `src/bin/notice-bench.rs`: the fan-out benchmark.
 
 pub mod cluster;
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod udp;
 
 use std::{sync::Arc, time::Duration};
 
@@ -41,6 +43,7 @@ use crate::{
     hub::Hub,
     service::NoticeService,
     store::{NoticeBackend, Retention, StoreError, StoreSpec},
+    udp::{UdpConfig, UdpDoor},
 };
 
 /// The name the service registers under with the distributor.
@@ -63,6 +66,8 @@ pub struct Config {
     pub subscriber_buffer: usize,
     /// Live subscriptions this instance accepts at once.
     pub max_subscribers: usize,
+    /// The UDP door, when it is open.
+    pub udp: Option<UdpConfig>,
 }
 
 impl Config {
@@ -75,6 +80,7 @@ impl Config {
             retention: Retention::default(),
             subscriber_buffer: 1024,
             max_subscribers: 100_000,
+            udp: None,
         }
     }
 }
@@ -136,6 +142,11 @@ pub async fn run(
         _ => None,
     };
     let service = NoticeService::new(store.clone(), hub.clone(), cluster, config.retention);
+    if let Some(udp) = config.udp {
+        let socket = tokio::net::UdpSocket::bind(udp.listen).await?;
+        let door = UdpDoor::new(socket, service.clone(), udp);
+        tasks.spawn(door.run(background.clone()));
+    }
     tasks.spawn(scheduler::run_scheduler(
         service.clone(),
         background.clone(),

@@ -2,11 +2,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use notice_service::store::{Retention, StoreSpec};
+use notice_service::{
+    store::{Retention, StoreSpec},
+    udp::{UdpConfig, UDP_DOOR},
+};
 use shared::{
     cluster::ClusterArgs,
+    server::check_protected_mode,
     service::ServiceConfig,
     store_spec::{StoreCheck, StoreOptions},
+    token::TokenKeyArgs,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +63,16 @@ struct Args {
     /// Live subscriptions accepted at once; more are refused with 503.
     #[arg(long, env = "NOTICE_MAX_SUBSCRIBERS", default_value_t = 100_000)]
     max_subscribers: usize,
+    /// Serve subscribers over UDP on this address (`#REG`/`#DEREG`, one datagram per notice);
+    /// off when absent. Another address than loopback needs a JWT key (or --insecure).
+    #[arg(long, env = "NOTICE_UDP_LISTEN")]
+    udp_listen: Option<std::net::SocketAddr>,
+    /// UDP subscribers (addresses) registered at once; more are refused.
+    #[arg(long, env = "NOTICE_UDP_MAX_SUBSCRIBERS", default_value_t = 10_000)]
+    udp_max_subscribers: usize,
+    /// The key that verifies the tokens UDP subscribers send with #REG.
+    #[command(flatten)]
+    tokens: TokenKeyArgs,
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -86,6 +101,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     args.cluster
         .check_listen(listener.local_addr()?, "the packet port (--listen)")?;
+    let tokens = args.tokens.verifier()?.map(std::sync::Arc::new);
+    let udp = match args.udp_listen {
+        Some(listen) => {
+            check_protected_mode(listen, tokens.is_some(), args.cluster.insecure, &UDP_DOOR)?;
+            Some(UdpConfig {
+                max_subscribers: args.udp_max_subscribers,
+                ..UdpConfig::new(listen, tokens)
+            })
+        }
+        None => None,
+    };
     let config = notice_service::Config {
         store: args.store,
         store_options: StoreOptions {
@@ -105,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         },
         subscriber_buffer: args.subscriber_buffer,
         max_subscribers: args.max_subscribers,
+        udp,
     };
     let shutdown = CancellationToken::new();
     let server = notice_service::run(listener, config, shutdown.clone());
