@@ -199,3 +199,97 @@ async fn a_resume_point_the_store_cannot_continue_from_gets_a_reset() {
     checks.pass("a Last-Event-ID above every published id gets reset, then live notices");
     checks.pass("an ordinary Last-Event-ID gets no reset");
 }
+
+/// The next event of a presence stream, as "join alice@room".
+async fn next_presence(stream: &mut EventStream) -> String {
+    let event = stream.next_within(WAIT).await.unwrap();
+    let data = event.json();
+    assert_eq!(event.id, None, "presence events carry no id: {event:?}");
+    assert!(data["at"].as_str().is_some(), "{data}");
+    format!(
+        "{} {}@{}",
+        event.event.unwrap_or_default(),
+        data["name"].as_str().unwrap(),
+        data["topic"].as_str().unwrap()
+    )
+}
+
+#[tokio::test]
+async fn presence_names_and_rename_through_the_gateway() {
+    // A development stack without a key, where names are free text: unique per client.
+    let stack = Stack::start(StackOptions {
+        auth: false,
+        ..notices_only()
+    })
+    .await;
+    let mut checks = Checks::new("presence, names and rename over HTTP");
+    let open = |query: &str| {
+        let url = stack.url(&format!("/notices/stream?{query}"));
+        let http = stack.http.clone();
+        async move { EventStream::open(&http, &url, None).await }
+    };
+
+    let mut watcher = open("topics=room&presence=1").await.unwrap();
+    let tab_1 = open("topics=room&name=alice&client=tab-key-1")
+        .await
+        .unwrap();
+    assert_eq!(next_presence(&mut watcher).await, "join alice@room");
+    let tab_2 = open("topics=room&name=alice&client=tab-key-1")
+        .await
+        .unwrap();
+    stack.wait_for_subscribers(&["alice", "alice"]).await;
+    checks.pass("presence=1 streams a join when a name arrives on a topic; a second tab adds none");
+
+    let thief = stack
+        .http
+        .get(stack.url("/notices/stream?name=alice&client=someone-else"))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thief.status(), StatusCode::CONFLICT);
+    let body: Value = thief.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("in use"), "{body}");
+    checks.pass("a name in use by another client is 409");
+
+    let by_topic: Value = stack
+        .http
+        .get(stack.url("/notices/subscribers?topic=room"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_topic["items"].as_array().unwrap().len(), 3, "{by_topic}");
+    let elsewhere: Value = stack
+        .http
+        .get(stack.url("/notices/subscribers?topic=hall"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere["items"], json!([]));
+    checks.pass("GET /notices/subscribers?topic= filters by topic");
+
+    let renamed = stack
+        .http
+        .post(stack.url("/notices/subscribers/alice/rename"))
+        .json(&json!({"to": "ally"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), StatusCode::OK);
+    let renamed: Value = renamed.json().await.unwrap();
+    assert_eq!(renamed, json!({"renamed": 2, "name": "ally"}));
+    assert_eq!(next_presence(&mut watcher).await, "leave alice@room");
+    assert_eq!(next_presence(&mut watcher).await, "join ally@room");
+    checks.pass("POST /notices/subscribers/{name}/rename renames every tab and announces it");
+
+    drop(tab_1);
+    drop(tab_2);
+    assert_eq!(next_presence(&mut watcher).await, "leave ally@room");
+    checks.pass("the name leaves with its last tab");
+}
