@@ -12,6 +12,15 @@
 //! notice-service (the way the gateway holds them) and notices are published over the packet
 //! protocol: what the service sustains without the HTTP hop.
 //!
+//! Two other scenarios (`--scenario`):
+//! - `presence-churn`: `--subscribers` SSE streams through the gateway watch a topic's presence
+//!   (`presence=1`) while `--churn-rate` named subscribers per second join the topic and leave
+//!   it a second later; join and leave delivery latency, from the joiner's request (or its
+//!   disconnect) to each watcher's event.
+//! - `udp`: a notice-service with its UDP door open, `--subscribers` UDP sockets registered,
+//!   `--burst` notices published over the packet protocol by `--publishers`: deliveries/s,
+//!   publish-to-datagram latency, and datagrams lost.
+//!
 //! Latency is measured from just before the POST is sent to the moment a subscriber has parsed
 //! the event, on one clock (this process publishes and subscribes). Build everything with
 //! `cargo build --release -p distributor -p gateway -p notice-service -p bench`, then run
@@ -32,9 +41,25 @@ use e2e::{sse::EventStream, Process, Stack, Storage};
 use hdrhistogram::Histogram;
 use shared::{Dialect, Packet, PacketClient};
 
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Notices to many SSE subscribers (paced, then burst).
+    FanOut,
+    /// Join/leave events to presence watchers while subscribers come and go.
+    PresenceChurn,
+    /// Notices to many UDP subscribers.
+    Udp,
+}
+
 #[derive(Debug, Parser)]
 #[command(about = "notice-service fan-out benchmark through the real gateway")]
 struct Args {
+    #[arg(long, value_enum, env = "BENCH_SCENARIO", default_value = "fan-out")]
+    scenario: Scenario,
+    /// presence-churn: named subscribers joining (and, a second later, leaving) per second.
+    #[arg(long, env = "BENCH_CHURN_RATE", default_value_t = 100)]
+    churn_rate: u64,
     /// SSE subscribers to open through the gateway.
     #[arg(long, env = "BENCH_SUBSCRIBERS", default_value_t = 1000)]
     subscribers: usize,
@@ -536,6 +561,14 @@ async fn publish_until_done(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match args.scenario {
+        Scenario::FanOut => fan_out(args).await,
+        Scenario::PresenceChurn => presence_churn(args).await,
+        Scenario::Udp => udp_fan_out(args).await,
+    }
+}
+
+async fn fan_out(args: Args) -> anyhow::Result<()> {
     let load_at_start = load_average();
     let stack = start_stack(&args).await?;
     let notice = stack
@@ -637,7 +670,7 @@ fn print_paced_rows(args: &Args, paced: &PacedFigures) {
         paced.expected,
         if paced.complete { "" } else { " (timed out)" }
     );
-    print_latency_row("paced", &paced.latency);
+    print_latency_row("paced: publish-to-delivery", &paced.latency);
 }
 
 fn print_burst_rows(args: &Args, burst: &BurstFigures) {
@@ -655,14 +688,269 @@ fn print_burst_rows(args: &Args, burst: &BurstFigures) {
         burst.delivered as f64 / burst.elapsed.as_secs_f64(),
         if burst.complete { "" } else { " (incomplete)" }
     );
-    print_latency_row("burst", &burst.latency);
+    print_latency_row("burst: publish-to-delivery", &burst.latency);
 }
 
-fn print_latency_row(phase: &str, latency: &Histogram<u64>) {
+/// One latency row; `measure` says from what to what ("paced: publish-to-delivery").
+fn print_latency_row(measure: &str, latency: &Histogram<u64>) {
     println!(
-        "| {phase}: publish-to-delivery latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+        "| {measure} latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
         ms(latency.value_at_quantile(0.5)),
         ms(latency.value_at_quantile(0.99)),
         ms(latency.max())
     );
+}
+
+/// When each churning subscriber asked to join and when it went away, in nanoseconds since the
+/// run's start (0: not yet).
+struct Churners {
+    start: Instant,
+    joined_at: Vec<AtomicU64>,
+    left_at: Vec<AtomicU64>,
+}
+
+impl Churners {
+    fn elapsed(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+/// One presence watcher: records, for each `join`/`leave` of a churner, how long after the
+/// churner's request (or disconnect) it arrived.
+async fn presence_watcher(
+    mut events: EventStream,
+    churners: Arc<Churners>,
+    joins: Arc<std::sync::Mutex<Histogram<u64>>>,
+    leaves: Arc<std::sync::Mutex<Histogram<u64>>>,
+    delivered: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    while let Some(event) = events.next().await? {
+        let (times, histogram) = match event.event.as_deref() {
+            Some("join") => (&churners.joined_at, &joins),
+            Some("leave") => (&churners.left_at, &leaves),
+            _ => continue,
+        };
+        let Some(index) = event.json()["name"]
+            .as_str()
+            .and_then(|name| name.strip_prefix('c'))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let at = times[index].load(Ordering::Relaxed);
+        let latency = churners.elapsed().saturating_sub(at).max(1);
+        histogram.lock().unwrap().saturating_record(latency);
+        delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// presence-churn: see the module doc.
+async fn presence_churn(args: Args) -> anyhow::Result<()> {
+    let load_at_start = load_average();
+    let stack = start_stack(&args).await?;
+    let gateway = format!("127.0.0.1:{}", stack.gateway_port);
+    let joiners = (args.churn_rate as f64 * args.duration.as_secs_f64()).round() as usize;
+    let churners = Arc::new(Churners {
+        start: Instant::now(),
+        joined_at: (0..joiners).map(|_| AtomicU64::new(0)).collect(),
+        left_at: (0..joiners).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3);
+    let joins = Arc::new(std::sync::Mutex::new(histogram()?));
+    let leaves = Arc::new(std::sync::Mutex::new(histogram()?));
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let mut watchers = Vec::with_capacity(args.subscribers);
+    for _ in 0..args.subscribers {
+        let events = EventStream::connect(&gateway, "/notices/stream?topics=bench&presence=1")
+            .await
+            .context("opening a presence watcher")?;
+        watchers.push(tokio::spawn(presence_watcher(
+            events,
+            churners.clone(),
+            joins.clone(),
+            leaves.clone(),
+            delivered.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let period = Duration::from_secs_f64(1.0 / args.churn_rate as f64);
+    let mut ticker = tokio::time::interval(period);
+    let mut churning = Vec::with_capacity(joiners);
+    let mut refused = 0;
+    for index in 0..joiners {
+        ticker.tick().await;
+        let (gateway, churners) = (gateway.clone(), churners.clone());
+        churning.push(tokio::spawn(async move {
+            let path = format!("/notices/stream?topics=bench&name=c{index}");
+            churners.joined_at[index].store(churners.elapsed(), Ordering::Relaxed);
+            let stream = EventStream::connect(&gateway, &path).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            churners.left_at[index].store(churners.elapsed(), Ordering::Relaxed);
+            drop(stream);
+            anyhow::Ok(())
+        }));
+    }
+    for churner in churning {
+        if churner.await?.is_err() {
+            refused += 1;
+        }
+    }
+    let expected = (joiners - refused) * 2 * args.subscribers;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (joins, leaves) = (
+        joins.lock().unwrap().clone(),
+        leaves.lock().unwrap().clone(),
+    );
+    println!(
+        "## notice-service presence churn ({} watchers through the gateway, {} joins/s for {:?}, {} cores)",
+        args.subscribers,
+        args.churn_rate,
+        args.duration,
+        bench::cores()
+    );
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| presence events delivered | {} of {} expected ({} joiners refused) |",
+        delivered.load(Ordering::Relaxed),
+        expected,
+        refused
+    );
+    print_latency_row("join: request-to-event", &joins);
+    print_latency_row("leave: disconnect-to-event", &leaves);
+    println!(
+        "| load average (1 min) at start / end | {load_at_start} / {} |",
+        load_average()
+    );
+    for watcher in watchers {
+        watcher.abort();
+    }
+    drop(stack);
+    Ok(())
+}
+
+/// udp: see the module doc.
+async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
+    let load_at_start = load_average();
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(e2e::bin_dir);
+    let (packet_port, udp_port) = (e2e::free_port(), e2e::free_port());
+    let service_args: Vec<String> = [
+        "--distributor",
+        "",
+        "--store",
+        "mem",
+        "--listen",
+        &format!("127.0.0.1:{packet_port}"),
+        "--udp-listen",
+        &format!("127.0.0.1:{udp_port}"),
+        "--udp-max-subscribers",
+        &args.subscribers.to_string(),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let mut service =
+        Process::spawn_in(&bin_dir, "notice-service", "notice-service", &service_args);
+    service.wait_for_port(packet_port).await?;
+    let client = PacketClient::connect(format!("127.0.0.1:{packet_port}"), Dialect::Packet);
+    tokio::time::timeout(Duration::from_secs(10), client.connected())
+        .await
+        .context("cannot connect to notice-service")?;
+
+    let total = args.burst.max(1) as usize;
+    let shared = Arc::new(Shared::new(total));
+    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        60_000_000_000,
+        3,
+    )?));
+    let mut receivers = Vec::with_capacity(args.subscribers);
+    for index in 0..args.subscribers {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        socket.connect(("127.0.0.1", udp_port)).await?;
+        socket
+            .send(format!("#REG u{index} bench").as_bytes())
+            .await?;
+        let mut buffer = vec![0u8; 2048];
+        let len = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buffer))
+            .await
+            .context("no answer to #REG")??;
+        if !buffer[..len].starts_with(b"#OK") {
+            bail!("#REG refused: {}", String::from_utf8_lossy(&buffer[..len]));
+        }
+        let (shared, histogram) = (shared.clone(), histogram.clone());
+        receivers.push(tokio::spawn(async move {
+            loop {
+                let Ok(len) = socket.recv(&mut buffer).await else {
+                    return;
+                };
+                let datagram = String::from_utf8_lossy(&buffer[..len]);
+                if let Some(seq) = sequence_of(&datagram) {
+                    shared.record_delivery(seq, &histogram);
+                }
+            }
+        }));
+    }
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let publishers: Vec<_> = (0..args.publishers)
+        .map(|_| {
+            tokio::spawn(publish_until_done(
+                Publisher::Packet(client.clone()),
+                shared.clone(),
+                next.clone(),
+                total,
+                failed.clone(),
+            ))
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await??;
+    }
+    let published_in = started.elapsed();
+    let expected = (total - failed.load(Ordering::Relaxed)) * args.subscribers;
+    let done = wait_delivered(&shared, expected, Duration::from_secs(30)).await;
+    // Past the bound, what has not arrived was dropped (UDP may drop).
+    let elapsed = done.unwrap_or_else(Instant::now) - started;
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let latency = histogram.lock().unwrap().clone();
+    println!(
+        "## notice-service UDP fan-out ({} UDP subscribers, {} notices, {} publishers over the packet protocol, {} cores)",
+        args.subscribers,
+        total,
+        args.publishers,
+        bench::cores()
+    );
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| published | {total} notices in {:.2} s ({} failed) |",
+        published_in.as_secs_f64(),
+        failed.load(Ordering::Relaxed)
+    );
+    println!(
+        "| delivered | {delivered} datagrams of {expected} in {:.2} s = {:.0} deliveries/s; {} lost |",
+        elapsed.as_secs_f64(),
+        delivered as f64 / elapsed.as_secs_f64(),
+        expected.saturating_sub(delivered)
+    );
+    print_latency_row("publish-to-datagram", &latency);
+    println!(
+        "| load average (1 min) at start / end | {load_at_start} / {} |",
+        load_average()
+    );
+    for receiver in receivers {
+        receiver.abort();
+    }
+    drop(service);
+    Ok(())
 }
