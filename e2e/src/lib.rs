@@ -544,6 +544,16 @@ impl Stack {
         answer.unwrap_or_else(|err| panic!("GET {path}: the body is not JSON: {err}"))
     }
 
+    /// `GET path` through the gateway, its body as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).send().await;
+        let response = response.unwrap_or_else(|err| panic!("GET {path}: {err}"));
+        response
+            .json()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path}: the body is not JSON: {err}"))
+    }
+
     /// The names `GET /notices/subscribers` lists now.
     pub async fn subscriber_names(&self) -> anyhow::Result<Vec<String>> {
         let list: Value = self

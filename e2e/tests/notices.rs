@@ -252,25 +252,9 @@ async fn presence_names_and_rename_through_the_gateway() {
     assert!(body["error"].as_str().unwrap().contains("in use"), "{body}");
     checks.pass("a name in use by another client is 409");
 
-    let by_topic: Value = stack
-        .http
-        .get(stack.url("/notices/subscribers?topic=room"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let by_topic = stack.get_json("/notices/subscribers?topic=room").await;
     assert_eq!(by_topic["items"].as_array().unwrap().len(), 3, "{by_topic}");
-    let elsewhere: Value = stack
-        .http
-        .get(stack.url("/notices/subscribers?topic=hall"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let elsewhere = stack.get_json("/notices/subscribers?topic=hall").await;
     assert_eq!(elsewhere["items"], json!([]));
     checks.pass("GET /notices/subscribers?topic= filters by topic");
 

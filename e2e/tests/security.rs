@@ -87,15 +87,7 @@ async fn a_node_without_the_cluster_secret_cannot_take_over_a_route() {
         .collect();
     assert_eq!(kv_nodes.len(), 1, "{topology:#}");
     for _ in 0..10 {
-        let get: Value = stack
-            .http
-            .get(stack.url("/kv/secret"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let get = stack.get_json("/kv/secret").await;
         assert_eq!(get["value"], "the real value");
     }
     checks.pass("the topology is unchanged and 10 of 10 reads get the real value");
