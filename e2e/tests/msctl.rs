@@ -454,6 +454,54 @@ async fn msctl_reads_and_operates_a_running_system() {
         "connections: per node requests, errors and in flight; the gateway's open connections",
     );
 
+    // The per-route history the status page draws, and who may read it.
+    let history: Value = stack
+        .http
+        .get(stack.url("/_/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["seconds"], 300);
+    let put = history["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|route| route["route"] == "PUT/kv")
+        .unwrap_or_else(|| panic!("no PUT/kv: {history}"));
+    let requests: u64 = put["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    // Two puts answered 200, one 409, and the reader's refused with 403 (the route was known):
+    // at least those four, more if the watch above wrote.
+    assert!(requests >= 4, "{put}");
+    assert_eq!(put["errors"].as_array().unwrap().len(), 300);
+    assert_eq!(put["p99_ms"].as_array().unwrap().len(), 300);
+    let anonymous = reqwest::Client::new();
+    for path in ["/_/history", "/_/connections"] {
+        let status = anonymous
+            .get(stack.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401, "{path}");
+        let status = anonymous
+            .get(stack.url(path))
+            .bearer_auth(reader.token.as_deref().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 403, "{path}");
+    }
+    checks.pass("/_/history: 300 seconds per route counting the puts; both routes need admin");
+
     // A node that drops and comes back shows both in its history.
     stack.kv[0]
         .process
