@@ -218,7 +218,9 @@ pub struct StateChange {
 /// The figures one gateway keeps; shared by every request.
 #[derive(Default)]
 pub struct Figures {
-    routes: Mutex<HashMap<Arc<str>, RouteHistory>>,
+    /// One lock per route, behind a map that is only written when a route appears or goes:
+    /// requests of different routes never wait for each other.
+    routes: RwLock<HashMap<Arc<str>, Mutex<RouteHistory>>>,
     nodes: RwLock<HashMap<String, NodeRecord>>,
     open_connections: Arc<AtomicUsize>,
 }
@@ -227,14 +229,19 @@ impl Figures {
     /// Counts one finished request of `route`.
     pub fn record(&self, route: &Arc<str>, status: u16, elapsed: Duration) {
         let now = unix_seconds(SystemTime::now());
-        let mut routes = self.routes.lock().unwrap();
-        let history = match routes.get_mut(route) {
-            Some(history) => history,
-            None => routes
-                .entry(route.clone())
-                .or_insert_with(RouteHistory::new),
-        };
-        history.record(now, status >= 500, elapsed);
+        let error = status >= 500;
+        if let Some(history) = self.routes.read().unwrap().get(route) {
+            history.lock().unwrap().record(now, error, elapsed);
+            return;
+        }
+        self.routes
+            .write()
+            .unwrap()
+            .entry(route.clone())
+            .or_insert_with(|| Mutex::new(RouteHistory::new()))
+            .get_mut()
+            .unwrap()
+            .record(now, error, elapsed);
     }
 
     /// Starts counting one request sent to `node`. The returned guard counts it as answered
@@ -309,9 +316,9 @@ impl Figures {
         drop(nodes);
         let now = unix_seconds(at);
         self.routes
-            .lock()
+            .write()
             .unwrap()
-            .retain(|_, history| history.last + HISTORY_SECONDS as u64 > now);
+            .retain(|_, history| history.get_mut().unwrap().last + HISTORY_SECONDS as u64 > now);
     }
 
     /// Samples the nodes of the current route table every [`SAMPLE_INTERVAL`] until `shutdown`.
@@ -357,10 +364,10 @@ impl Figures {
     }
 
     fn history_report(&self, now: u64) -> Vec<RouteSeries> {
-        let routes = self.routes.lock().unwrap();
+        let routes = self.routes.read().unwrap();
         let mut report: Vec<RouteSeries> = routes
             .iter()
-            .map(|(route, history)| history.series(route, now))
+            .map(|(route, history)| history.lock().unwrap().series(route, now))
             .collect();
         report.sort_by(|a, b| a.route.cmp(&b.route));
         report
@@ -555,5 +562,26 @@ mod tests {
         let report = figures.nodes_report();
         assert_eq!(report[0].requests, 4);
         assert_eq!(report[0].name, "kv");
+    }
+
+    #[test]
+    fn routes_are_reported_and_forgotten_after_five_idle_minutes() {
+        let figures = Figures::default();
+        let route: Arc<str> = "GET/kv".into();
+        figures.record(&route, 200, Duration::from_millis(2));
+        figures.record(&route, 503, Duration::from_millis(2));
+        let now = SystemTime::now();
+        let report = figures.history_report(unix_seconds(now));
+        assert_eq!(report.len(), 1);
+        assert_eq!(report[0].requests.iter().sum::<u32>(), 2);
+        assert_eq!(report[0].errors.iter().sum::<u32>(), 1);
+        let table = RouteTable::default();
+        figures.sample(&table, now + Duration::from_secs(60));
+        assert_eq!(figures.history_report(unix_seconds(now)).len(), 1);
+        figures.sample(
+            &table,
+            now + Duration::from_secs(HISTORY_SECONDS as u64 + 1),
+        );
+        assert!(figures.history_report(unix_seconds(now)).is_empty());
     }
 }
