@@ -24,6 +24,20 @@ pub fn chromium() -> Option<&'static str> {
         .find(|path| Path::new(path).exists())
 }
 
+/// The chromium binary for a test that needs one; `None` (the test should skip, having said
+/// so) on a machine without it, except under CI, which must have it.
+pub fn chromium_for_test() -> Option<&'static str> {
+    let found = chromium();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have chromium for the status page tests"
+        );
+        eprintln!("SKIP: no chromium on this machine (apt-get install chromium)");
+    }
+    found
+}
+
 /// A headless chromium showing one page. Dropping it kills the browser and its helpers.
 pub struct Browser {
     child: Child,
@@ -67,13 +81,39 @@ impl Browser {
 
     /// Evaluates `expression` in the page and returns its value.
     pub async fn eval(&mut self, expression: &str) -> anyhow::Result<Value> {
+        let params = json!({"expression": expression, "returnByValue": true, "awaitPromise": true});
+        let result = self.command("Runtime.evaluate", params).await?;
+        if let Some(exception) = result.get("exceptionDetails") {
+            bail!("{expression}: {exception}");
+        }
+        Ok(result["result"]["value"].clone())
+    }
+
+    /// Writes a PNG of the page as it is shown now to `path` (creating its directory), so a
+    /// person can look at what a test saw.
+    pub async fn screenshot(&mut self, path: &Path) -> anyhow::Result<()> {
+        use base64::Engine;
+        let result = self
+            .command(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true}),
+            )
+            .await?;
+        let data = result["data"]
+            .as_str()
+            .context("the screenshot has no data")?;
+        let png = base64::engine::general_purpose::STANDARD.decode(data)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Sends one DevTools command to the page and returns its result.
+    async fn command(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
         self.next_id += 1;
         let id = self.next_id;
-        let command = json!({
-            "id": id,
-            "method": "Runtime.evaluate",
-            "params": {"expression": expression, "returnByValue": true, "awaitPromise": true},
-        });
+        let command = json!({"id": id, "method": method, "params": params});
         self.page.send(Message::text(command.to_string())).await?;
         while let Some(message) = self.page.next().await {
             let Message::Text(text) = message? else {
@@ -83,10 +123,10 @@ impl Browser {
             if reply["id"] != id {
                 continue;
             }
-            if let Some(exception) = reply["result"].get("exceptionDetails") {
-                bail!("{expression}: {exception}");
+            if let Some(error) = reply.get("error") {
+                bail!("{method}: {error}");
             }
-            return Ok(reply["result"]["result"]["value"].clone());
+            return Ok(reply["result"].clone());
         }
         bail!("the browser closed the DevTools connection")
     }

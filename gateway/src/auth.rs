@@ -40,24 +40,8 @@ use crate::{error::json_error, rate_limit::RateKey};
 /// The query parameter that may carry the token, for clients that cannot set headers.
 pub const ACCESS_TOKEN_PARAM: &str = "access_token";
 
-/// In `--anonymous-scopes`: every scope (the same as `admin`).
-pub const ALL_SCOPES: &str = "*";
-
-/// The scopes of a `--anonymous-scopes` value: separated by spaces or commas, `*` for all.
-pub fn parse_scopes(text: &str) -> Vec<String> {
-    let mut scopes: Vec<String> = Vec::new();
-    for scope in text.split(|c: char| c.is_whitespace() || c == ',') {
-        let scope = match scope {
-            "" => continue,
-            ALL_SCOPES => ADMIN_SCOPE,
-            scope => scope,
-        };
-        if !scopes.iter().any(|known| known == scope) {
-            scopes.push(scope.to_owned());
-        }
-    }
-    scopes
-}
+// The scope list's syntax lives in shared, where `msctl token` reads it too.
+pub use shared::token::{parse_scopes, ALL_SCOPES};
 
 /// True for a loopback address, IPv4-mapped IPv6 ones included.
 fn is_loopback(addr: SocketAddr) -> bool {

@@ -38,7 +38,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -52,7 +52,10 @@ use axum::{
     response::Response,
     Router,
 };
-use futures::future::{ready, Either, Ready};
+use futures::{
+    future::{ready, Either, Ready},
+    FutureExt,
+};
 use hyper::{
     body::{Body as HttpBody, Frame, Incoming, SizeHint},
     server::conn::{http1, http2},
@@ -102,6 +105,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     config: EdgeConfig,
+    open_connections: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 ) {
     let limits = ConnectionLimits {
@@ -111,7 +115,12 @@ pub(crate) async fn serve(
     };
     let edge = Arc::new(Edge::new(app, config));
     serve_connections(listener, limits, &shutdown, |stream, peer| {
-        serve_connection(stream, peer, edge.clone(), shutdown.clone())
+        // Counted for `/_/connections` until the connection's future ends.
+        open_connections.fetch_add(1, Ordering::Relaxed);
+        let open = open_connections.clone();
+        serve_connection(stream, peer, edge.clone(), shutdown.clone()).map(move |()| {
+            open.fetch_sub(1, Ordering::Relaxed);
+        })
     })
     .await;
 }

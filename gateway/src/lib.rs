@@ -17,6 +17,8 @@
 //! - [`sse`]: a node's stream → `text/event-stream`.
 //! - [`error`]: the gateway's own error answers (404, 503, 504, 502, 400, 413).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`figures`]: the recent past for operators: per-route history, per-node figures and
+//!   connection history (`/_/history`, `/_/connections`).
 //! - [`http`]: the HTTP edge: serves connections within the limits on clients (connections per
 //!   address, head and body pace, header size, idle time), and CORS.
 //! - [`tls`]: TLS, with HTTP/2 offered over ALPN.
@@ -40,6 +42,7 @@ pub mod auth;
 pub mod config;
 mod endpoints;
 pub mod error;
+pub mod figures;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
@@ -72,6 +75,7 @@ pub(crate) struct AppState {
     /// `None` when requests are not limited.
     rate_limiter: Option<Arc<RateLimiter>>,
     metrics: Metrics,
+    figures: Arc<figures::Figures>,
     /// The metrics label of requests that matched no route.
     no_route: Arc<str>,
     shutdown: CancellationToken,
@@ -150,6 +154,9 @@ async fn serve(
         limiter.spawn_cleanup(shutdown.child_token());
         limiter
     });
+    let figures = Arc::new(figures::Figures::default());
+    figures.spawn_sampler(routes.clone(), shutdown.child_token());
+    let open_connections = figures.open_connections();
     let state = Arc::new(AppState {
         routes,
         topology_source: source,
@@ -157,12 +164,13 @@ async fn serve(
         auth,
         rate_limiter,
         metrics: Metrics::default(),
+        figures,
         no_route: metrics::NO_ROUTE.into(),
         shutdown: shutdown.clone(),
     });
     let app = router(state);
     info!(%addr, "gateway listening");
-    http::serve(listener, app, edge, shutdown).await;
+    http::serve(listener, app, edge, open_connections, shutdown).await;
     info!("gateway stopped");
     Ok(())
 }
@@ -176,6 +184,11 @@ fn router(state: Arc<AppState>) -> Router {
             "/_/topology",
             get(endpoints::topology).fallback(proxy::proxy),
         )
+        .route(
+            "/_/connections",
+            get(figures::connections).fallback(proxy::proxy),
+        )
+        .route("/_/history", get(figures::history).fallback(proxy::proxy))
         .fallback(proxy::proxy)
         .with_state(state)
 }

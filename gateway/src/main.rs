@@ -1,4 +1,4 @@
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,7 +9,7 @@ use gateway::{
 use shared::{
     cluster::ClusterArgs,
     server::check_protected_mode,
-    token::{TokenKeyArgs, TokenRequest},
+    token::{MintArgs, TokenKeyArgs},
     topology_cache::TopologyCache,
 };
 use tokio_util::sync::CancellationToken;
@@ -84,48 +84,12 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Print a bearer token signed with the HS256 key of --jwt-secret-file.
-    MintToken(MintTokenArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct MintTokenArgs {
-    /// The key: the file's bytes, less a trailing newline (the gateway's --jwt-secret-file).
-    #[arg(long, env = "JWT_SECRET_FILE")]
-    jwt_secret_file: PathBuf,
-    /// The caller the token names (its `sub` claim).
-    #[arg(long, env = "TOKEN_SUB")]
-    sub: String,
-    /// The scopes it grants, separated by spaces ("kv:read kv:write"; "admin" for every scope).
-    #[arg(long, env = "TOKEN_SCOPE")]
-    scope: String,
-    /// How long it is valid.
-    #[arg(long, env = "TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
-    ttl: Duration,
-    /// Its `aud` claim, for gateways started with --jwt-audience.
-    #[arg(long, env = "JWT_AUDIENCE")]
-    audience: Option<String>,
-    /// Its `iss` claim, for gateways started with --jwt-issuer.
-    #[arg(long, env = "JWT_ISSUER")]
-    issuer: Option<String>,
+    MintToken(MintArgs),
 }
 
 /// `gateway mint-token`: the token on stdout, nothing else.
-fn mint_token(args: &MintTokenArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(!args.sub.trim().is_empty(), "--sub must name the caller");
-    anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be longer than 0");
-    let secret = shared::secrets::read_secret_file(&args.jwt_secret_file)?;
-    let scopes = auth::parse_scopes(&args.scope);
-    let token = shared::token::mint(
-        &secret,
-        &TokenRequest {
-            subject: &args.sub,
-            scopes: &scopes,
-            ttl: args.ttl,
-            audience: args.audience.as_deref(),
-            issuer: args.issuer.as_deref(),
-        },
-    )?;
-    println!("{token}");
+fn mint_token(args: &MintArgs) -> anyhow::Result<()> {
+    println!("{}", args.mint()?);
     Ok(())
 }
 

@@ -189,6 +189,16 @@ impl Metrics {
         GaugeGuard::new(&self.open_streams)
     }
 
+    /// Event streams being relayed now.
+    pub fn open_streams(&self) -> i64 {
+        self.open_streams.get()
+    }
+
+    /// Proxied requests waiting for their answer now.
+    pub fn requests_in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
     /// The text exposition, with the per-route node counts read from `table` now.
     pub fn render(&self, table: &RouteTable) -> String {
         self.route_nodes.clear();

@@ -79,9 +79,9 @@ pub(crate) async fn proxy(State(state): State<Arc<AppState>>, request: Request) 
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
-    state
-        .metrics
-        .record(&route, response.status().as_u16(), started.elapsed());
+    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+    state.metrics.record(&route, status, elapsed);
+    state.figures.record(&route, status, elapsed);
     response
 }
 
@@ -208,7 +208,7 @@ async fn forward_to(
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE
     );
     let timeout = state.config.request_timeout;
-    let answer = tokio::time::timeout(timeout, send(route, packet, retryable))
+    let answer = tokio::time::timeout(timeout, send(state, route, packet, retryable))
         .await
         .map_err(|_| ProxyError::Timeout(timeout))??;
     match answer {
@@ -233,12 +233,17 @@ enum Answer {
 }
 
 /// Sends `packet` to the route's nodes in rotation until one takes it.
-async fn send(route: &Route, packet: Packet, retryable: bool) -> Result<Answer, ProxyError> {
+async fn send(
+    state: &AppState,
+    route: &Route,
+    packet: Packet,
+    retryable: bool,
+) -> Result<Answer, ProxyError> {
     try_in_turn(
         route.rotation(),
         packet,
         retryable,
-        |node, packet| call(node, packet),
+        |node, packet| counted_call(state, node, packet),
         |node| node.addr.clone(),
     )
     .await?
@@ -296,6 +301,25 @@ where
         }
     }
     Ok(None)
+}
+
+/// [`call`], counted in the node's figures ([`crate::figures`]).
+async fn counted_call(
+    state: &AppState,
+    node: &Node,
+    packet: Packet,
+) -> Result<Answer, ClientError> {
+    let counted = state.figures.node_call(node);
+    let answer = call(node, packet).await;
+    match &answer {
+        Err(ClientError::NotConnected) => counted.not_sent(),
+        Err(_) => counted.answered(None),
+        Ok(Answer::Plain(packet) | Answer::Ended(packet)) => {
+            counted.answered(Some(packet.status()))
+        }
+        Ok(Answer::Stream(..)) => counted.answered(Some(200)),
+    }
+    answer
 }
 
 /// Sends one request to one node and waits for its first answer.

@@ -74,6 +74,9 @@ pub enum TokenError {
     Invalid(String),
     #[error("cannot sign the token: {0}")]
     Sign(String),
+    /// A token asked for with flags that cannot make one (no subject, no lifetime).
+    #[error("{0}")]
+    Request(String),
 }
 
 /// One key a token may be signed with.
@@ -243,6 +246,73 @@ struct MintedClaims<'a> {
     aud: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     iss: Option<&'a str>,
+}
+
+/// In a scope list (`--anonymous-scopes`, `--scope` of a minted token): every scope, the same
+/// as `admin`.
+pub const ALL_SCOPES: &str = "*";
+
+/// The scopes of a scope list (`--anonymous-scopes`, a minted token's `--scope`): separated by
+/// spaces or commas, `*` for all, duplicates dropped.
+pub fn parse_scopes(text: &str) -> Vec<String> {
+    let mut scopes: Vec<String> = Vec::new();
+    for scope in text.split(|c: char| c.is_whitespace() || c == ',') {
+        let scope = match scope {
+            "" => continue,
+            ALL_SCOPES => crate::packet::ADMIN_SCOPE,
+            scope => scope,
+        };
+        if !scopes.iter().any(|known| known == scope) {
+            scopes.push(scope.to_owned());
+        }
+    }
+    scopes
+}
+
+/// The flags of the commands that mint a token: `gateway mint-token` and `msctl token`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MintArgs {
+    /// The key: the file's bytes, less a trailing newline (the gateway's --jwt-secret-file).
+    #[arg(long, env = "JWT_SECRET_FILE")]
+    pub jwt_secret_file: PathBuf,
+    /// The caller the token names (its `sub` claim).
+    #[arg(long, env = "TOKEN_SUB")]
+    pub sub: String,
+    /// The scopes it grants, separated by spaces ("kv:read kv:write"; "admin" for every scope).
+    #[arg(long, env = "TOKEN_SCOPE")]
+    pub scope: String,
+    /// How long it is valid.
+    #[arg(long, env = "TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Its `aud` claim, for gateways started with --jwt-audience.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Its `iss` claim, for gateways started with --jwt-issuer.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub issuer: Option<String>,
+}
+
+impl MintArgs {
+    /// The token these flags ask for, signed with the key file's HS256 key.
+    pub fn mint(&self) -> Result<String, TokenError> {
+        if self.sub.trim().is_empty() {
+            return Err(TokenError::Request("--sub must name the caller".into()));
+        }
+        if self.ttl.is_zero() {
+            return Err(TokenError::Request("--ttl must be longer than 0".into()));
+        }
+        let secret = read_secret_file(&self.jwt_secret_file)?;
+        mint(
+            &secret,
+            &TokenRequest {
+                subject: &self.sub,
+                scopes: &parse_scopes(&self.scope),
+                ttl: self.ttl,
+                audience: self.audience.as_deref(),
+                issuer: self.issuer.as_deref(),
+            },
+        )
+    }
 }
 
 /// What to put in a minted token.
