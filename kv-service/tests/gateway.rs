@@ -119,7 +119,7 @@ async fn the_rest_contract_through_the_gateway() {
         (status, body),
         (
             StatusCode::OK,
-            json!({"key": "hello", "value": "world", "version": 1})
+            json!({"key": "hello", "value": "world", "version": 1, "revision": 1, "expires_at": null})
         )
     );
     let (status, body) = stack
@@ -164,7 +164,7 @@ async fn the_rest_contract_through_the_gateway() {
         (status, body),
         (
             StatusCode::OK,
-            json!({"key": "hello", "value": "third", "version": 3})
+            json!({"key": "hello", "value": "third", "version": 3, "revision": 3, "expires_at": null})
         )
     );
 
@@ -179,7 +179,7 @@ async fn the_rest_contract_through_the_gateway() {
         (status, body),
         (
             StatusCode::CREATED,
-            json!({"key": "new", "value": "v", "version": 1})
+            json!({"key": "new", "value": "v", "version": 1, "revision": 4, "expires_at": null})
         )
     );
     let (status, body) = stack
@@ -204,9 +204,9 @@ async fn the_rest_contract_through_the_gateway() {
     assert_eq!(
         body,
         json!({"items": [
-            {"key": "p/1", "value": "p/1", "version": 1},
-            {"key": "p/2", "value": "p/2", "version": 1},
-        ], "next": "p/2"})
+            {"key": "p/1", "value": "p/1", "version": 1, "revision": 5, "expires_at": null},
+            {"key": "p/2", "value": "p/2", "version": 1, "revision": 6, "expires_at": null},
+        ], "next": "p/2", "revision": 7})
     );
     let (_, body) = stack
         .send(http.get(stack.url("/kv?prefix=p/&after=p/2")))
@@ -257,7 +257,10 @@ async fn the_rest_contract_through_the_gateway() {
     let (status, body) = stack.send(http.delete(stack.url("/kv/hello"))).await;
     assert_eq!(
         (status, body),
-        (StatusCode::OK, json!({"key": "hello", "deleted": true}))
+        (
+            StatusCode::OK,
+            json!({"key": "hello", "deleted": true, "revision": 9})
+        )
     );
     let (status, _) = stack.send(http.delete(stack.url("/kv/hello"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -291,7 +294,8 @@ async fn two_replicas_on_one_postgres_behind_the_gateway() {
                 (status, body),
                 (
                     StatusCode::OK,
-                    json!({"key": format!("item{i}"), "value": format!("v{i}"), "version": 1})
+                    json!({"key": format!("item{i}"), "value": format!("v{i}"), "version": 1,
+                        "revision": i + 1, "expires_at": null})
                 )
             );
         }

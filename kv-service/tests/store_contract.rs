@@ -33,16 +33,20 @@ async fn put(store: &KvBackend, key: &str, value: &str) -> i64 {
         .await
         .unwrap()
     {
-        PutOutcome::Written { version } => version,
+        PutOutcome::Written { version, .. } => version,
         conflict => panic!("an unconditional put conflicted: {conflict:?}"),
     }
 }
 
-fn versioned(value: &str, version: i64) -> Option<Versioned> {
-    Some(Versioned {
-        value: value.to_owned(),
-        version,
-    })
+/// A value and its version, as a get should find them.
+fn versioned(value: &str, version: i64) -> Option<(String, i64)> {
+    Some((value.to_owned(), version))
+}
+
+/// A get's value and version.
+async fn got(store: &KvBackend, key: &str) -> Option<(String, i64)> {
+    let found: Option<Versioned> = store.get(key).await.unwrap();
+    found.map(|found| (found.value, found.version))
 }
 
 async fn get_of_a_missing_key_is_none(store: Arc<KvBackend>) {
@@ -53,7 +57,7 @@ async fn put_creates_at_version_1_and_each_replace_adds_one(store: Arc<KvBackend
     assert_eq!(put(&store, "k", "a").await, 1);
     assert_eq!(put(&store, "k", "b").await, 2);
     assert_eq!(put(&store, "k", "c").await, 3);
-    assert_eq!(store.get("k").await.unwrap(), versioned("c", 3));
+    assert_eq!(got(&store, "k").await, versioned("c", 3));
     // Other keys have versions of their own.
     assert_eq!(put(&store, "other", "x").await, 1);
 }
@@ -74,18 +78,14 @@ async fn any_utf8_round_trips(store: Arc<KvBackend>) {
         put(&store, key, value).await;
     }
     for (key, value) in cases {
-        assert_eq!(
-            store.get(key).await.unwrap(),
-            versioned(value, 1),
-            "key {key:?}"
-        );
+        assert_eq!(got(&store, key).await, versioned(value, 1), "key {key:?}");
     }
     let large = "0123456789abcdef".repeat(64 * 1024);
     put(&store, "large", &large).await;
-    assert_eq!(store.get("large").await.unwrap(), versioned(&large, 1));
+    assert_eq!(got(&store, "large").await, versioned(&large, 1));
     let long_key = "k".repeat(1024);
     put(&store, &long_key, "v").await;
-    assert_eq!(store.get(&long_key).await.unwrap(), versioned("v", 1));
+    assert_eq!(got(&store, &long_key).await, versioned("v", 1));
 }
 
 async fn if_version_replaces_only_the_current_version(store: Arc<KvBackend>) {
@@ -104,7 +104,10 @@ async fn if_version_replaces_only_the_current_version(store: Arc<KvBackend>) {
             .put("k", "b".into(), Condition::IfVersion(1))
             .await
             .unwrap(),
-        PutOutcome::Written { version: 2 }
+        PutOutcome::Written {
+            version: 2,
+            revision: 2
+        }
     );
     assert_eq!(
         store
@@ -113,7 +116,7 @@ async fn if_version_replaces_only_the_current_version(store: Arc<KvBackend>) {
             .unwrap(),
         PutOutcome::Conflict { current: Some(2) }
     );
-    assert_eq!(store.get("k").await.unwrap(), versioned("b", 2));
+    assert_eq!(got(&store, "k").await, versioned("b", 2));
 }
 
 async fn if_absent_creates_only_once(store: Arc<KvBackend>) {
@@ -122,7 +125,10 @@ async fn if_absent_creates_only_once(store: Arc<KvBackend>) {
             .put("k", "first".into(), Condition::IfAbsent)
             .await
             .unwrap(),
-        PutOutcome::Written { version: 1 }
+        PutOutcome::Written {
+            version: 1,
+            revision: 1
+        }
     );
     assert_eq!(
         store
@@ -131,16 +137,16 @@ async fn if_absent_creates_only_once(store: Arc<KvBackend>) {
             .unwrap(),
         PutOutcome::Conflict { current: Some(1) }
     );
-    assert_eq!(store.get("k").await.unwrap(), versioned("first", 1));
+    assert_eq!(got(&store, "k").await, versioned("first", 1));
 }
 
 async fn delete_removes_and_says_whether_it_did(store: Arc<KvBackend>) {
-    assert!(!store.delete("k").await.unwrap());
+    assert_eq!(store.delete("k").await.unwrap(), None);
     put(&store, "k", "a").await;
     put(&store, "k", "b").await;
-    assert!(store.delete("k").await.unwrap());
+    assert_eq!(store.delete("k").await.unwrap(), Some(3));
     assert_eq!(store.get("k").await.unwrap(), None);
-    assert!(!store.delete("k").await.unwrap());
+    assert_eq!(store.delete("k").await.unwrap(), None);
     // A key created again starts over.
     assert_eq!(put(&store, "k", "c").await, 1);
     assert_eq!(
@@ -162,7 +168,7 @@ async fn list_is_in_byte_order_and_filters_by_prefix(store: Arc<KvBackend>) {
     let mut sorted: Vec<&str> = keys.to_vec();
     sorted.sort_by(|x, y| x.as_bytes().cmp(y.as_bytes()));
 
-    let all = store.list("", None, 100).await.unwrap();
+    let all = store.list("", None, 100).await.unwrap().items;
     let listed: Vec<&str> = all.iter().map(|item| item.key.as_str()).collect();
     assert_eq!(listed, sorted);
     assert!(all
@@ -177,21 +183,26 @@ async fn list_is_in_byte_order_and_filters_by_prefix(store: Arc<KvBackend>) {
             .collect()
     };
     for prefix in ["a", "b", "a日", "é", "zz", "a\u{0}"] {
-        let items = store.list(prefix, None, 100).await.unwrap();
+        let items = store.list(prefix, None, 100).await.unwrap().items;
         let listed: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
         assert_eq!(listed, with_prefix(prefix), "prefix {prefix:?}");
     }
 
     // `after` is exclusive, and combines with the prefix whether it sorts below or inside it.
-    let items = store.list("a", Some("aa"), 100).await.unwrap();
+    let items = store.list("a", Some("aa"), 100).await.unwrap().items;
     let listed: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
     assert_eq!(listed, ["ab", "a~", "aé", "a日", "a🦀"]);
-    let items = store.list("b", Some("a"), 100).await.unwrap();
+    let items = store.list("b", Some("a"), 100).await.unwrap().items;
     let listed: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
     assert_eq!(listed, ["b", "ba"]);
-    assert!(store.list("a", Some("b"), 100).await.unwrap().is_empty());
+    assert!(store
+        .list("a", Some("b"), 100)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
 
-    let page = store.list("a", None, 3).await.unwrap();
+    let page = store.list("a", None, 3).await.unwrap().items;
     let listed: Vec<&str> = page.iter().map(|item| item.key.as_str()).collect();
     assert_eq!(listed, ["a", "a\u{0}", "aa"]);
 }
@@ -257,7 +268,7 @@ async fn concurrent_compare_and_set_counts_every_increment(store: Arc<KvBackend>
     }
     let total = TASKS * INCREMENTS;
     assert_eq!(
-        store.get("counter").await.unwrap(),
+        got(&store, "counter").await,
         versioned(&total.to_string(), total as i64 + 1)
     );
 }
@@ -280,7 +291,12 @@ async fn concurrent_creates_of_one_key_have_one_winner(store: Arc<KvBackend>) {
             .await
             .unwrap()
             .unwrap();
-        if outcome == (PutOutcome::Written { version: 1 }) {
+        if outcome
+            == (PutOutcome::Written {
+                version: 1,
+                revision: 1,
+            })
+        {
             winners.push(task);
         } else {
             assert_eq!(outcome, PutOutcome::Conflict { current: Some(1) });
@@ -288,7 +304,7 @@ async fn concurrent_creates_of_one_key_have_one_winner(store: Arc<KvBackend>) {
     }
     assert_eq!(winners.len(), 1);
     assert_eq!(
-        store.get("contended").await.unwrap(),
+        got(&store, "contended").await,
         versioned(&winners[0].to_string(), 1)
     );
 }
@@ -298,6 +314,7 @@ async fn write_batches_apply_in_order(store: Arc<KvBackend>) {
         key: key.into(),
         value: value.into(),
         condition,
+        expires_at: None,
     };
     let mut writes = Vec::new();
     for i in 0..50 {
@@ -322,21 +339,28 @@ async fn write_batches_apply_in_order(store: Arc<KvBackend>) {
         assert_eq!(
             *result,
             WriteOutcome::Put(PutOutcome::Written {
-                version: i as i64 + 1
+                version: i as i64 + 1,
+                revision: i as i64 + 1,
             })
         );
     }
     assert_eq!(
         results[50..],
         [
-            WriteOutcome::Delete(true),
-            WriteOutcome::Delete(false),
-            WriteOutcome::Put(PutOutcome::Written { version: 1 }),
+            WriteOutcome::Delete(Some(51)),
+            WriteOutcome::Delete(None),
+            WriteOutcome::Put(PutOutcome::Written {
+                version: 1,
+                revision: 52
+            }),
             WriteOutcome::Put(PutOutcome::Conflict { current: Some(1) }),
-            WriteOutcome::Put(PutOutcome::Written { version: 2 }),
+            WriteOutcome::Put(PutOutcome::Written {
+                version: 2,
+                revision: 53
+            }),
         ]
     );
-    assert_eq!(store.get("batched").await.unwrap(), versioned("cas", 2));
+    assert_eq!(got(&store, "batched").await, versioned("cas", 2));
 }
 
 /// Data written before the store is closed is there when it is opened again (SQL stores only).
@@ -352,7 +376,7 @@ async fn data_survives_reopening(opened: Opened) {
     let reopened = KvBackend::open(&fixture.spec, StoreOptions::default())
         .await
         .unwrap();
-    assert_eq!(reopened.get("kept").await.unwrap(), versioned("b", 2));
+    assert_eq!(got(&reopened, "kept").await, versioned("b", 2));
     assert_eq!(reopened.get("gone").await.unwrap(), None);
     // Migrations already applied are skipped, not re-run.
     assert_eq!(put(&reopened, "kept", "c").await, 3);
