@@ -128,8 +128,7 @@ impl Kv {
         }
         let following = async {
             if let KvBackend::Postgres(store) = &*self.store {
-                store::follow_revisions(store.clone(), (*self.head).clone(), shutdown.clone())
-                    .await;
+                store::follow_revisions(store, (*self.head).clone(), shutdown.clone()).await;
             }
         };
         let sweeping = async {

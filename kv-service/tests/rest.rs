@@ -333,6 +333,13 @@ async fn both_doors_share_one_core() {
 
     assert_eq!(text.call("del<t>").await, OwnedReply::Ok("t".into()));
     assert_eq!(failed(&client, "GET", json!({"params": "t"})).await.0, 404);
+    // Deleting what is not there, over the same raw TCP connection.
+    assert_eq!(text.call("del<t>").await, OwnedReply::None("t".into()));
+    // Pipelined, the deletes share a batch and answer the same way.
+    text.send("put<u,1>del<u>del<u>").await;
+    assert_eq!(text.reply().await, OwnedReply::Ok("u".into()));
+    assert_eq!(text.reply().await, OwnedReply::Ok("u".into()));
+    assert_eq!(text.reply().await, OwnedReply::None("u".into()));
 }
 
 #[tokio::test]

@@ -301,11 +301,11 @@ fn holds(test: &Test, row: Option<&Versioned>) -> bool {
 }
 
 /// Implements [`Rows`] for a SQL connection type with the shared statements ([`super::sql`]).
-/// `$lock` reads the revision and locks it until the transaction ends; `$notify`, when given,
-/// is run with the new revision as text after it is set (PostgreSQL's NOTIFY, which commits
-/// with the transaction).
+/// `$lock` reads the revision and locks it until the transaction ends; `$set` sets it (binding
+/// the new revision), and on PostgreSQL also sends the NOTIFY, which commits with the
+/// transaction, in the same round trip.
 macro_rules! sql_rows {
-    ($conn:ty, lock: $lock:expr, notify: $notify:expr) => {
+    ($conn:ty, lock: $lock:expr, set: $set:expr) => {
         impl $crate::store::Rows for $conn {
             async fn revision(&mut self) -> Result<i64, $crate::store::StoreError> {
                 Ok(sqlx::query_scalar($lock).fetch_one(&mut *self).await?)
@@ -367,17 +367,7 @@ macro_rules! sql_rows {
                 &mut self,
                 revision: i64,
             ) -> Result<(), $crate::store::StoreError> {
-                sqlx::query($crate::store::sql::SET_REVISION)
-                    .bind(revision)
-                    .execute(&mut *self)
-                    .await?;
-                let notify: Option<&str> = $notify;
-                if let Some(notify) = notify {
-                    sqlx::query(notify)
-                        .bind(revision.to_string())
-                        .execute(&mut *self)
-                        .await?;
-                }
+                sqlx::query($set).bind(revision).execute(&mut *self).await?;
                 Ok(())
             }
 

@@ -738,8 +738,12 @@ mod sql {
     /// take turns here, so they commit in revision order.
     pub const LOCK_REVISION: &str = "SELECT revision FROM kv_meta WHERE id = 1 FOR UPDATE";
 
-    /// Announces a new revision to the replicas listening (see `postgres::follow_revisions`).
-    pub const NOTIFY: &str = "SELECT pg_notify('kv_revision', $1)";
+    /// Sets the revision and announces it to the replicas listening (see
+    /// `postgres::follow_revisions`): the channel carries revisions, never values.
+    pub const SET_REVISION_AND_NOTIFY: &str = "WITH updated AS (
+            UPDATE kv_meta SET revision = $1 WHERE id = 1 RETURNING revision
+        )
+        SELECT pg_notify('kv_revision', revision::text) FROM updated";
 
     pub const SET_REVISION: &str = "UPDATE kv_meta SET revision = $1 WHERE id = 1";
 

@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use shared::postgres::Database;
 use sqlx::{migrate::Migrator, postgres::PgListener, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +27,38 @@ use tracing::warn;
 
 use super::{advance, apply::apply, KvStore, StoreError, Write, WriteOutcome};
 
-/// The store is shared's `Database` (the pool and the store timeout); this module gives it the
-/// kv operations.
-pub use shared::postgres::Database as PostgresStore;
+/// Shared's `Database` (the pool and the store timeout), with the kv operations, and the turn
+/// this replica's writes take.
+pub struct PostgresStore {
+    database: Database,
+    /// Writes serialize on the database's revision row anyway; taking turns here first keeps
+    /// the waiting in this process, instead of in pool connections that would then be missing
+    /// for reads, and outside the store timeout, which bounds waiting for the database.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl PostgresStore {
+    /// Opens the pool ([`Database::open`]).
+    pub async fn open(
+        url: &str,
+        max_connections: u32,
+        options: shared::store_spec::StoreOptions,
+    ) -> Result<PostgresStore, sqlx::Error> {
+        Ok(PostgresStore {
+            database: Database::open(url, max_connections, options).await?,
+            writing: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// The database's own methods (the pool, timeouts, readiness, migrations) on the store.
+impl std::ops::Deref for PostgresStore {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.database
+    }
+}
 
 /// Connections at most per replica.
 pub const MAX_CONNECTIONS: u32 = 16;
@@ -43,12 +73,13 @@ const CHANNEL: &str = "kv_revision";
 /// listening connection was down.
 const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 
-sql_rows!(PgConnection, lock: super::sql::LOCK_REVISION, notify: Some(super::sql::NOTIFY));
+sql_rows!(PgConnection, lock: super::sql::LOCK_REVISION, set: super::sql::SET_REVISION_AND_NOTIFY);
 
 impl KvStore for PostgresStore {
     sql_reads!(pool: |store| store.pool(), run: |step| store.uncommitted(step).await?);
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
+        let _turn = self.writing.lock().await;
         let mut results = Vec::with_capacity(writes.len());
         for write in &writes {
             results.push(apply_one(self, write).await);
@@ -79,7 +110,7 @@ async fn apply_one(store: &PostgresStore, write: &Write) -> Result<WriteOutcome,
 /// LISTEN for their notifications, and read the revision every second in case one was lost
 /// while the listening connection was down.
 pub async fn follow_revisions(
-    store: PostgresStore,
+    store: &PostgresStore,
     head: watch::Sender<i64>,
     shutdown: CancellationToken,
 ) {

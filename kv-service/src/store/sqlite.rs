@@ -116,7 +116,7 @@ impl SqliteStore {
     }
 }
 
-sql_rows!(SqliteConnection, lock: super::sql::HEAD_REVISION, notify: None);
+sql_rows!(SqliteConnection, lock: super::sql::HEAD_REVISION, set: super::sql::SET_REVISION);
 
 impl KvStore for SqliteStore {
     sql_reads!(pool: |store| &store.readers, run: |step| step.await?);
