@@ -33,6 +33,8 @@ pub struct Config {
     pub node: ServiceConfig,
     /// Who the text port lets in and for how long.
     pub text: TextConfig,
+    /// Changes the change log keeps for watchers to resume from (`--history`).
+    pub history: u64,
 }
 
 /// The text port's admission rules.
@@ -74,6 +76,7 @@ impl Config {
             store_options: StoreOptions::default(),
             node: ServiceConfig::named(crate::SERVICE_NAME),
             text: TextConfig::default(),
+            history: crate::store::DEFAULT_HISTORY,
         }
     }
 }

@@ -11,11 +11,13 @@
 //!
 //! Layout:
 //! - [`config`]: the settings [`run`] takes, and the text port's protected mode.
-//! - [`core`]: get, put (plain, `if_version`, create-if-absent), delete and list, with the key
-//!   and value limits both doors share.
+//! - [`core`]: get, put (plain, `if_version`, create-if-absent, with a time to live), delete,
+//!   list and transactions, with the key and value limits both doors share; and the background
+//!   upkeep (expiry, change log compaction, following other replicas' revisions).
+//! - [`watch`]: watchers reading the change log after a revision.
 //! - [`store`]: the store trait and its backends: memory, SQLite and PostgreSQL (sqlx, with
 //!   migrations applied at start).
-//! - [`rest`]: the REST handlers.
+//! - [`rest`]: the REST handlers (watches as event streams, `POST /txn`).
 //! - [`text_protocol`]: the text protocol's grammar as pure incremental codecs.
 //! - [`text_server`]: the TCP server for the text protocol: authentication, scopes, idle and
 //!   per-address limits.
@@ -29,6 +31,7 @@ pub mod rest;
 pub mod store;
 pub mod text_protocol;
 pub mod text_server;
+pub mod watch;
 
 use shared::service::ServiceConfig;
 use tokio::net::TcpListener;
@@ -46,7 +49,8 @@ pub const SERVICE_NAME: &str = "kv";
 /// The scope a caller needs to read keys (`GET /kv`, `get<...>`).
 pub const READ_SCOPE: &str = "kv:read";
 
-/// The scope a caller needs to write keys (`PUT`, `POST`, `DELETE /kv`, `put<...>`, `del<...>`).
+/// The scope a caller needs to write keys (`PUT`, `POST`, `DELETE /kv`, `POST /txn`, `put<...>`,
+/// `del<...>`).
 pub const WRITE_SCOPE: &str = "kv:write";
 
 /// Why [`run`] failed.
@@ -75,7 +79,7 @@ pub async fn run(
     // so nothing is routed to it.
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        opened = KvBackend::open(&config.store, config.store_options) => opened,
+        opened = KvBackend::open_with_history(&config.store, config.store_options, config.history) => opened,
     };
     let store = opened.map_err(|source| KvServiceError::Store {
         store: config.store.clone(),
@@ -93,8 +97,9 @@ pub async fn run(
         service,
         shutdown.clone(),
     );
+    let background = kv.run_background(config.history, shutdown.clone());
     let text = text_server::serve(text_listener, kv.clone(), config.text, shutdown);
-    let (served, ()) = tokio::join!(rest, text);
+    let (served, (), ()) = tokio::join!(rest, text, background);
     kv.close().await;
     served?;
     Ok(())

@@ -46,6 +46,10 @@ struct Args {
     /// The host other nodes should connect to, when it differs from the socket's address.
     #[arg(long, env = "KV_ADVERTISE_HOST")]
     advertise_host: Option<String>,
+    /// Changes the change log keeps, so that watchers can resume from any of their revisions;
+    /// one resuming from further back gets a `reset` event.
+    #[arg(long, env = "KV_HISTORY", default_value_t = kv_service::store::DEFAULT_HISTORY, value_parser = clap::value_parser!(u64).range(1..))]
+    history: u64,
     /// Threads that serve requests; 0 means one per core. On a small machine that also runs the
     /// clients, 1 can be faster: a single thread never has to wake another.
     #[arg(long, env = "KV_THREADS", default_value_t = 0)]
@@ -124,6 +128,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout,
             auth_timeout: args.auth_timeout,
         },
+        history: args.history,
     };
     let shutdown = CancellationToken::new();
     let server = kv_service::run(config, rest_listener, text_listener, shutdown.clone());

@@ -365,6 +365,7 @@ async fn answer_writes(kv: &Kv, run: Vec<Frame>, codec: &mut RequestCodec, outpu
                     key,
                     value,
                     condition: Condition::Always,
+                    expires_at: None,
                 }
             }
             Frame::Request(Request::Del { key }) => {
@@ -376,10 +377,8 @@ async fn answer_writes(kv: &Kv, run: Vec<Frame>, codec: &mut RequestCodec, outpu
         .collect();
     for (key, result) in keys.iter().zip(kv.write_batch(writes).await) {
         match result {
-            Ok(WriteOutcome::Put(_) | WriteOutcome::Delete(true)) => {
-                encode(codec, Reply::Ok(key), output)
-            }
-            Ok(WriteOutcome::Delete(false)) => encode(codec, Reply::None(key), output),
+            Ok(WriteOutcome::Delete(None)) => encode(codec, Reply::None(key), output),
+            Ok(_) => encode(codec, Reply::Ok(key), output),
             Err(err) => encode(codec, Reply::Err(&reason(err)), output),
         }
     }
@@ -411,13 +410,13 @@ async fn answer(
             Ok(None) => encode(codec, Reply::None(&key), output),
             Err(err) => encode(codec, Reply::Err(&reason(err)), output),
         },
-        Request::Put { key, value } => match kv.put(&key, value, Condition::Always).await {
-            Ok(_version) => encode(codec, Reply::Ok(&key), output),
+        Request::Put { key, value } => match kv.put(&key, value, Condition::Always, None).await {
+            Ok(_written) => encode(codec, Reply::Ok(&key), output),
             Err(err) => encode(codec, Reply::Err(&reason(err)), output),
         },
         Request::Del { key } => match kv.delete(&key).await {
-            Ok(true) => encode(codec, Reply::Ok(&key), output),
-            Ok(false) => encode(codec, Reply::None(&key), output),
+            Ok(Some(_revision)) => encode(codec, Reply::Ok(&key), output),
+            Ok(None) => encode(codec, Reply::None(&key), output),
             Err(err) => encode(codec, Reply::Err(&reason(err)), output),
         },
     }

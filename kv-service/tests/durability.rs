@@ -140,7 +140,8 @@ async fn answered_puts_survive_kill_9(backend: Backend) {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        json!({"key": "versioned", "value": "v3", "version": 3})
+        json!({"key": "versioned", "value": "v3", "version": 3,
+            "revision": body["revision"], "expires_at": null})
     );
     second.kill_9().await;
 }

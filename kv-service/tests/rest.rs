@@ -38,15 +38,15 @@ async fn put_then_get_with_versions() {
     let (_service, client) = service().await;
     assert_eq!(
         ok(&client, "PUT", json!({"params": "a", "value": "1"})).await,
-        json!({"key": "a", "value": "1", "version": 1})
+        json!({"key": "a", "value": "1", "version": 1, "revision": 1, "expires_at": null})
     );
     assert_eq!(
         ok(&client, "PUT", json!({"params": "a", "value": "2"})).await,
-        json!({"key": "a", "value": "2", "version": 2})
+        json!({"key": "a", "value": "2", "version": 2, "revision": 2, "expires_at": null})
     );
     assert_eq!(
         ok(&client, "GET", json!({"params": "a"})).await,
-        json!({"key": "a", "value": "2", "version": 2})
+        json!({"key": "a", "value": "2", "version": 2, "revision": 2, "expires_at": null})
     );
 }
 
@@ -60,7 +60,7 @@ async fn put_with_a_plain_text_body() {
             json!({"params": "t", "body": "hello\nworld"})
         )
         .await,
-        json!({"key": "t", "value": "hello\nworld", "version": 1})
+        json!({"key": "t", "value": "hello\nworld", "version": 1, "revision": 1, "expires_at": null})
     );
     assert_eq!(
         ok(&client, "GET", json!({"params": "t"})).await["value"],
@@ -91,7 +91,7 @@ async fn put_with_if_version() {
             json!({"params": "a", "value": "2", "if_version": 1})
         )
         .await,
-        json!({"key": "a", "value": "2", "version": 2})
+        json!({"key": "a", "value": "2", "version": 2, "revision": 2, "expires_at": null})
     );
     let (status, error) = failed(
         &client,
@@ -127,7 +127,10 @@ async fn post_creates_or_conflicts() {
         .await
         .unwrap();
     assert_eq!(status, 201);
-    assert_eq!(body, json!({"key": "n", "value": "first", "version": 1}));
+    assert_eq!(
+        body,
+        json!({"key": "n", "value": "first", "version": 1, "revision": 1, "expires_at": null})
+    );
     let (status, error) = failed(&client, "POST", json!({"key": "n", "value": "second"})).await;
     assert_eq!(status, 409);
     assert_eq!(error, "key already exists: n");
@@ -156,7 +159,7 @@ async fn delete_removes() {
     ok(&client, "PUT", json!({"params": "d", "value": "1"})).await;
     assert_eq!(
         ok(&client, "DELETE", json!({"params": "d"})).await,
-        json!({"key": "d", "deleted": true})
+        json!({"key": "d", "deleted": true, "revision": 2})
     );
     assert_eq!(failed(&client, "GET", json!({"params": "d"})).await.0, 404);
 }
@@ -171,9 +174,9 @@ async fn list_pages_through_keys_in_order() {
     assert_eq!(
         page,
         json!({"items": [
-            {"key": "user/1", "value": "user/1", "version": 1},
-            {"key": "user/10", "value": "user/10", "version": 1},
-        ], "next": "user/10"})
+            {"key": "user/1", "value": "user/1", "version": 1, "revision": 2, "expires_at": null},
+            {"key": "user/10", "value": "user/10", "version": 1, "revision": 5, "expires_at": null},
+        ], "next": "user/10", "revision": 5})
     );
     let page = ok(
         &client,
@@ -284,10 +287,11 @@ async fn keys_and_values_may_hold_any_utf8() {
         ("a/b/c", "🦀"),
         ("sp ace", ""),
     ] {
-        ok(&client, "PUT", json!({"params": key, "value": value})).await;
+        let revision =
+            ok(&client, "PUT", json!({"params": key, "value": value})).await["revision"].clone();
         assert_eq!(
             ok(&client, "GET", json!({"params": key})).await,
-            json!({"key": key, "value": value, "version": 1})
+            json!({"key": key, "value": value, "version": 1, "revision": revision, "expires_at": null})
         );
     }
 }
@@ -314,7 +318,7 @@ async fn both_doors_share_one_core() {
     );
     assert_eq!(
         ok(&client, "GET", json!({"params": "t"})).await,
-        json!({"key": "t", "value": "from text", "version": 1})
+        json!({"key": "t", "value": "from text", "version": 1, "revision": 2, "expires_at": null})
     );
     // Versions count writes through either door.
     assert_eq!(
@@ -329,13 +333,23 @@ async fn both_doors_share_one_core() {
 
     assert_eq!(text.call("del<t>").await, OwnedReply::Ok("t".into()));
     assert_eq!(failed(&client, "GET", json!({"params": "t"})).await.0, 404);
+    // Deleting what is not there, over the same raw TCP connection.
+    assert_eq!(text.call("del<t>").await, OwnedReply::None("t".into()));
+    // Pipelined, the deletes share a batch and answer the same way.
+    text.send("put<u,1>del<u>del<u>").await;
+    assert_eq!(text.reply().await, OwnedReply::Ok("u".into()));
+    assert_eq!(text.reply().await, OwnedReply::Ok("u".into()));
+    assert_eq!(text.reply().await, OwnedReply::None("u".into()));
 }
 
 #[tokio::test]
 async fn routes_register_as_the_issue_names_them() {
     let store = kv_service::store::KvBackend::Memory(kv_service::store::MemoryStore::new());
     let router = kv_service::rest::router(kv_service::core::Kv::new(store));
-    assert_eq!(router.urls(), ["DELETE/kv", "GET/kv", "POST/kv", "PUT/kv"]);
+    assert_eq!(
+        router.urls(),
+        ["DELETE/kv", "GET/kv", "POST/kv", "POST/txn", "PUT/kv"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +396,7 @@ fn reads_declare_kv_read_and_writes_kv_write() {
             ("DELETE/kv".to_owned(), "kv:write".to_owned()),
             ("GET/kv".to_owned(), "kv:read".to_owned()),
             ("POST/kv".to_owned(), "kv:write".to_owned()),
+            ("POST/txn".to_owned(), "kv:write".to_owned()),
             ("PUT/kv".to_owned(), "kv:write".to_owned()),
         ]
     );

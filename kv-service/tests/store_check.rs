@@ -84,6 +84,7 @@ async fn filled_store(path: &Path, keys: usize) {
             key: format!("key-{n:05}"),
             value: format!("{n}:{}", "v".repeat(200)),
             condition: Condition::Always,
+            expires_at: None,
         })
         .collect();
     for result in store.write_batch(writes).await {

@@ -153,7 +153,9 @@ pub struct EventSink {
     request: Arc<Packet>,
     outgoing: mpsc::Sender<Bytes>,
     cancelled: CancellationToken,
-    opened: std::sync::atomic::AtomicBool,
+    /// Shared with the stream's task, which answers a handler that never opened the stream
+    /// like a one-shot request.
+    opened: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EventSink {
@@ -620,11 +622,12 @@ impl Connection {
         // lives as long as the subscription, idle most of the time.
         let reply = Arc::new(Packet::reply_to(&packet, Value::Null));
         let outgoing = self.outgoing.clone();
+        let opened = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sink = EventSink {
             request: reply.clone(),
             outgoing: outgoing.clone(),
             cancelled: cancelled.clone(),
-            opened: Default::default(),
+            opened: opened.clone(),
         };
         // Called here rather than in the task, so that the task holds the handler's future
         // but not the request as well.
@@ -636,9 +639,14 @@ impl Connection {
                 let end = cancelled.run_until_cancelled(handling).await;
                 streams.finished(reply.key, serial);
                 let Some(response) = end else { return };
+                let answer = response.into_packet(&reply);
+                // A handler that answered successfully without opening the stream (a route
+                // that streams only when asked to, like kv's `watch`) gave a one-shot answer.
+                let one_shot =
+                    !opened.load(std::sync::atomic::Ordering::Relaxed) && answer.status() < 400;
                 let Some(frame) = encode_answer(&Packet {
-                    end: true,
-                    ..response.into_packet(&reply)
+                    end: !one_shot,
+                    ..answer
                 }) else {
                     return;
                 };

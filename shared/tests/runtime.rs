@@ -564,6 +564,22 @@ async fn typed_answers_and_named_errors_travel_as_their_statuses() {
 }
 
 #[tokio::test]
+async fn a_stream_route_that_answers_without_opening_gives_a_one_shot_answer() {
+    let router = Router::new().stream("GET", "/maybe", |_, _sink: EventSink| async {
+        Ok::<_, ServiceError>(Json(json!({"plain": true})))
+    });
+    let service = Service::start(router).await;
+    let client = service.client().await;
+    let mut stream = client
+        .stream(Packet::request("GET", "/maybe", Value::Null))
+        .await
+        .unwrap();
+    let only = next_packet(&mut stream).await;
+    assert!(!only.stream && !only.end, "{only:?}");
+    assert_eq!(only.params, json!({"plain": true}));
+}
+
+#[tokio::test]
 async fn a_stream_refused_before_it_opens_ends_with_its_error() {
     let router = Router::new().stream("GET", "/picky", |_, _sink: EventSink| async {
         Response::error(400, "no topic given")

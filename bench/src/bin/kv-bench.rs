@@ -17,6 +17,7 @@
 //! target/release/kv-bench                          # mem and sqlite, P=1 and P=16, 50 connections
 //! target/release/kv-bench --stores mem --pipeline 16 --requests 1000000
 //! target/release/kv-bench --addr 127.0.0.1:8395    # a kv-service that is already running
+//! target/release/kv-bench --memory-keys 1000000   # bytes per key, kv-service mem vs redis
 //! ```
 
 use std::{
@@ -100,6 +101,11 @@ struct Args {
     /// Skip the redis baseline.
     #[arg(long, env = "KV_BENCH_NO_REDIS")]
     no_redis: bool,
+    /// Instead of the load runs, measure memory: load this many keys of 12 bytes with values of
+    /// 14 bytes into a `--store mem` kv-service over the text port, and into redis-server with
+    /// SET, and report each process's resident memory growth per key.
+    #[arg(long, env = "KV_BENCH_MEMORY_KEYS")]
+    memory_keys: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +172,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
+    if let Some(keys) = args.memory_keys {
+        return measure_memory(&args, keys).await;
+    }
     print_heading(&args);
     let mut redis = start_redis(&args).await;
     let (mut services, targets) = start_targets(&args, redis.as_ref()).await?;
@@ -645,6 +654,89 @@ impl Service {
             text_addr: SocketAddr::from(([127, 0, 0, 1], text_port)),
         })
     }
+}
+
+/// Requests written before their answers are read, when loading keys for the memory figure.
+const MEMORY_LOAD_BATCH: u64 = 1000;
+
+/// Resident memory growth per key of a `--store mem` kv-service and of redis-server, each
+/// loaded with `keys` keys of 12 bytes (`key:00000000`) and values of 14 bytes
+/// (`value:00000000`), measured in the same run.
+async fn measure_memory(args: &Args, keys: u64) -> anyhow::Result<()> {
+    println!("kv-bench memory: {keys} keys of 12 bytes, values of 14 bytes, resident set growth");
+    let mut service = Service::start(args, "mem").await?;
+    let pid = service.process.pid().as_raw().unsigned_abs();
+    let stream = TcpStream::connect(service.text_addr).await?;
+    let per_key = load_and_measure(pid, stream, keys, |i, out| {
+        out.extend_from_slice(format!("put<key:{i:08},value:{i:08}>").as_bytes());
+    })
+    .await?;
+    service.process.check_running()?;
+    println!("kv-service --store mem: {per_key:.1} bytes/key");
+    if args.no_redis {
+        return Ok(());
+    }
+    match Redis::start().await {
+        Ok(redis) => {
+            let pid = redis._child.id().context("redis-server has no pid")?;
+            let stream = TcpStream::connect(("127.0.0.1", redis.port)).await?;
+            let per_key = load_and_measure(pid, stream, keys, |i, out| {
+                let command =
+                    format!("*3\r\n$3\r\nSET\r\n$12\r\nkey:{i:08}\r\n$14\r\nvalue:{i:08}\r\n");
+                out.extend_from_slice(command.as_bytes());
+            })
+            .await?;
+            println!("redis-server: {per_key:.1} bytes/key");
+        }
+        Err(err) => println!("redis baseline skipped: {err}"),
+    }
+    Ok(())
+}
+
+/// Loads `keys` requests built by `request` over `stream` (one answer line each), and returns
+/// the growth of process `pid`'s resident set per key.
+async fn load_and_measure(
+    pid: u32,
+    mut stream: TcpStream,
+    keys: u64,
+    request: impl Fn(u64, &mut Vec<u8>),
+) -> anyhow::Result<f64> {
+    let before = resident_bytes(pid)?;
+    let mut output = Vec::new();
+    let mut input = vec![0u8; 64 * 1024];
+    let mut next = 0;
+    while next < keys {
+        let batch = MEMORY_LOAD_BATCH.min(keys - next);
+        output.clear();
+        for i in next..next + batch {
+            request(i, &mut output);
+        }
+        stream.write_all(&output).await?;
+        let mut answered = 0;
+        while answered < batch {
+            let read = stream.read(&mut input).await?;
+            anyhow::ensure!(read > 0, "the server closed the connection");
+            answered += memchr::memchr_iter(b'\n', &input[..read]).count() as u64;
+        }
+        next += batch;
+    }
+    let after = resident_bytes(pid)?;
+    Ok(after.saturating_sub(before) as f64 / keys as f64)
+}
+
+/// A process's resident set size (`VmRSS` in /proc/PID/status), in bytes.
+fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .context("no VmRSS line")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("no VmRSS figure")?
+        .parse()?;
+    Ok(kib * 1024)
 }
 
 /// A redis-server started for the baseline; killed on drop.

@@ -1,61 +1,75 @@
 //! The in-memory store (`--store mem`): the fastest, and gone when the process ends.
 //!
-//! Entries live in hash tables split into shards by key, each behind its own std mutex, so gets
-//! and puts on different keys rarely wait for each other and cost one hash lookup rather than a
-//! walk down an ordered tree. A key is hashed once: some bits of the hash pick the shard and the
-//! whole hash finds the entry in it. A separate ordered index of the keys serves `list`; only
-//! inserting a new key or deleting one touches it. Locks are held only for the table operation
-//! itself, never across an `.await`, so plain mutexes are cheaper than async ones (see
-//! mini-redis's db.rs).
+//! Everything lives in one [`State`] behind one std mutex: the entries (a hash table), the
+//! ordered index `list` walks, the expiry queue, the change log and the revision. One lock makes
+//! a transaction atomic for every reader (a listing never sees half of one) and keeps the change
+//! log in revision order, at the price of puts on different keys waiting for each other; the lock
+//! is held only for the table operations themselves, never across an `.await` (see mini-redis's
+//! db.rs), so that wait is short. Writes run [`super::apply`]'s rules on the locked state: the
+//! memory [`Rows`] never wait, so their futures complete on the first poll, under the lock.
 //!
-//! Lock order: a shard, then the index. `list` never holds both: it reads candidate keys from the
-//! index, lets it go, then looks each key up in its shard.
+//! A key is stored once, as an `Arc<str>` the table, the index and the expiry queue share.
 //!
 //! A poisoned lock is used anyway (`unwrap_or_else(PoisonError::into_inner)`), the policy of every
-//! std mutex in the workspace's services: a section holding one only calls a map or set method,
-//! each of which leaves its collection whole, so a panic elsewhere in the task cannot leave it
-//! half-updated, and refusing the lock would turn one failed request into failing them all.
+//! std mutex in the workspace's services: a section holding one only calls collection methods,
+//! each of which leaves its collection whole, and refusing the lock would turn one failed request
+//! into failing them all.
 
 use std::{
-    collections::BTreeSet,
-    hash::BuildHasher,
+    collections::{BTreeSet, VecDeque},
     ops::Bound,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
-use hashbrown::{hash_table::Entry as Slot, DefaultHashBuilder, HashTable};
+use futures::FutureExt;
+use hashbrown::HashMap;
 
-use super::{Condition, Item, KvStore, PutOutcome, StoreError, Versioned};
-
-/// Enough shards that the connections of a 2 to 16 core machine seldom meet on one lock.
-const SHARDS: usize = 16;
-
-/// Bits 32 and up of a key's hash pick its shard: the table inside the shard uses the low bits
-/// for the bucket and the top 7 for its tags, so the shard's bits leave both evenly spread.
-const SHARD_SHIFT: u32 = 32;
-
-struct Entry {
-    key: Arc<str>,
-    versioned: Versioned,
-}
-
-type Shard = HashTable<Entry>;
+use super::{
+    apply::apply, Change, ChangePage, Head, Item, KeyFilter, KvStore, Listing, Rows, StoreError,
+    Versioned, Write, WriteOutcome, CHANGE_PAGE, DEFAULT_HISTORY,
+};
 
 pub struct MemoryStore {
-    shards: Box<[Mutex<Shard>]>,
-    /// Randomly seeded, so clients cannot aim their keys at one shard or one bucket.
-    hasher: DefaultHashBuilder,
+    state: Mutex<State>,
+}
+
+struct Entry {
+    value: Box<str>,
+    version: i64,
+    revision: i64,
+    expires_at: Option<i64>,
+}
+
+impl Entry {
+    fn versioned(&self) -> Versioned {
+        Versioned {
+            value: self.value.to_string(),
+            version: self.version,
+            revision: self.revision,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+struct State {
+    /// Randomly seeded (hashbrown's default), so clients cannot aim their keys at one bucket.
+    entries: HashMap<Arc<str>, Entry>,
     /// Every key, in byte order (the order `list` promises).
-    index: Mutex<BTreeSet<Arc<str>>>,
+    index: BTreeSet<Arc<str>>,
+    /// The keys that expire, by expiry time.
+    expiries: BTreeSet<(i64, Arc<str>)>,
+    /// The newest changes, oldest first.
+    log: VecDeque<Change>,
+    /// Changes the log keeps at most.
+    history: usize,
+    revision: i64,
+    /// The highest revision dropped from the log.
+    compacted: i64,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: DefaultHashBuilder::default(),
-            index: Mutex::default(),
-        }
+        Self::with_history(DEFAULT_HISTORY)
     }
 }
 
@@ -64,107 +78,44 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
+    /// A store whose change log keeps the newest `history` changes.
+    pub fn with_history(history: u64) -> Self {
+        MemoryStore {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                index: BTreeSet::new(),
+                expiries: BTreeSet::new(),
+                log: VecDeque::new(),
+                history: usize::try_from(history).unwrap_or(usize::MAX),
+                revision: 0,
+                compacted: 0,
+            }),
+        }
     }
 
-    /// `key`'s hash and its locked shard.
-    fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Shard>) {
-        let hash = self.hash(key);
-        let shard = (hash >> SHARD_SHIFT) as usize % SHARDS;
-        let shard = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        (hash, shard)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn live(&self, key: &str, now: i64) -> Option<&Entry> {
+        self.entries
+            .get(key)
+            .filter(|entry| entry.expires_at.is_none_or(|at| at > now))
     }
 
-    fn get_entry(&self, key: &str) -> Option<Versioned> {
-        let (hash, shard) = self.shard(key);
-        shard
-            .find(hash, |entry| &*entry.key == key)
-            .map(|entry| entry.versioned.clone())
-    }
-
-    /// Up to `limit` keys in the index after `start` that begin with `prefix`.
-    fn candidates(&self, start: Bound<&str>, prefix: &str, limit: usize) -> Vec<Arc<str>> {
-        self.index
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .range::<str, _>((start, Bound::Unbounded))
-            .take_while(|key| key.starts_with(prefix))
-            .take(limit)
-            .cloned()
-            .collect()
+    fn drop_oldest_change(&mut self) {
+        if let Some(oldest) = self.log.pop_front() {
+            self.compacted = self.compacted.max(oldest.revision);
+        }
     }
 }
 
 impl KvStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.get_entry(key))
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        value: String,
-        condition: Condition,
-    ) -> Result<PutOutcome, StoreError> {
-        let (hash, mut shard) = self.shard(key);
-        let found = shard
-            .find_mut(hash, |entry| &*entry.key == key)
-            .map(|entry| &mut entry.versioned);
-        let (version, replaced) = match (found, condition) {
-            (Some(entry), Condition::Always) => {
-                entry.version += 1;
-                (entry.version, std::mem::replace(&mut entry.value, value))
-            }
-            (Some(entry), Condition::IfVersion(expected)) if entry.version == expected => {
-                entry.version += 1;
-                (entry.version, std::mem::replace(&mut entry.value, value))
-            }
-            (Some(entry), _) => {
-                return Ok(PutOutcome::Conflict {
-                    current: Some(entry.version),
-                })
-            }
-            (None, Condition::IfVersion(_)) => return Ok(PutOutcome::Conflict { current: None }),
-            (None, Condition::Always | Condition::IfAbsent) => {
-                let key: Arc<str> = key.into();
-                let entry = Entry {
-                    key: key.clone(),
-                    versioned: Versioned { value, version: 1 },
-                };
-                shard.insert_unique(hash, entry, |entry| self.hash(&entry.key));
-                self.index
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key);
-                return Ok(PutOutcome::Written { version: 1 });
-            }
-        };
-        drop(shard);
-        // The old value is freed after the lock is released.
-        drop(replaced);
-        Ok(PutOutcome::Written { version })
-    }
-
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let (hash, mut shard) = self.shard(key);
-        match shard.entry(
-            hash,
-            |entry| &*entry.key == key,
-            |entry| self.hash(&entry.key),
-        ) {
-            Slot::Occupied(entry) => {
-                entry.remove();
-                self.index
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(key);
-                Ok(true)
-            }
-            Slot::Vacant(_) => Ok(false),
-        }
+        let now = super::now_ms();
+        Ok(self.lock().live(key, now).map(Entry::versioned))
     }
 
     async fn list(
@@ -172,40 +123,175 @@ impl KvStore for MemoryStore {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<Item>, StoreError> {
-        let mut start: Arc<str> = match after {
-            Some(after) if after >= prefix => after.into(),
-            _ => prefix.into(),
+    ) -> Result<Listing, StoreError> {
+        let now = super::now_ms();
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
         };
-        let mut exclusive = matches!(after, Some(after) if after >= prefix);
-        let mut items = Vec::new();
-        while items.len() < limit {
-            let bound = if exclusive {
-                Bound::Excluded(&*start)
-            } else {
-                Bound::Included(&*start)
-            };
-            let wanted = limit - items.len();
-            let candidates = self.candidates(bound, prefix, wanted);
-            let exhausted = candidates.len() < wanted;
-            // A key deleted since the index was read is skipped; the next round fills its place.
-            for key in &candidates {
-                if let Some(entry) = self.get_entry(key) {
-                    items.push(Item {
-                        key: key.to_string(),
-                        value: entry.value,
-                        version: entry.version,
-                    });
+        let state = self.lock();
+        let items = state
+            .index
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|key| key.starts_with(prefix))
+            .filter_map(|key| {
+                let entry = state.live(key, now)?;
+                Some(Item {
+                    key: key.to_string(),
+                    value: entry.value.to_string(),
+                    version: entry.version,
+                    revision: entry.revision,
+                    expires_at: entry.expires_at,
+                })
+            })
+            .take(limit)
+            .collect();
+        Ok(Listing {
+            items,
+            revision: state.revision,
+        })
+    }
+
+    async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
+        let now = super::now_ms();
+        let mut state = self.lock();
+        writes
+            .iter()
+            .map(|write| {
+                apply(&mut *state, write, now)
+                    .now_or_never()
+                    .expect("the memory store's rows never wait")
+            })
+            .collect()
+    }
+
+    async fn head(&self) -> Result<Head, StoreError> {
+        let state = self.lock();
+        Ok(Head {
+            revision: state.revision,
+            compacted: state.compacted,
+        })
+    }
+
+    async fn changes(&self, after: i64, filter: &KeyFilter) -> Result<ChangePage, StoreError> {
+        let state = self.lock();
+        // The log is in revision order: find the first change after `after` by bisection.
+        let start = state.log.partition_point(|change| change.revision <= after);
+        let mut changes = Vec::new();
+        let mut through = state.revision;
+        for change in state.log.range(start..) {
+            if changes.len() == CHANGE_PAGE {
+                // Served through the revision before this one, whole revisions only.
+                through = change.revision - 1;
+                while changes
+                    .last()
+                    .is_some_and(|last: &Change| last.revision == change.revision)
+                {
+                    changes.pop();
                 }
+                break;
             }
-            match candidates.last() {
-                Some(last) if !exhausted => {
-                    start = last.clone();
-                    exclusive = true;
-                }
-                _ => break,
+            if filter.matches(&change.key) {
+                changes.push(change.clone());
             }
         }
-        Ok(items)
+        Ok(ChangePage {
+            changes,
+            through,
+            compacted: state.compacted,
+        })
+    }
+}
+
+impl Rows for State {
+    async fn revision(&mut self) -> Result<i64, StoreError> {
+        Ok(self.revision)
+    }
+
+    async fn load(&mut self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.entries.get(key).map(Entry::versioned))
+    }
+
+    async fn store(&mut self, key: &str, row: Versioned) -> Result<(), StoreError> {
+        let entry = Entry {
+            value: row.value.into_boxed_str(),
+            version: row.version,
+            revision: row.revision,
+            expires_at: row.expires_at,
+        };
+        let replaced = match self.entries.get_key_value(key) {
+            Some((shared, _)) => {
+                let shared = shared.clone();
+                self.entries
+                    .insert(shared.clone(), entry)
+                    .map(|old| (shared, old))
+            }
+            None => {
+                let shared: Arc<str> = key.into();
+                self.index.insert(shared.clone());
+                if let Some(at) = entry.expires_at {
+                    self.expiries.insert((at, shared.clone()));
+                }
+                self.entries.insert(shared, entry);
+                None
+            }
+        };
+        if let Some((shared, old)) = replaced {
+            let new = self.entries[key].expires_at;
+            if old.expires_at != new {
+                if let Some(at) = old.expires_at {
+                    self.expiries.remove(&(at, shared.clone()));
+                }
+                if let Some(at) = new {
+                    self.expiries.insert((at, shared));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&mut self, key: &str) -> Result<(), StoreError> {
+        if let Some((shared, entry)) = self.entries.remove_entry(key) {
+            self.index.remove(key);
+            if let Some(at) = entry.expires_at {
+                self.expiries.remove(&(at, shared));
+            }
+        }
+        Ok(())
+    }
+
+    async fn record(&mut self, _seq: i64, change: Change) -> Result<(), StoreError> {
+        self.log.push_back(change);
+        while self.log.len() > self.history {
+            self.drop_oldest_change();
+        }
+        Ok(())
+    }
+
+    async fn set_revision(&mut self, revision: i64) -> Result<(), StoreError> {
+        self.revision = revision;
+        Ok(())
+    }
+
+    async fn due(&mut self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(limit)
+            .map(|(_, key)| key.to_string())
+            .collect())
+    }
+
+    async fn compact(&mut self, through: i64) -> Result<(), StoreError> {
+        while self
+            .log
+            .front()
+            .is_some_and(|change| change.revision <= through)
+        {
+            self.drop_oldest_change();
+        }
+        self.compacted = self.compacted.max(through);
+        Ok(())
     }
 }

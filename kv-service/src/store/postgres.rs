@@ -1,26 +1,64 @@
 //! The PostgreSQL store (`--store postgres://...`): the one several kv-service replicas can share.
 //!
-//! Every operation is a single statement, so the database does the locking: a put is an
-//! `INSERT ... ON CONFLICT DO UPDATE ... RETURNING version`, which takes the row lock and bumps
-//! the version in one step, so concurrent puts on one key (from one replica or many) never lose
-//! an increment. No replica caches anything, so a write through one is read through any other.
-//! A put is answered after its commit, which PostgreSQL makes durable before returning.
+//! Every write is one transaction that starts by locking the single revision row
+//! (`SELECT ... FOR UPDATE`): writers from every replica take turns there, so each takes the
+//! next revision and commits before the next writer reads it. Commits thus happen in revision
+//! order, which is what lets a change log reader take "every change up to the revision I see"
+//! without ever missing one committed late. No replica caches anything, so a write through one
+//! is read through any other, and a write is answered after its commit, which PostgreSQL makes
+//! durable before returning.
+//!
+//! Each write that changes something also sends `NOTIFY kv_revision` with its revision (never
+//! the values: a payload must stay under 8,000 bytes); [`follow_revisions`] turns those into the
+//! local head revision that watchers wait on, and they read the changes from the log.
 //!
 //! At start, a server that does not answer yet is waited for (shared's `postgres::connect`).
 //! Afterwards every operation has the store timeout as its deadline, and a write is sent only on
 //! a connection already taken from the pool, so a failure says whether the write may have been
 //! applied (shared's `postgres::StoreFailure`).
 
-use sqlx::migrate::Migrator;
+use std::time::Duration;
 
-use super::{
-    items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
-    StoreError, ValueRow, Versioned,
-};
+use shared::postgres::Database;
+use sqlx::{migrate::Migrator, postgres::PgListener, PgConnection};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
-/// The store is shared's `Database` (the pool and the store timeout); this module gives it the
-/// kv operations.
-pub use shared::postgres::Database as PostgresStore;
+use super::{advance, apply::apply, KvStore, StoreError, Write, WriteOutcome};
+
+/// Shared's `Database` (the pool and the store timeout), with the kv operations, and the turn
+/// this replica's writes take.
+pub struct PostgresStore {
+    database: Database,
+    /// Writes serialize on the database's revision row anyway; taking turns here first keeps
+    /// the waiting in this process, instead of in pool connections that would then be missing
+    /// for reads, and outside the store timeout, which bounds waiting for the database.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl PostgresStore {
+    /// Opens the pool ([`Database::open`]).
+    pub async fn open(
+        url: &str,
+        max_connections: u32,
+        options: shared::store_spec::StoreOptions,
+    ) -> Result<PostgresStore, sqlx::Error> {
+        Ok(PostgresStore {
+            database: Database::open(url, max_connections, options).await?,
+            writing: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// The database's own methods (the pool, timeouts, readiness, migrations) on the store.
+impl std::ops::Deref for PostgresStore {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.database
+    }
+}
 
 /// Connections at most per replica.
 pub const MAX_CONNECTIONS: u32 = 16;
@@ -28,61 +66,100 @@ pub const MAX_CONNECTIONS: u32 = 16;
 /// The schema, brought up to date at open.
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The channel writes announce their revision on.
+const CHANNEL: &str = "kv_revision";
+
+/// How often the head is read even without a notification: covers notifications lost while the
+/// listening connection was down.
+const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
+
+sql_rows!(PgConnection, lock: super::sql::LOCK_REVISION, set: super::sql::SET_REVISION_AND_NOTIFY);
+
 impl KvStore for PostgresStore {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let query = sqlx::query_as(sql::GET).bind(key.as_bytes());
-        let row: Option<ValueRow> = self.uncommitted(query.fetch_optional(self.pool())).await?;
-        row.map(ValueRow::into_versioned).transpose()
-    }
+    sql_reads!(pool: |store| store.pool(), run: |step| store.uncommitted(step).await?);
 
-    async fn put(
-        &self,
-        key: &str,
-        value: String,
-        condition: Condition,
-    ) -> Result<PutOutcome, StoreError> {
-        let mut query = sqlx::query_scalar(sql::put(condition))
-            .bind(key.as_bytes())
-            .bind(value.as_bytes());
-        if let Condition::IfVersion(expected) = condition {
-            query = query.bind(expected);
+    async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
+        let _turn = self.writing.lock().await;
+        let mut results = Vec::with_capacity(writes.len());
+        for write in &writes {
+            results.push(apply_one(self, write).await);
         }
-        let mut connection = self.acquire().await?;
-        let written: Option<i64> = self
-            .committing(query.fetch_optional(&mut *connection))
-            .await?;
-        if let Some(version) = written {
-            return Ok(PutOutcome::Written { version });
+        results
+    }
+}
+
+/// A write in a transaction of its own. A failure before the commit rolls it back (the
+/// transaction is dropped); the commit's own failure leaves the outcome unknown.
+async fn apply_one(store: &PostgresStore, write: &Write) -> Result<WriteOutcome, StoreError> {
+    let now = super::now_ms();
+    let mut connection = store.acquire().await?;
+    let applying = async {
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+        match apply(&mut *tx, write, now).await {
+            Ok(outcome) => {
+                tx.commit().await?;
+                Ok(Ok(outcome))
+            }
+            Err(err) => Ok(Err(err)),
         }
-        // The condition failed; report the version seen now (it may have moved on since, which
-        // is fine: the caller only learns why its put was refused).
-        let query = sqlx::query_scalar(sql::VERSION).bind(key.as_bytes());
-        let current: Option<i64> = self
-            .uncommitted(query.fetch_optional(&mut *connection))
-            .await?;
-        Ok(PutOutcome::Conflict { current })
-    }
+    };
+    store.committing(applying).await?
+}
 
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let query = sqlx::query(sql::DELETE).bind(key.as_bytes());
-        let mut connection = self.acquire().await?;
-        let result = self.committing(query.execute(&mut *connection)).await?;
-        Ok(result.rows_affected() > 0)
-    }
-
-    async fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Item>, StoreError> {
-        let (lower, inclusive) = lower_bound(prefix, after);
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let query = sqlx::query_as(sql::list(inclusive))
-            .bind(lower)
-            .bind(upper)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let rows: Vec<ItemRow> = self.uncommitted(query.fetch_all(self.pool())).await?;
-        items(rows)
+/// Keeps `head` at the store's revision as the replicas' writes announce it, until `shutdown`:
+/// LISTEN for their notifications, and read the revision every second in case one was lost
+/// while the listening connection was down.
+pub async fn follow_revisions(
+    store: &PostgresStore,
+    head: watch::Sender<i64>,
+    shutdown: CancellationToken,
+) {
+    let mut listener = None;
+    let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
+    loop {
+        if listener.is_none() {
+            listener = match PgListener::connect_with(store.pool()).await {
+                Ok(mut connected) => match connected.listen(CHANNEL).await {
+                    Ok(()) => Some(connected),
+                    Err(err) => {
+                        warn!(%err, "cannot listen for revisions; retrying");
+                        None
+                    }
+                },
+                Err(err) => {
+                    warn!(%err, "cannot open the revision listener; retrying");
+                    None
+                }
+            };
+        }
+        let notified = async {
+            match listener.as_mut() {
+                Some(listening) => listening.try_recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                match store.head().await {
+                    Ok(current) => advance(&head, current.revision),
+                    Err(err) => warn!(%err, "cannot read the revision; retrying"),
+                }
+            }
+            notification = notified => match notification {
+                Ok(Some(notification)) => {
+                    if let Ok(revision) = notification.payload().parse() {
+                        advance(&head, revision);
+                    }
+                }
+                // The connection was lost; the next try_recv reconnects, and the tick reads what
+                // was announced meanwhile.
+                Ok(None) => warn!("revision listener connection lost; reconnecting"),
+                Err(err) => {
+                    warn!(%err, "revision listener failed; reopening it");
+                    listener = None;
+                }
+            },
+        }
     }
 }

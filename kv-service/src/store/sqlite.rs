@@ -32,10 +32,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    items, lower_bound, prefix_upper_bound, sql, Condition, Item, ItemRow, KvStore, PutOutcome,
-    StoreError, StoreOptions, ValueRow, Versioned, Write, WriteOutcome,
-};
+use super::{apply::apply, KvStore, StoreError, StoreOptions, Write, WriteOutcome};
 
 /// Writes applied in one transaction at most; bounds the latency a batch adds to its first write.
 const MAX_BATCH: usize = 512;
@@ -117,65 +114,12 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         Ok(result)
     }
-
-    async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
-        let result = self.enqueue(write).await?;
-        result.await.map_err(|_| StoreError::Closed)?
-    }
 }
 
+sql_rows!(SqliteConnection, lock: super::sql::HEAD_REVISION, set: super::sql::SET_REVISION);
+
 impl KvStore for SqliteStore {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let row: Option<ValueRow> = sqlx::query_as(sql::GET)
-            .bind(key.as_bytes())
-            .fetch_optional(&self.readers)
-            .await?;
-        row.map(ValueRow::into_versioned).transpose()
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        value: String,
-        condition: Condition,
-    ) -> Result<PutOutcome, StoreError> {
-        let write = Write::Put {
-            key: key.to_owned(),
-            value,
-            condition,
-        };
-        match self.write(write).await? {
-            WriteOutcome::Put(outcome) => Ok(outcome),
-            WriteOutcome::Delete(_) => unreachable!("a put is answered with a put outcome"),
-        }
-    }
-
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let write = Write::Delete {
-            key: key.to_owned(),
-        };
-        match self.write(write).await? {
-            WriteOutcome::Delete(deleted) => Ok(deleted),
-            WriteOutcome::Put(_) => unreachable!("a delete is answered with a delete outcome"),
-        }
-    }
-
-    async fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Item>, StoreError> {
-        let (lower, inclusive) = lower_bound(prefix, after);
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let rows: Vec<ItemRow> = sqlx::query_as(sql::list(inclusive))
-            .bind(lower)
-            .bind(upper)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.readers)
-            .await?;
-        items(rows)
-    }
+    sql_reads!(pool: |store| &store.readers, run: |step| step.await?);
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
         // Queue them all first (in order, so they apply in order), then wait: the writer takes
@@ -243,47 +187,12 @@ async fn apply_in_transaction(
     pool: &SqlitePool,
     writes: &[&Write],
 ) -> Result<Vec<WriteOutcome>, StoreError> {
+    let now = super::now_ms();
     let mut tx = pool.begin().await?;
     let mut results = Vec::with_capacity(writes.len());
     for write in writes {
-        results.push(apply(&mut tx, write).await?);
+        results.push(apply(&mut *tx, write, now).await?);
     }
     tx.commit().await?;
     Ok(results)
-}
-
-async fn apply(conn: &mut SqliteConnection, write: &Write) -> Result<WriteOutcome, StoreError> {
-    match write {
-        Write::Put {
-            key,
-            value,
-            condition,
-        } => {
-            let mut query = sqlx::query_scalar(sql::put(*condition))
-                .bind(key.as_bytes())
-                .bind(value.as_bytes());
-            if let Condition::IfVersion(expected) = condition {
-                query = query.bind(*expected);
-            }
-            let written: Option<i64> = query.fetch_optional(&mut *conn).await?;
-            let outcome = match written {
-                Some(version) => PutOutcome::Written { version },
-                None => {
-                    let current: Option<i64> = sqlx::query_scalar(sql::VERSION)
-                        .bind(key.as_bytes())
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    PutOutcome::Conflict { current }
-                }
-            };
-            Ok(WriteOutcome::Put(outcome))
-        }
-        Write::Delete { key } => {
-            let result = sqlx::query(sql::DELETE)
-                .bind(key.as_bytes())
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteOutcome::Delete(result.rows_affected() > 0))
-        }
-    }
 }
