@@ -41,7 +41,7 @@ async fn crud_through_the_gateway() {
     let body: Value = put.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"key": "hello", "value": "world", "version": 1})
+        json!({"key": "hello", "value": "world", "version": 1, "revision": 1, "expires_at": null})
     );
     checks.pass("PUT /kv/hello with a plain body → 200, version 1");
 
@@ -58,7 +58,7 @@ async fn crud_through_the_gateway() {
     assert_eq!(get.status(), StatusCode::OK);
     assert_eq!(
         get.json::<Value>().await.unwrap(),
-        json!({"key": "hello", "value": "again", "version": 2})
+        json!({"key": "hello", "value": "again", "version": 2, "revision": 2, "expires_at": null})
     );
     checks.pass("GET /kv/hello → the latest value");
 
@@ -106,7 +106,7 @@ async fn crud_through_the_gateway() {
     assert_eq!(delete.status(), StatusCode::OK);
     assert_eq!(
         delete.json::<Value>().await.unwrap(),
-        json!({"key": "hello", "deleted": true})
+        json!({"key": "hello", "deleted": true, "revision": 4})
     );
     let gone = http.get(stack.url("/kv/hello")).send().await.unwrap();
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);

@@ -166,6 +166,11 @@ impl Database {
         &self.pool
     }
 
+    /// How long one step may take (`--store-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Takes a connection, for a write that must not be sent before one is held.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, StoreFailure> {
         acquire(&self.pool).await

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use shared::postgres::Database;
+use shared::postgres::{Database, StoreFailure};
 use sqlx::{migrate::Migrator, postgres::PgListener, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,9 @@ pub struct PostgresStore {
     database: Database,
     /// Writes serialize on the database's revision row anyway; taking turns here first keeps
     /// the waiting in this process, instead of in pool connections that would then be missing
-    /// for reads, and outside the store timeout, which bounds waiting for the database.
+    /// for reads. The wait for a turn is bounded by the store timeout too: while the database
+    /// is away every write takes that long, and an unbounded queue of them would outlast the
+    /// gateway's request timeout instead of failing fast.
     writing: tokio::sync::Mutex<()>,
 }
 
@@ -79,7 +81,13 @@ impl KvStore for PostgresStore {
     sql_reads!(pool: |store| store.pool(), run: |step| store.uncommitted(step).await?);
 
     async fn write_batch(&self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
-        let _turn = self.writing.lock().await;
+        let Ok(_turn) = tokio::time::timeout(self.timeout(), self.writing.lock()).await else {
+            let busy = || {
+                let waited = format!("no turn to write within {:?}", self.timeout());
+                Err(StoreFailure::Unavailable(waited).into())
+            };
+            return writes.iter().map(|_| busy()).collect();
+        };
         let mut results = Vec::with_capacity(writes.len());
         for write in &writes {
             results.push(apply_one(self, write).await);
@@ -89,21 +97,25 @@ impl KvStore for PostgresStore {
 }
 
 /// A write in a transaction of its own. A failure before the commit rolls it back (the
-/// transaction is dropped); the commit's own failure leaves the outcome unknown.
+/// transaction is dropped) and nothing is applied; only the commit's own failure leaves the
+/// outcome unknown.
 async fn apply_one(store: &PostgresStore, write: &Write) -> Result<WriteOutcome, StoreError> {
     let now = super::now_ms();
     let mut connection = store.acquire().await?;
-    let applying = async {
-        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+    let mut tx = store
+        .uncommitted(sqlx::Connection::begin(&mut *connection))
+        .await?;
+    let statements = async {
         match apply(&mut *tx, write, now).await {
-            Ok(outcome) => {
-                tx.commit().await?;
-                Ok(Ok(outcome))
-            }
-            Err(err) => Ok(Err(err)),
+            Ok(outcome) => Ok(Ok(outcome)),
+            Err(StoreError::Database(err)) => Err(err),
+            // Refused by the write's own rules (a version that does not match, ...).
+            Err(refused) => Ok(Err(refused)),
         }
     };
-    store.committing(applying).await?
+    let outcome = store.uncommitted(statements).await??;
+    store.committing(tx.commit()).await?;
+    Ok(outcome)
 }
 
 /// Keeps `head` at the store's revision as the replicas' writes announce it, until `shutdown`:
