@@ -20,7 +20,7 @@ use shared::packet::ADMIN_SCOPE;
 use crate::{auth, auth::AuthError, AppState};
 
 /// The refusal of a request without the `admin` scope; `None` when it has it.
-fn refusal_unless_admin(state: &AppState, request: &Request) -> Option<Response> {
+pub(crate) fn refusal_unless_admin(state: &AppState, request: &Request) -> Option<Response> {
     let peer = auth::peer_of(request.extensions());
     let error: AuthError = state
         .auth

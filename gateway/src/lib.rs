@@ -17,6 +17,8 @@
 //! - [`sse`]: a node's stream → `text/event-stream`.
 //! - [`error`]: the gateway's own error answers (404, 503, 504, 502, 400, 413).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`logs`]: `GET /_/logs`, the recent log lines of every node, the distributor and the
+//!   gateway, gathered over the packet protocol.
 //! - [`http`]: the HTTP edge: serves connections within the limits on clients (connections per
 //!   address, head and body pace, header size, idle time), and CORS.
 //! - [`tls`]: TLS, with HTTP/2 offered over ALPN.
@@ -41,6 +43,7 @@ pub mod config;
 mod endpoints;
 pub mod error;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
@@ -60,6 +63,8 @@ use routes::RouteTable;
 pub enum GatewayError {
     #[error("serving HTTP failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] shared::telemetry::TelemetryError),
 }
 
 /// What every request handler shares.
@@ -72,6 +77,8 @@ pub(crate) struct AppState {
     /// `None` when requests are not limited.
     rate_limiter: Option<Arc<RateLimiter>>,
     metrics: Metrics,
+    /// The address the gateway serves HTTP on, which names its own log lines.
+    addr: std::net::SocketAddr,
     /// The metrics label of requests that matched no route.
     no_route: Arc<str>,
     shutdown: CancellationToken,
@@ -157,9 +164,20 @@ async fn serve(
         auth,
         rate_limiter,
         metrics: Metrics::default(),
+        addr,
         no_route: metrics::NO_ROUTE.into(),
         shutdown: shutdown.clone(),
     });
+    let render_state = state.clone();
+    let render: shared::metrics::Render = Arc::new(move || {
+        let table = render_state.routes.borrow().clone();
+        render_state.metrics.render(&table)
+    });
+    state
+        .config
+        .telemetry
+        .serve_metrics(render, shutdown.child_token())
+        .await?;
     let app = router(state);
     info!(%addr, "gateway listening");
     http::serve(listener, app, edge, shutdown).await;
@@ -176,6 +194,7 @@ fn router(state: Arc<AppState>) -> Router {
             "/_/topology",
             get(endpoints::topology).fallback(proxy::proxy),
         )
+        .route("/_/logs", get(logs::logs).fallback(proxy::proxy))
         .fallback(proxy::proxy)
         .with_state(state)
 }

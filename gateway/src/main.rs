@@ -9,6 +9,7 @@ use gateway::{
 use shared::{
     cluster::ClusterArgs,
     server::check_protected_mode,
+    telemetry::TelemetryArgs,
     token::{TokenKeyArgs, TokenRequest},
     topology_cache::TopologyCache,
 };
@@ -79,6 +80,9 @@ struct Args {
     /// Connect to original-design nodes (no protocol 2), which cannot prove the cluster secret.
     #[arg(long, env = "GATEWAY_ALLOW_LEGACY_NODES")]
     allow_legacy_nodes: bool,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -132,7 +136,8 @@ fn mint_token(args: &MintTokenArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    shared::telemetry::init_tracing();
+    args.telemetry.init();
+    args.telemetry.check()?;
     if let Some(Command::MintToken(mint)) = &args.command {
         return mint_token(mint);
     }
@@ -176,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         cluster_secret,
         allow_legacy_nodes: args.allow_legacy_nodes,
+        telemetry: args.telemetry,
         edge: args
             .edge
             .config(args.request_timeout, args.sse_keep_alive, &args.cluster)?,

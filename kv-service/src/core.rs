@@ -68,7 +68,7 @@ impl Kv {
 
     pub async fn get(&self, key: &str) -> Result<Option<Versioned>, KvError> {
         check_key(key)?;
-        Ok(self.store.get(key).await?)
+        Ok(self.timed("get", self.store.get(key)).await?)
     }
 
     /// Writes `value` under `key` if `condition` holds and returns the new version.
@@ -80,7 +80,10 @@ impl Kv {
     ) -> Result<i64, KvError> {
         check_key(key)?;
         check_value(&value)?;
-        match self.store.put(key, value, condition).await? {
+        match self
+            .timed("put", self.store.put(key, value, condition))
+            .await?
+        {
             PutOutcome::Written { version } => Ok(version),
             PutOutcome::Conflict { current } => Err(conflict(key, condition, current)),
         }
@@ -121,7 +124,12 @@ impl Kv {
                 Err(err) => results.push(Some(Err(err))),
             }
         }
-        let mut applied = self.store.write_batch(valid).await.into_iter().zip(checks);
+        let started = std::time::Instant::now();
+        let applied = self.store.write_batch(valid).await;
+        let failed = applied.iter().any(Result::is_err);
+        let store = crate::metrics::store_label(&self.store);
+        crate::metrics::record(store, "write_batch", !failed, started.elapsed());
+        let mut applied = applied.into_iter().zip(checks);
         results
             .into_iter()
             .map(|result| {
@@ -141,7 +149,7 @@ impl Kv {
     /// Removes `key`; false when it did not exist.
     pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
         check_key(key)?;
-        Ok(self.store.delete(key).await?)
+        Ok(self.timed("delete", self.store.delete(key)).await?)
     }
 
     /// Keys starting with `prefix` that sort after `after`, in key order, `limit` at most.
@@ -155,7 +163,9 @@ impl Kv {
             return Err(KvError::InvalidLimit(limit));
         }
         // One extra item tells whether another page follows.
-        let mut items = self.store.list(prefix, after, limit + 1).await?;
+        let mut items = self
+            .timed("list", self.store.list(prefix, after, limit + 1))
+            .await?;
         let next = if items.len() > limit {
             items.truncate(limit);
             items.last().map(|item| item.key.clone())
@@ -163,6 +173,15 @@ impl Kv {
             None
         };
         Ok(Page { items, next })
+    }
+
+    /// Runs a store operation, counted in the metrics (`crate::metrics`).
+    async fn timed<T, E>(
+        &self,
+        op: &'static str,
+        operation: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        crate::metrics::timed(crate::metrics::store_label(&self.store), op, operation).await
     }
 
     /// Finishes pending writes and closes the store.

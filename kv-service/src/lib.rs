@@ -15,6 +15,7 @@
 //!   and value limits both doors share.
 //! - [`store`]: the store trait and its backends: memory, SQLite and PostgreSQL (sqlx, with
 //!   migrations applied at start).
+//! - `metrics`: store operations and their latency per store, for `--metrics-listen`.
 //! - [`rest`]: the REST handlers.
 //! - [`text_protocol`]: the text protocol's grammar as pure incremental codecs.
 //! - [`text_server`]: the TCP server for the text protocol: authentication, scopes, idle and
@@ -25,6 +26,7 @@
 
 pub mod config;
 pub mod core;
+mod metrics;
 pub mod rest;
 pub mod store;
 pub mod text_protocol;

@@ -115,6 +115,7 @@ struct HubState {
 impl HubState {
     fn remove(&mut self, id: u64) -> Option<Entry> {
         let entry = self.subscribers.remove(&id)?;
+        crate::metrics::count_subscribers(-1);
         for topic in &entry.info.topics {
             remove_from_index(&mut self.by_topic, topic, id);
         }
@@ -214,6 +215,7 @@ impl Hub {
                 ending: ending.clone(),
             };
             state.subscribers.insert(id, entry);
+            crate::metrics::count_subscribers(1);
             id
         };
         self.observe(PresenceChange::Joined(LocalSubscriber { id, info }));
@@ -265,6 +267,7 @@ impl Hub {
             }
         }
         delivery.lagged = lagged.len();
+        crate::metrics::count_fan_out(delivery.delivered, delivery.lagged);
         for id in lagged {
             self.observe(PresenceChange::Left(id));
         }

@@ -18,11 +18,13 @@
 //! - [`scheduler`]: publishing scheduled notices on time, and retention.
 //! - [`cluster`]: LISTEN/NOTIFY fan-out and shared presence across instances on PostgreSQL.
 //! - [`routes`]: the packet routes on shared's service runtime.
+//! - `metrics`: publishes, deliveries, subscribers and lagged cut-offs, for `--metrics-listen`.
 //! - `main.rs`: flags and process wiring only; `src/bin/notice-bench.rs`: the fan-out benchmark.
 
 pub mod cluster;
 pub mod feed;
 pub mod hub;
+mod metrics;
 pub mod notice;
 pub mod routes;
 pub mod scheduler;

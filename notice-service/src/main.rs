@@ -61,6 +61,9 @@ struct Args {
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: shared::telemetry::TelemetryArgs,
     /// Without a command, the service serves.
     #[command(subcommand)]
     command: Option<shared::sqlite::StoreCommand>,
@@ -75,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return Ok(command.run(&args.store)?);
     }
-    shared::telemetry::init_tracing();
+    args.telemetry.init();
+    args.telemetry.check()?;
     anyhow::ensure!(
         args.subscriber_buffer > 0,
         "--subscriber-buffer must be at least 1"
@@ -107,6 +111,12 @@ async fn main() -> anyhow::Result<()> {
         max_subscribers: args.max_subscribers,
     };
     let shutdown = CancellationToken::new();
+    args.telemetry
+        .serve_metrics(
+            std::sync::Arc::new(shared::metrics::render),
+            shutdown.clone(),
+        )
+        .await?;
     let server = notice_service::run(listener, config, shutdown.clone());
     shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())

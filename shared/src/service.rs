@@ -9,7 +9,9 @@
 //! - runs stream handlers ([`Router::stream`]) that push events until they return, and drops them
 //!   at once when the caller cancels or its connection closes,
 //! - registers the service with the distributor (urls derived from the routes) and keeps it
-//!   registered across distributor restarts.
+//!   registered across distributor restarts,
+//! - answers `GET /_/logs` (admin scope) with the process's recent log lines, on every service,
+//!   without registering it ([`crate::logs`]).
 //!
 //! The services themselves then hold only their own logic.
 //!
@@ -423,6 +425,11 @@ pub async fn serve(
     }
     info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
 
+    // Added after the registration, so that the gateway does not route `/_/logs` to any one
+    // service: it asks every node itself (docs/PROTOCOL.md, "Logs").
+    let router = router
+        .route("GET", crate::logs::LOGS_URI, recent_logs)
+        .scope(crate::packet::ADMIN_SCOPE);
     let router = Arc::new(router);
     let policy = Arc::new(config.cluster);
     crate::server::serve_connections(listener, config.limits, &shutdown, |stream, peer| {
@@ -437,6 +444,13 @@ pub async fn serve(
     })
     .await;
     Ok(())
+}
+
+/// `GET /_/logs`: this process's recent log lines ([`crate::logs`]).
+async fn recent_logs(request: Request) -> Result<Json<Value>, ServiceError> {
+    crate::logs::answer(&request.params)
+        .map(Json)
+        .map_err(ServiceError::BadRequest)
 }
 
 /// Streams running on one connection, by key, so a cancel packet can find its stream. Each entry
