@@ -55,7 +55,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.telemetry.init();
+    let telemetry = args.telemetry.init("distributor")?;
     args.telemetry.check()?;
     anyhow::ensure!(
         args.heartbeat_interval < args.heartbeat_timeout,
@@ -91,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let server = distributor::run_with_registry(listener, config, registry, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

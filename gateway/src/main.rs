@@ -136,7 +136,7 @@ fn mint_token(args: &MintTokenArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.telemetry.init();
+    let telemetry = args.telemetry.init("gateway")?;
     args.telemetry.check()?;
     if let Some(Command::MintToken(mint)) = &args.command {
         return mint_token(mint);
@@ -188,7 +188,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let server = gateway::run(listener, config, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await?;
+    let finished =
+        shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }
 

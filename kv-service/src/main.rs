@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    args.telemetry.init();
+    let telemetry = args.telemetry.init(kv_service::SERVICE_NAME)?;
     args.telemetry.check()?;
     let secret = args.cluster.secret()?;
     let tokens = args.tokens.verifier()?.map(Arc::new);
@@ -134,6 +134,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .serve_metrics(Arc::new(shared::metrics::render), shutdown.clone())
         .await?;
     let server = kv_service::run(config, rest_listener, text_listener, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return Ok(command.run(&args.store)?);
     }
-    args.telemetry.init();
+    let telemetry = args.telemetry.init(notice_service::SERVICE_NAME)?;
     args.telemetry.check()?;
     anyhow::ensure!(
         args.subscriber_buffer > 0,
@@ -118,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let server = notice_service::run(listener, config, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

@@ -28,6 +28,8 @@
 //! - [`cluster`]: the cluster secret, the handshake every packet connection starts with, and
 //!   protected mode.
 //! - [`server`]: the accept loop every TCP server shares, with its connection limits.
+//! - [`trace`]: the W3C `traceparent` carried from the gateway to the services, and the request
+//!   spans exported over OTLP (`--otlp-endpoint`).
 //! - [`token`], [`secrets`]: verifying and minting the JWT bearer tokens callers present, and
 //!   reading secret files.
 //!
@@ -56,6 +58,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod token;
 pub mod topology_cache;
+pub mod trace;
 
 pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
 pub use packet::{Identity, NodeInfo, Packet, Params, RawParams, Registration, Topology};

@@ -579,9 +579,15 @@ impl Connection {
         };
         let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
             key = packet.key, request_id = request.request_id.as_deref());
+        // The span exported with `--otlp-endpoint`, in the trace the caller's packet names;
+        // disabled (and free) otherwise.
+        let traced = crate::trace::server_span(
+            format_args!("{} {}", request.method, request.uri),
+            packet.traceparent.take().as_deref(),
+        );
         match &route.handler {
-            Handler::Unary(handler) => self.one_shot(packet, handler, request, span),
-            Handler::Stream(handler) => self.stream(packet, handler, request, span),
+            Handler::Unary(handler) => self.one_shot(packet, handler, request, span, traced),
+            Handler::Stream(handler) => self.stream(packet, handler, request, span, traced),
         }
     }
 
@@ -612,21 +618,36 @@ impl Connection {
     }
 
     /// Runs a one-shot handler on a task of its own and sends its answer.
-    fn one_shot(&self, packet: Packet, handler: &UnaryHandler, request: Request, span: Span) {
-        let answering = span.in_scope(|| handler(request));
+    fn one_shot(
+        &self,
+        packet: Packet,
+        handler: &UnaryHandler,
+        request: Request,
+        span: Span,
+        traced: Span,
+    ) {
+        let answering = traced.in_scope(|| span.in_scope(|| handler(request)));
         let outgoing = self.outgoing.clone();
         self.requests.spawn(
             async move {
                 let answer = answering.await.into_packet(&packet);
                 send_packet(&outgoing, &answer).await;
             }
-            .instrument(span),
+            .instrument(span)
+            .instrument(traced),
         );
     }
 
     /// Runs a stream handler on a task of its own, until it returns (its answer then ends the
     /// stream) or the stream is cancelled.
-    fn stream(&self, packet: Packet, handler: &StreamHandler, request: Request, span: Span) {
+    fn stream(
+        &self,
+        packet: Packet,
+        handler: &StreamHandler,
+        request: Request,
+        span: Span,
+        traced: Span,
+    ) {
         let cancelled = self.closed.child_token();
         let serial = self.streams.start(packet.key, cancelled.clone());
         let streams = self.streams.clone();
@@ -642,7 +663,7 @@ impl Connection {
         };
         // Called here rather than in the task, so that the task holds the handler's future
         // but not the request as well.
-        let handling = span.in_scope(|| handler(request, sink));
+        let handling = traced.in_scope(|| span.in_scope(|| handler(request, sink)));
         // Streams are not tracked with the requests: shutdown cancels them rather than
         // waiting for them, since a subscription may never end on its own.
         tokio::spawn(
@@ -659,7 +680,8 @@ impl Connection {
                 // Not a waiting send: that would size the task of every idle subscription.
                 queue_frame(&outgoing, frame);
             }
-            .instrument(span),
+            .instrument(span)
+            .instrument(traced),
         );
     }
 

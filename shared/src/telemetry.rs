@@ -7,11 +7,19 @@
 //! - `--metrics-listen ADDR` serves Prometheus metrics ([`crate::metrics`]). The listener has no
 //!   authentication, so, as for every unauthenticated listener here, a non-loopback address is
 //!   refused at start unless the operator chose it explicitly with `--metrics-public`.
+//! - `--otlp-endpoint URL` (the standard `OTEL_EXPORTER_OTLP_ENDPOINT`) exports the request spans
+//!   ([`crate::trace`]) over OTLP/HTTP (protobuf, to `URL/v1/traces`), in batches from a thread of
+//!   the OpenTelemetry SDK. Without it, no exporting layer is installed at all.
 
 use std::net::SocketAddr;
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{trace::SdkTracerProvider, Resource};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+use tracing_subscriber::{
+    filter::Targets, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+};
 
 use crate::{
     logs::BufferLayer,
@@ -44,6 +52,10 @@ pub struct TelemetryArgs {
     /// authentication; keep that port behind a firewall that only lets the scraper in).
     #[arg(long, env = "METRICS_PUBLIC")]
     pub metrics_public: bool,
+    /// Export request spans over OTLP/HTTP to this collector (an http:// url such as
+    /// http://localhost:4318; the spans go to its /v1/traces). Nothing is exported without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// What protected mode says about the metrics listener.
@@ -60,9 +72,22 @@ const METRICS_LISTENER: ListenerAdvice = ListenerAdvice {
 
 impl TelemetryArgs {
     /// Installs the process's `tracing` subscriber: the chosen stderr format and the in-memory
-    /// log buffer, both behind the `RUST_LOG` filter. Calling it twice is harmless.
-    pub fn init(&self) {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    /// log buffer, both behind the `RUST_LOG` filter, and with `--otlp-endpoint` the exporting
+    /// layer, which sees only the request spans ([`crate::trace::TARGET`]) whatever `RUST_LOG`
+    /// says. `service` names the process in its spans (`service.name`). Installing it a second
+    /// time does nothing. Keep the returned [`Telemetry`] until the process ends.
+    pub fn init(&self, service: &str) -> Result<Telemetry, TelemetryError> {
+        let filter = || {
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info"))
+                // The request spans are for the exporter; in log lines they would only repeat
+                // the request span each process already has.
+                .add_directive(
+                    format!("{}=off", crate::trace::TARGET)
+                        .parse()
+                        .expect("a valid directive"),
+                )
+        };
         let stderr = match self.log_format {
             LogFormat::Text => tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
@@ -72,11 +97,21 @@ impl TelemetryArgs {
                 .with_writer(std::io::stderr)
                 .boxed(),
         };
+        let provider = match &self.otlp_endpoint {
+            Some(endpoint) => Some(tracer_provider(endpoint, service)?),
+            None => None,
+        };
+        let exporter = provider.as_ref().map(|provider| {
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("microservices"))
+                .with_filter(Targets::new().with_target(crate::trace::TARGET, tracing::Level::INFO))
+        });
         let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(stderr)
-            .with(BufferLayer)
+            .with(stderr.with_filter(filter()))
+            .with(BufferLayer.with_filter(filter()))
+            .with(exporter)
             .try_init();
+        Ok(Telemetry { provider })
     }
 
     /// Refuses a non-loopback `--metrics-listen` without `--metrics-public`.
@@ -106,9 +141,68 @@ impl TelemetryArgs {
     }
 }
 
+/// What [`TelemetryArgs::init`] started and must be flushed before the process exits.
+#[derive(Debug)]
+#[must_use = "keep it until the process ends, then call shutdown"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans not exported yet (the SDK bounds how long that takes).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(err) = provider.shutdown() {
+                tracing::warn!(%err, "could not export the last spans");
+            }
+        }
+    }
+}
+
+/// The OTLP/HTTP exporter's provider for `endpoint`, the collector's base url.
+fn tracer_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider, TelemetryError> {
+    let url = traces_url(endpoint)?;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(url)
+        .build()
+        .map_err(|err| TelemetryError::Otlp(err.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build())
+}
+
+/// `URL/v1/traces` for the collector's base url, as the OTLP specification derives it from
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`; an url that already ends so is kept.
+fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
+    let endpoint = endpoint.trim();
+    // reqwest is built without TLS here: a collector is reached over plain HTTP, usually on the
+    // same host or network (an OpenTelemetry Collector or agent that forwards over TLS).
+    let host = endpoint.strip_prefix("http://").unwrap_or_default();
+    if host.is_empty() || endpoint.contains(char::is_whitespace) {
+        return Err(TelemetryError::Otlp(format!(
+            "--otlp-endpoint must be an http:// url, such as http://localhost:4318, not {endpoint:?}"
+        )));
+    }
+    let base = endpoint.trim_end_matches('/');
+    Ok(if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    })
+}
+
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    #[error("cannot export traces: {0}")]
+    Otlp(String),
     #[error(transparent)]
     Unprotected(#[from] UnprotectedListener),
     #[error("cannot serve metrics on {addr}: {source}")]
@@ -116,10 +210,4 @@ pub enum TelemetryError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// Installs the default subscriber (text on stderr, the log buffer): for tools and tests that
-/// take no telemetry flags.
-pub fn init_tracing() {
-    TelemetryArgs::default().init();
 }
