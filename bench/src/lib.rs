@@ -29,6 +29,7 @@ pub fn stack_options(
         ),
         auth: false,
         bin_dir,
+        extra_flags: Default::default(),
     }
 }
 

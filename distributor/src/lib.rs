@@ -22,6 +22,7 @@
 //! Layout:
 //! - [`registry`]: the registered nodes, url ownership, and the encoded topology, published on
 //!   a watch channel.
+//! - [`metrics`]: nodes and refused registrations, for `--metrics-listen`.
 //! - `node`: one node's connection: handshake, registration, topology forwarding, heartbeats,
 //!   eviction.
 //!
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
+pub mod metrics;
 mod node;
 pub mod registry;
 

@@ -2,10 +2,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use distributor::registry::{RegistryLimits, MAX_REGISTRATIONS_PER_IP};
+use distributor::registry::{Registry, RegistryLimits, MAX_REGISTRATIONS_PER_IP};
 use shared::{
     cluster::{ClusterArgs, ClusterPolicy},
     codec::DEFAULT_MAX_FRAME_LENGTH,
+    telemetry::TelemetryArgs,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,9 @@ struct Args {
     allow_legacy_nodes: bool,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 /// How long shutdown waits for the work in flight to finish.
@@ -51,7 +55,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    shared::telemetry::init_tracing();
+    let telemetry = args.telemetry.init("distributor")?;
+    args.telemetry.check()?;
     anyhow::ensure!(
         args.heartbeat_interval < args.heartbeat_timeout,
         "--heartbeat-interval must be shorter than --heartbeat-timeout"
@@ -78,7 +83,17 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let shutdown = CancellationToken::new();
-    let server = distributor::run(listener, config, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let registry = Registry::new(config.registry);
+    args.telemetry
+        .serve_metrics(
+            distributor::metrics::render(registry.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+    let server = distributor::run_with_registry(listener, config, registry, shutdown.clone());
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

@@ -303,6 +303,7 @@ impl NodeConnection {
                 self.answer_in_flight = Some(written);
                 Ok(())
             }
+            ("GET", shared::logs::LOGS_URI) => self.answer_logs(&packet),
             // Only reached without a secret: with one, the handshake is done before this.
             (_, HANDSHAKE_URI) => {
                 let reason = "this node has no cluster secret: give every node the same \
@@ -322,6 +323,7 @@ impl NodeConnection {
             Ok(node) => node,
             Err(reason) => {
                 warn!(peer = %self.peer, %reason, "registration refused");
+                crate::metrics::count_refused_registration();
                 return self.answer_error(packet, 400, reason);
             }
         };
@@ -340,6 +342,7 @@ impl NodeConnection {
             }
             Err(err) => {
                 warn!(peer = %self.peer, name = %node.name, %err, "registration refused");
+                crate::metrics::count_refused_registration();
                 self.answer_error(packet, err.status(), err.to_string())
             }
         }
@@ -405,6 +408,23 @@ impl NodeConnection {
                 self.send(encode_frame(answer)?)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// `GET /_/logs`: the distributor's recent log lines, for a cluster member (the gateway
+    /// gathering every node's) or a caller whose verified identity holds `admin`.
+    fn answer_logs(&self, packet: &Packet) -> Result<(), Departure> {
+        if packet
+            .auth
+            .as_ref()
+            .is_some_and(|auth| !auth.has_scope(shared::packet::ADMIN_SCOPE))
+        {
+            let reason = "reading the logs needs the scope \"admin\"".to_owned();
+            return self.answer_error(packet, 403, reason);
+        }
+        match shared::logs::answer(&packet.params) {
+            Ok(lines) => self.send(encode_frame(Packet::reply_to(packet, lines))?),
+            Err(reason) => self.answer_error(packet, 400, reason),
         }
     }
 

@@ -198,6 +198,8 @@ pub struct StackOptions {
     pub auth: bool,
     /// Where the binaries are; [`bin_dir`] when `None`.
     pub bin_dir: Option<PathBuf>,
+    /// More flags for one process, by its name: `distributor`, `gateway`, `notice`, `kv-0`...
+    pub extra_flags: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Default for StackOptions {
@@ -209,6 +211,7 @@ impl Default for StackOptions {
             heartbeat: (Duration::from_millis(500), Duration::from_secs(3)),
             auth: true,
             bin_dir: None,
+            extra_flags: Default::default(),
         }
     }
 }
@@ -309,7 +312,9 @@ impl Stack {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let bin_dir = options.bin_dir.clone().unwrap_or_else(bin_dir);
         let spawn = |name: &str, program: &str, args: &[String]| {
-            Process::spawn_in(&bin_dir, name, program, args)
+            let extra = options.extra_flags.get(name).into_iter().flatten().cloned();
+            let args: Vec<String> = args.iter().cloned().chain(extra).collect();
+            Process::spawn_in(&bin_dir, name, program, &args)
         };
         let secrets = options.auth.then(|| Secrets::generate(dir.path()));
         let cluster_flags = secrets

@@ -428,8 +428,10 @@ async fn msctl_reads_and_operates_a_running_system() {
     // connections: figures follow the traffic above.
     let connections = run_until(&msctl, &["--json", "connections"], |output| {
         output.code == Some(0)
-            && node(&output.json(), &kv_addr)
-                .is_some_and(|node| node["requests"].as_u64() > Some(5))
+            && node(&output.json(), &kv_addr).is_some_and(|node| {
+                // The connection state is sampled (every 500 ms): wait for a sample too.
+                node["requests"].as_u64() > Some(5) && node["connected"] == true
+            })
     })
     .await
     .json();
@@ -571,6 +573,18 @@ async fn msctl_reads_and_operates_a_running_system() {
             .run(&["logs", "--level", "loud"])
             .await
             .failed_with("400");
+        // Something the gateway logs at warn whatever the stack's log filter: a 5xx. A request
+        // sent to a frozen node gets one (its answer never comes), where a killed node's route
+        // may already be gone (a 404). Caused first, it is among the recent lines a follower
+        // starts with, like `tail -f` (live following itself is the gateway's logs test's).
+        stack.kv[0]
+            .process
+            .signal(nix::sys::signal::Signal::SIGSTOP);
+        let frozen = stack.http.get(stack.url("/kv/x")).send().await.unwrap();
+        stack.kv[0]
+            .process
+            .signal(nix::sys::signal::Signal::SIGCONT);
+        assert!(frozen.status().is_server_error(), "{frozen:?}");
         let mut follow = msctl.follow(&[
             "--json",
             "logs",
@@ -580,28 +594,9 @@ async fn msctl_reads_and_operates_a_running_system() {
             "--service",
             "gateway",
         ]);
-        // Something the gateway logs at warn whatever the stack's log filter: a 503 for a route
-        // whose only node is down. The follower is live only once the gateway relays it, so
-        // keep causing one until a line shows.
-        stack.kv[0].process.kill9().await;
-        let mut seen = None;
-        for _ in 0..100 {
-            let answer = stack.http.get(stack.url("/kv/x")).send().await.unwrap();
-            if answer.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            if let Ok(Ok(Some(line))) =
-                tokio::time::timeout(Duration::from_millis(200), follow.stdout.next_line()).await
-            {
-                seen = Some(line);
-                break;
-            }
-        }
-        let line: Value = serde_json::from_str(&seen.expect("logs --follow printed nothing"))
-            .expect("--json prints one object per line");
+        let seen = follow.line().await;
+        let line: Value = serde_json::from_str(&seen).expect("--json prints one object per line");
         assert_eq!(line["service"], "gateway", "{line}");
-        stack.kv[0].process.restart();
         checks.pass("logs: by level and service, as a table and JSON, and followed");
     } else {
         assert_eq!(logs_route, reqwest::StatusCode::NOT_FOUND);

@@ -39,6 +39,9 @@ pub struct Config {
     pub allow_legacy_nodes: bool,
     /// How the HTTP listener treats its clients: limits, timeouts, CORS and TLS.
     pub edge: EdgeConfig,
+    /// The metrics listener (`--metrics-listen`), which serves what `/metrics` does; the log
+    /// format is set before [`crate::run`] by the binary.
+    pub telemetry: shared::telemetry::TelemetryArgs,
 }
 
 /// The registry's name for the gateway.
@@ -59,6 +62,7 @@ impl Default for Config {
             cluster_secret: None,
             allow_legacy_nodes: false,
             edge: EdgeConfig::default(),
+            telemetry: Default::default(),
         }
     }
 }

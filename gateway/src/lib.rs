@@ -19,6 +19,8 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`figures`]: the recent past for operators: per-route history, per-node figures and
 //!   connection history (`/_/history`, `/_/connections`).
+//! - [`logs`]: `GET /_/logs`, the recent log lines of every node, the distributor and the
+//!   gateway, gathered over the packet protocol.
 //! - [`http`]: the HTTP edge: serves connections within the limits on clients (connections per
 //!   address, head and body pace, header size, idle time), and CORS.
 //! - [`tls`]: TLS, with HTTP/2 offered over ALPN.
@@ -44,6 +46,7 @@ mod endpoints;
 pub mod error;
 pub mod figures;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
@@ -63,6 +66,8 @@ use routes::RouteTable;
 pub enum GatewayError {
     #[error("serving HTTP failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] shared::telemetry::TelemetryError),
 }
 
 /// What every request handler shares.
@@ -76,6 +81,8 @@ pub(crate) struct AppState {
     rate_limiter: Option<Arc<RateLimiter>>,
     metrics: Metrics,
     figures: Arc<figures::Figures>,
+    /// The address the gateway serves HTTP on, which names its own log lines.
+    addr: std::net::SocketAddr,
     /// The metrics label of requests that matched no route.
     no_route: Arc<str>,
     shutdown: CancellationToken,
@@ -165,9 +172,20 @@ async fn serve(
         rate_limiter,
         metrics: Metrics::default(),
         figures,
+        addr,
         no_route: metrics::NO_ROUTE.into(),
         shutdown: shutdown.clone(),
     });
+    let render_state = state.clone();
+    let render: shared::metrics::Render = Arc::new(move || {
+        let table = render_state.routes.borrow().clone();
+        render_state.metrics.render(&table)
+    });
+    state
+        .config
+        .telemetry
+        .serve_metrics(render, shutdown.child_token())
+        .await?;
     let app = router(state);
     info!(%addr, "gateway listening");
     http::serve(listener, app, edge, open_connections, shutdown).await;
@@ -189,6 +207,7 @@ fn router(state: Arc<AppState>) -> Router {
             get(figures::connections).fallback(proxy::proxy),
         )
         .route("/_/history", get(figures::history).fallback(proxy::proxy))
+        .route("/_/logs", get(logs::logs).fallback(proxy::proxy))
         .fallback(proxy::proxy)
         .with_state(state)
 }

@@ -9,6 +9,7 @@ use gateway::{
 use shared::{
     cluster::ClusterArgs,
     server::check_protected_mode,
+    telemetry::TelemetryArgs,
     token::{MintArgs, TokenKeyArgs},
     topology_cache::TopologyCache,
 };
@@ -79,6 +80,9 @@ struct Args {
     /// Connect to original-design nodes (no protocol 2), which cannot prove the cluster secret.
     #[arg(long, env = "GATEWAY_ALLOW_LEGACY_NODES")]
     allow_legacy_nodes: bool,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -96,7 +100,8 @@ fn mint_token(args: &MintArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    shared::telemetry::init_tracing();
+    let telemetry = args.telemetry.init("gateway")?;
+    args.telemetry.check()?;
     if let Some(Command::MintToken(mint)) = &args.command {
         return mint_token(mint);
     }
@@ -140,13 +145,18 @@ async fn main() -> anyhow::Result<()> {
         }),
         cluster_secret,
         allow_legacy_nodes: args.allow_legacy_nodes,
+        telemetry: args.telemetry,
         edge: args
             .edge
             .config(args.request_timeout, args.sse_keep_alive, &args.cluster)?,
     };
     let shutdown = CancellationToken::new();
     let server = gateway::run(listener, config, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await?;
+    let finished =
+        shared::shutdown::run_until_signal(server, shutdown, args.shutdown_timeout).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }
 

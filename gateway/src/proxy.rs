@@ -115,6 +115,14 @@ async fn forward(state: &AppState, request: Request, request_id: &str) -> (Arc<s
             Refusal::Auth(refusal).respond(state, request_id),
         );
     }
+    // The caller's trace goes on (or one starts) in the span exported with --otlp-endpoint; the
+    // node is sent this span's context, or the caller's unchanged when nothing is exported.
+    let incoming = parts
+        .headers
+        .get(shared::trace::TRACEPARENT)
+        .and_then(|value| value.to_str().ok());
+    let traced = shared::trace::server_span(format_args!("{method} {}", route.path), incoming);
+    let traceparent = shared::trace::outgoing(&traced, incoming);
     let response = match forward_to(
         state,
         route,
@@ -124,7 +132,9 @@ async fn forward(state: &AppState, request: Request, request_id: &str) -> (Arc<s
         body,
         caller,
         request_id,
+        traceparent,
     )
+    .instrument(traced)
     .await
     {
         Ok(response) => response,
@@ -190,6 +200,7 @@ async fn forward_to(
     body: Body,
     caller: Caller,
     request_id: &str,
+    traceparent: Option<String>,
 ) -> Result<Response, ProxyError> {
     let params = request_params(parts, body, rest, state.config.max_body).await?;
     let packet = Packet {
@@ -199,6 +210,7 @@ async fn forward_to(
         stream: accepts_event_stream(&parts.headers),
         request_id: Some(request_id.to_owned()),
         auth: Some(caller.identity),
+        traceparent,
         ..Packet::default()
     };
     // Only requests that may safely be sent twice are moved to another node; the request was

@@ -153,7 +153,7 @@ impl Kv {
 
     pub async fn get(&self, key: &str) -> Result<Option<Versioned>, KvError> {
         check_key(key)?;
-        Ok(self.store.get(key).await?)
+        Ok(self.timed("get", self.store.get(key)).await?)
     }
 
     /// Writes `value` under `key` if `condition` holds, expiring after `ttl` (never without),
@@ -169,8 +169,10 @@ impl Kv {
         check_value(&value)?;
         let expires_at = ttl.map(store::expiry_after);
         match self
-            .store
-            .put_expiring(key, value, condition, expires_at)
+            .timed(
+                "put",
+                self.store.put_expiring(key, value, condition, expires_at),
+            )
             .await?
         {
             PutOutcome::Written { version, revision } => {
@@ -224,7 +226,11 @@ impl Kv {
                 Err(err) => results.push(Some(Err(err))),
             }
         }
+        let started = std::time::Instant::now();
         let applied = self.store.write_batch(valid).await;
+        let failed = applied.iter().any(Result::is_err);
+        let store = crate::metrics::store_label(&self.store);
+        crate::metrics::record(store, "write_batch", !failed, started.elapsed());
         let newest = applied
             .iter()
             .filter_map(|outcome| outcome.as_ref().ok()?.revision())
@@ -250,7 +256,7 @@ impl Kv {
     /// Removes `key`; the delete's revision, or `None` when it did not exist.
     pub async fn delete(&self, key: &str) -> Result<Option<i64>, KvError> {
         check_key(key)?;
-        let revision = self.store.delete(key).await?;
+        let revision = self.timed("delete", self.store.delete(key)).await?;
         self.advance(revision);
         Ok(revision)
     }
@@ -266,7 +272,9 @@ impl Kv {
             return Err(KvError::InvalidLimit(limit));
         }
         // One extra item tells whether another page follows.
-        let listing = self.store.list(prefix, after, limit + 1).await?;
+        let listing = self
+            .timed("list", self.store.list(prefix, after, limit + 1))
+            .await?;
         let mut items = listing.items;
         let next = if items.len() > limit {
             items.truncate(limit);
@@ -299,6 +307,15 @@ impl Kv {
             KeyFilter::Prefix(_) => {}
         }
         Watcher::start(self.clone(), filter, from).await
+    }
+
+    /// Runs a store operation, counted in the metrics (`crate::metrics`).
+    async fn timed<T, E>(
+        &self,
+        op: &'static str,
+        operation: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        crate::metrics::timed(crate::metrics::store_label(&self.store), op, operation).await
     }
 
     /// Finishes pending writes and closes the store.

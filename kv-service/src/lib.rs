@@ -17,6 +17,7 @@
 //! - [`watch`]: watchers reading the change log after a revision.
 //! - [`store`]: the store trait and its backends: memory, SQLite and PostgreSQL (sqlx, with
 //!   migrations applied at start).
+//! - `metrics`: store operations and their latency per store, for `--metrics-listen`.
 //! - [`rest`]: the REST handlers (watches as event streams, `POST /txn`).
 //! - [`text_protocol`]: the text protocol's grammar as pure incremental codecs.
 //! - [`text_server`]: the TCP server for the text protocol: authentication, scopes, idle and
@@ -27,6 +28,7 @@
 
 pub mod config;
 pub mod core;
+mod metrics;
 pub mod rest;
 pub mod store;
 pub mod text_protocol;

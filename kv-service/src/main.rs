@@ -67,6 +67,9 @@ struct Args {
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: shared::telemetry::TelemetryArgs,
     /// Without a command, the service serves.
     #[command(subcommand)]
     command: Option<shared::sqlite::StoreCommand>,
@@ -92,7 +95,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    shared::telemetry::init_tracing();
+    let telemetry = args.telemetry.init(kv_service::SERVICE_NAME)?;
+    args.telemetry.check()?;
     let secret = args.cluster.secret()?;
     let tokens = args.tokens.verifier()?.map(Arc::new);
     let rest_listener = tokio::net::TcpListener::bind(&args.listen)
@@ -131,7 +135,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         history: args.history,
     };
     let shutdown = CancellationToken::new();
+    args.telemetry
+        .serve_metrics(Arc::new(shared::metrics::render), shutdown.clone())
+        .await?;
     let server = kv_service::run(config, rest_listener, text_listener, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

@@ -237,6 +237,7 @@ impl HubState {
                 claim: entry.membership.claim.clone(),
             }));
         self.subscribers.insert(id, entry);
+        crate::metrics::count_subscribers(1);
         for lagged in self.announce_difference(name.as_deref(), &before, changes) {
             self.remove(lagged, Some(EndReason::Lagged), changes);
         }
@@ -252,6 +253,7 @@ impl HubState {
             };
             let before = self.topics_of(present.info.name.as_deref());
             let entry = self.subscribers.remove(&id).expect("just found");
+            crate::metrics::count_subscribers(-1);
             let name = entry.info.name.as_deref();
             for topic in &entry.info.topics {
                 remove_from_index(&mut self.by_topic, topic, id);
@@ -480,7 +482,7 @@ impl Hub {
 
     /// Hands a notice to every subscriber entitled to it, in the order notices are published.
     pub fn publish(&self, notice: Arc<OutgoingNotice>) -> Delivery {
-        self.change(|state, changes| {
+        let ((), delivery) = self.change(|state, changes| {
             // The same audience rule as `Interest::wants`, through the indexes: a whisper goes
             // only to the subscriptions named after its addressee (the `Whispers` rule).
             let ids: Box<dyn Iterator<Item = &u64>> = match (&notice.to, &notice.topic) {
@@ -492,8 +494,9 @@ impl Hub {
             for id in lagged {
                 state.remove(id, Some(EndReason::Lagged), changes);
             }
-        })
-        .1
+        });
+        crate::metrics::count_fan_out(delivery.delivered, delivery.lagged);
+        delivery
     }
 
     /// Hands a presence event decided elsewhere (by the cluster) to this instance's presence

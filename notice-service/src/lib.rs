@@ -19,11 +19,13 @@
 //! - [`cluster`]: LISTEN/NOTIFY fan-out and shared presence across instances on PostgreSQL.
 //! - [`routes`]: the packet routes on shared's service runtime.
 //! - [`udp`]: the UDP door (`--udp-listen`), subscribers that register an address.
+//! - `metrics`: publishes, deliveries, subscribers and lagged cut-offs, for `--metrics-listen`.
 //! - `main.rs`: flags and process wiring only; `src/bin/notice-bench.rs`: the fan-out benchmark.
 
 pub mod cluster;
 pub mod feed;
 pub mod hub;
+mod metrics;
 pub mod notice;
 pub mod routes;
 pub mod scheduler;

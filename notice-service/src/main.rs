@@ -76,6 +76,9 @@ struct Args {
     /// The cluster secret, protected mode and per-address limits.
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Log format, metrics listener.
+    #[command(flatten)]
+    telemetry: shared::telemetry::TelemetryArgs,
     /// Without a command, the service serves.
     #[command(subcommand)]
     command: Option<shared::sqlite::StoreCommand>,
@@ -90,7 +93,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return Ok(command.run(&args.store)?);
     }
-    shared::telemetry::init_tracing();
+    let telemetry = args.telemetry.init(notice_service::SERVICE_NAME)?;
+    args.telemetry.check()?;
     anyhow::ensure!(
         args.subscriber_buffer > 0,
         "--subscriber-buffer must be at least 1"
@@ -134,7 +138,16 @@ async fn main() -> anyhow::Result<()> {
         udp,
     };
     let shutdown = CancellationToken::new();
+    args.telemetry
+        .serve_metrics(
+            std::sync::Arc::new(shared::metrics::render),
+            shutdown.clone(),
+        )
+        .await?;
     let server = notice_service::run(listener, config, shutdown.clone());
-    shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await?;
+    let finished = shared::shutdown::run_until_signal(server, shutdown, SHUTDOWN_GRACE).await;
+    // The last spans go out however the server stopped.
+    telemetry.shutdown();
+    finished?;
     Ok(())
 }

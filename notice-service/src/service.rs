@@ -94,12 +94,14 @@ impl NoticeService {
         if let Some(at) = at.filter(|at| *at > now) {
             self.inner.store.schedule(notice, at).await?;
             self.inner.schedule_changed.notify_one();
+            crate::metrics::count_publish(true);
             return Ok(Published::Scheduled(at));
         }
         let store = &self.inner.store;
         let stored = self
             .fan_out_in_order(|| async { Ok(vec![store.insert(notice, now).await?]) })
             .await?;
+        crate::metrics::count_publish(false);
         Ok(Published::Stored(stored.into_iter().next().expect("one")))
     }
 

@@ -16,6 +16,8 @@
 //! - [`topology_cache`]: the last topology on disk, so a node restarted while the distributor
 //!   is down still finds the others.
 //! - [`telemetry`], [`shutdown`]: logging setup and the shutdown signal every binary uses.
+//! - [`logs`]: the recent log lines every process keeps in memory, and the request that reads
+//!   them; [`metrics`]: the process-wide Prometheus registry and its `--metrics-listen` listener.
 //! - [`store_spec`]: the `--store` flag of the services that keep data (and how a store is
 //!   opened: its timeout and start-up check), and `postgres` (feature `postgres`): waiting for
 //!   PostgreSQL at start-up, a deadline on every step, failures that say whether a write may have
@@ -26,6 +28,8 @@
 //! - [`cluster`]: the cluster secret, the handshake every packet connection starts with, and
 //!   protected mode.
 //! - [`server`]: the accept loop every TCP server shares, with its connection limits.
+//! - [`trace`]: the W3C `traceparent` carried from the gateway to the services, and the request
+//!   spans exported over OTLP (`--otlp-endpoint`).
 //! - [`token`], [`secrets`]: verifying and minting the JWT bearer tokens callers present, and
 //!   reading secret files.
 //!
@@ -37,6 +41,8 @@ pub mod codec;
 pub mod connection;
 pub mod distributor_client;
 pub mod flags;
+pub mod logs;
+pub mod metrics;
 pub mod packet;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -52,6 +58,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod token;
 pub mod topology_cache;
+pub mod trace;
 
 pub use client::{ClientError, Dialect, PacketClient, ResponseStream};
 pub use packet::{Identity, NodeInfo, Packet, Params, RawParams, Registration, Topology};

@@ -78,6 +78,10 @@ pub struct Packet<P = Value> {
     /// Absent on a request a cluster member makes on its own behalf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Identity>,
+    /// On a request: the W3C trace context (`00-<trace id>-<parent span id>-<flags>`) of the
+    /// request this one serves, so that the node continues that trace (see `crate::trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The scope that implies every other one.
@@ -118,6 +122,7 @@ impl<P> Packet<P> {
             event: self.event,
             request_id: self.request_id,
             auth: self.auth,
+            traceparent: self.traceparent,
         }
     }
 
@@ -139,6 +144,7 @@ impl<P> Packet<P> {
             event: None,
             request_id: None,
             auth: None,
+            traceparent: None,
         }
     }
 

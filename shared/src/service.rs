@@ -9,7 +9,9 @@
 //! - runs stream handlers ([`Router::stream`]) that push events until they return, and drops them
 //!   at once when the caller cancels or its connection closes,
 //! - registers the service with the distributor (urls derived from the routes) and keeps it
-//!   registered across distributor restarts.
+//!   registered across distributor restarts,
+//! - answers `GET /_/logs` (admin scope) with the process's recent log lines, on every service,
+//!   without registering it ([`crate::logs`]).
 //!
 //! The services themselves then hold only their own logic.
 //!
@@ -425,6 +427,11 @@ pub async fn serve(
     }
     info!(name = %config.name, addr = %local, urls = ?router.urls(), "serving");
 
+    // Added after the registration, so that the gateway does not route `/_/logs` to any one
+    // service: it asks every node itself (docs/PROTOCOL.md, "Logs").
+    let router = router
+        .route("GET", crate::logs::LOGS_URI, recent_logs)
+        .scope(crate::packet::ADMIN_SCOPE);
     let router = Arc::new(router);
     let policy = Arc::new(config.cluster);
     crate::server::serve_connections(listener, config.limits, &shutdown, |stream, peer| {
@@ -439,6 +446,13 @@ pub async fn serve(
     })
     .await;
     Ok(())
+}
+
+/// `GET /_/logs`: this process's recent log lines ([`crate::logs`]).
+async fn recent_logs(request: Request) -> Result<Json<Value>, ServiceError> {
+    crate::logs::answer(&request.params)
+        .map(Json)
+        .map_err(ServiceError::BadRequest)
 }
 
 /// Streams running on one connection, by key, so a cancel packet can find its stream. Each entry
@@ -567,9 +581,15 @@ impl Connection {
         };
         let span = tracing::debug_span!("request", method = %request.method, uri = %request.uri,
             key = packet.key, request_id = request.request_id.as_deref());
+        // The span exported with `--otlp-endpoint`, in the trace the caller's packet names;
+        // disabled (and free) otherwise.
+        let traced = crate::trace::server_span(
+            format_args!("{} {}", request.method, request.uri),
+            packet.traceparent.take().as_deref(),
+        );
         match &route.handler {
-            Handler::Unary(handler) => self.one_shot(packet, handler, request, span),
-            Handler::Stream(handler) => self.stream(packet, handler, request, span),
+            Handler::Unary(handler) => self.one_shot(packet, handler, request, span, traced),
+            Handler::Stream(handler) => self.stream(packet, handler, request, span, traced),
         }
     }
 
@@ -600,21 +620,36 @@ impl Connection {
     }
 
     /// Runs a one-shot handler on a task of its own and sends its answer.
-    fn one_shot(&self, packet: Packet, handler: &UnaryHandler, request: Request, span: Span) {
-        let answering = span.in_scope(|| handler(request));
+    fn one_shot(
+        &self,
+        packet: Packet,
+        handler: &UnaryHandler,
+        request: Request,
+        span: Span,
+        traced: Span,
+    ) {
+        let answering = traced.in_scope(|| span.in_scope(|| handler(request)));
         let outgoing = self.outgoing.clone();
         self.requests.spawn(
             async move {
                 let answer = answering.await.into_packet(&packet);
                 send_packet(&outgoing, &answer).await;
             }
-            .instrument(span),
+            .instrument(span)
+            .instrument(traced),
         );
     }
 
     /// Runs a stream handler on a task of its own, until it returns (its answer then ends the
     /// stream) or the stream is cancelled.
-    fn stream(&self, packet: Packet, handler: &StreamHandler, request: Request, span: Span) {
+    fn stream(
+        &self,
+        packet: Packet,
+        handler: &StreamHandler,
+        request: Request,
+        span: Span,
+        traced: Span,
+    ) {
         let cancelled = self.closed.child_token();
         let serial = self.streams.start(packet.key, cancelled.clone());
         let streams = self.streams.clone();
@@ -631,7 +666,7 @@ impl Connection {
         };
         // Called here rather than in the task, so that the task holds the handler's future
         // but not the request as well.
-        let handling = span.in_scope(|| handler(request, sink));
+        let handling = traced.in_scope(|| span.in_scope(|| handler(request, sink)));
         // Streams are not tracked with the requests: shutdown cancels them rather than
         // waiting for them, since a subscription may never end on its own.
         tokio::spawn(
@@ -653,7 +688,8 @@ impl Connection {
                 // Not a waiting send: that would size the task of every idle subscription.
                 queue_frame(&outgoing, frame);
             }
-            .instrument(span),
+            .instrument(span)
+            .instrument(traced),
         );
     }
 
