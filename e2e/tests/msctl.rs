@@ -256,47 +256,26 @@ async fn msctl_reads_and_operates_a_running_system() {
         .failed_with("400 limit must be between 1 and 1000");
     checks.pass("kv get/put/del/ls: tables, --json, keys with spaces and ?#, --ttl accepted, errors with status on stderr");
 
-    // kv watch: issue 13's contract. Until a kv-service that streams is deployed, the gateway
-    // answers the key as plain JSON and msctl must say so rather than print nothing forever.
-    let probe = stack
-        .http
-        .get(stack.url("/kv/app/odd%20key%3F%23?watch=1"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let streams = probe
-        .headers()
-        .get("content-type")
-        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
-    drop(probe);
-    if streams {
-        let mut watch = msctl.follow(&["kv", "watch", "--prefix", "app/"]);
-        // The watch is open once the gateway relays it; a put made before then could be missed,
-        // so keep writing until one shows.
-        let mut seen = None;
-        for attempt in 0..50 {
-            msctl
-                .run(&["kv", "put", "app/watched", &format!("v{attempt}")])
-                .await
-                .succeeded();
-            if let Ok(Ok(Some(line))) =
-                tokio::time::timeout(Duration::from_millis(200), watch.stdout.next_line()).await
-            {
-                seen = Some(line);
-                break;
-            }
-        }
-        let line = seen.expect("kv watch printed no change");
-        assert!(line.starts_with("put  app/watched  version "), "{line}");
-        checks.pass("kv watch --prefix prints the changes as they are made");
-    } else {
+    // kv watch: changes as they are made, one line each.
+    let mut watch = msctl.follow(&["kv", "watch", "--prefix", "app/"]);
+    // The watch is open once the gateway relays it; a put made before then could be missed,
+    // so keep writing until one shows.
+    let mut seen = None;
+    for attempt in 0..50 {
         msctl
-            .run(&["kv", "watch", "app/odd key?#"])
+            .run(&["kv", "put", "app/watched", &format!("v{attempt}")])
             .await
-            .failed_with("answered without an event stream");
-        checks.pass("kv watch against a kv-service without watch: a clear error, exit 1");
+            .succeeded();
+        if let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(200), watch.stdout.next_line()).await
+        {
+            seen = Some(line);
+            break;
+        }
     }
+    let line = seen.expect("kv watch printed no change");
+    assert!(line.starts_with("put  app/watched  version "), "{line}");
+    checks.pass("kv watch --prefix prints the changes as they are made");
 
     // notices
     let published = msctl
@@ -538,74 +517,58 @@ async fn msctl_reads_and_operates_a_running_system() {
     );
     checks.pass("connections --history: when the kv node dropped and when it came back");
 
-    // logs: the contract of GET /_/logs. A gateway without it answers 404, which msctl reports.
-    let logs_route = stack
-        .http
-        .get(stack.url("/_/logs?limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    if logs_route.is_success() {
-        let logs = msctl
-            .run(&[
-                "--json",
-                "logs",
-                "--level",
-                "warn",
-                "--service",
-                "kv",
-                "--limit",
-                "50",
-            ])
-            .await
-            .succeeded()
-            .json();
-        let lines = logs["lines"].as_array().unwrap();
-        assert!(lines.iter().all(|line| line["service"] == "kv"), "{logs}");
-        let table = msctl
-            .run(&["logs", "--level", "info"])
-            .await
-            .succeeded()
-            .stdout;
-        assert!(table.starts_with("TIME"), "{table}");
-        msctl
-            .run(&["logs", "--level", "loud"])
-            .await
-            .failed_with("400");
-        // Something the gateway logs at warn whatever the stack's log filter: a 5xx. A request
-        // sent to a frozen node gets one (its answer never comes), where a killed node's route
-        // may already be gone (a 404). Caused first, it is among the recent lines a follower
-        // starts with, like `tail -f` (live following itself is the gateway's logs test's).
-        stack.kv[0]
-            .process
-            .signal(nix::sys::signal::Signal::SIGSTOP);
-        let frozen = stack.http.get(stack.url("/kv/x")).send().await.unwrap();
-        stack.kv[0]
-            .process
-            .signal(nix::sys::signal::Signal::SIGCONT);
-        assert!(frozen.status().is_server_error(), "{frozen:?}");
-        let mut follow = msctl.follow(&[
+    // logs: the contract of GET /_/logs.
+    let logs = msctl
+        .run(&[
             "--json",
             "logs",
-            "--follow",
             "--level",
             "warn",
             "--service",
-            "gateway",
-        ]);
-        let seen = follow.line().await;
-        let line: Value = serde_json::from_str(&seen).expect("--json prints one object per line");
-        assert_eq!(line["service"], "gateway", "{line}");
-        checks.pass("logs: by level and service, as a table and JSON, and followed");
-    } else {
-        assert_eq!(logs_route, reqwest::StatusCode::NOT_FOUND);
-        msctl
-            .run(&["logs", "--level", "warn"])
-            .await
-            .failed_with("GET /_/logs: 404");
-        checks.pass("logs against a gateway without /_/logs: the 404 on stderr, exit 1");
-    }
+            "kv",
+            "--limit",
+            "50",
+        ])
+        .await
+        .succeeded()
+        .json();
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(lines.iter().all(|line| line["service"] == "kv"), "{logs}");
+    let table = msctl
+        .run(&["logs", "--level", "info"])
+        .await
+        .succeeded()
+        .stdout;
+    assert!(table.starts_with("TIME"), "{table}");
+    msctl
+        .run(&["logs", "--level", "loud"])
+        .await
+        .failed_with("400");
+    // Something the gateway logs at warn whatever the stack's log filter: a 5xx. A request
+    // sent to a frozen node gets one (its answer never comes), where a killed node's route
+    // may already be gone (a 404). Caused first, it is among the recent lines a follower
+    // starts with, like `tail -f` (live following itself is the gateway's logs test's).
+    stack.kv[0]
+        .process
+        .signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen = stack.http.get(stack.url("/kv/x")).send().await.unwrap();
+    stack.kv[0]
+        .process
+        .signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(frozen.status().is_server_error(), "{frozen:?}");
+    let mut follow = msctl.follow(&[
+        "--json",
+        "logs",
+        "--follow",
+        "--level",
+        "warn",
+        "--service",
+        "gateway",
+    ]);
+    let seen = follow.line().await;
+    let line: Value = serde_json::from_str(&seen).expect("--json prints one object per line");
+    assert_eq!(line["service"], "gateway", "{line}");
+    checks.pass("logs: by level and service, as a table and JSON, and followed");
 
     // The command line itself.
     let completions = msctl.run(&["completions", "bash"]).await.succeeded().stdout;
