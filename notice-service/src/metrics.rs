@@ -5,6 +5,8 @@
 //! - `notice_deliveries_total`: notices handed to a live subscriber of this instance.
 //! - `notice_subscribers`: live subscriptions on this instance.
 //! - `notice_lagged_total`: subscribers cut off because they fell a whole buffer behind.
+//! - `notice_udp_datagrams_total{kind}`: the UDP door's datagrams: notices `sent`, notices sent
+//!   `truncated`, and `ignored` garbage.
 
 use std::sync::OnceLock;
 
@@ -19,8 +21,14 @@ struct PublishLabels {
     when: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UdpLabels {
+    kind: &'static str,
+}
+
 struct Metrics {
     publishes: Family<PublishLabels, Counter>,
+    udp: Family<UdpLabels, Counter>,
     deliveries: Counter,
     subscribers: Gauge,
     lagged: Counter,
@@ -40,6 +48,11 @@ fn metrics() -> &'static Metrics {
             Counter::default(),
         ),
         subscribers: registered("notice_subscribers", "Live subscriptions", Gauge::default()),
+        udp: registered(
+            "notice_udp_datagrams",
+            "UDP door datagrams: notices sent, notices sent truncated, garbage ignored",
+            Family::default(),
+        ),
         lagged: registered(
             "notice_lagged",
             "Subscribers cut off for falling a whole buffer behind",
@@ -67,4 +80,9 @@ pub(crate) fn count_fan_out(delivered: usize, lagged: usize) {
 /// A subscription started (`1`) or ended (`-1`).
 pub(crate) fn count_subscribers(change: i64) {
     metrics().subscribers.inc_by(change);
+}
+
+/// Counts one UDP door datagram of `kind`: `sent`, `truncated` or `ignored`.
+pub(crate) fn count_udp(kind: &'static str) {
+    metrics().udp.get_or_create(&UdpLabels { kind }).inc();
 }

@@ -244,6 +244,7 @@ impl UdpDoor {
         let answer = match command {
             None => {
                 self.inner.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::count_udp("ignored");
                 return;
             }
             Some(Command::Deregister) => {
@@ -389,10 +390,12 @@ impl UdpDoor {
                         self.send(json.as_bytes(), to).await;
                     } else {
                         counters.truncated.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::count_udp("truncated");
                         let short = json!({"id": notice.id, "truncated": true}).to_string();
                         self.send(short.as_bytes(), to).await;
                     }
                     counters.sent.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::count_udp("sent");
                 }
                 Ok(Live::Presence(_)) => {}
                 Err(FeedEnd::Ended(reason)) => return reason.event_name(),

@@ -155,6 +155,14 @@ async fn a_registered_address_receives_its_notices_until_it_deregisters() {
         truncated,
         serde_json::json!({"id": long, "truncated": true})
     );
+    let counters = door.door.counters();
+    assert_eq!(counters.sent.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(
+        counters
+            .truncated
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     assert_eq!(alice.ask("#DEREG").await, "#BYE");
     assert_eq!(door.door.registered(), 0);
