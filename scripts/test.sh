@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The end-to-end tests run the workspace's binaries, msctl among them, which no test target of
+# their own packages would build.
+cargo build --workspace --bins
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"
 else

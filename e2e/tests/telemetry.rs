@@ -195,6 +195,15 @@ async fn a_node_that_does_not_answer_is_listed_missing_without_blocking_the_rest
     .await;
     let notice = format!("notice@127.0.0.1:{}", stack.notice_port.unwrap());
     let kv = format!("kv@127.0.0.1:{}", stack.kv[0].port);
+    // The gateway asks the nodes it is connected to: wait until notice-service answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !has_line_from(&logs(&stack, "?limit=10000").await, &notice) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "notice-service never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let process = stack.notice.as_ref().unwrap();
     process.signal(nix::sys::signal::Signal::SIGSTOP);
     let answer = logs(&stack, "?limit=10000").await;
