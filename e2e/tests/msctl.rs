@@ -436,15 +436,7 @@ async fn msctl_reads_and_operates_a_running_system() {
     );
 
     // The per-route history the status page draws, and who may read it.
-    let history: Value = stack
-        .http
-        .get(stack.url("/_/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = stack.get_json("/_/history").await;
     assert_eq!(history["seconds"], 300);
     let put = history["routes"]
         .as_array()
