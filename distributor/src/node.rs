@@ -283,6 +283,13 @@ impl NodeConnection {
             }
             return Ok(());
         }
+        // Each request is a span of its own (exported with --otlp-endpoint), continuing the trace
+        // of a caller that sent one, such as the gateway gathering logs.
+        let _span = shared::trace::server_span(
+            format_args!("{} {}", packet.method, packet.uri),
+            packet.traceparent.as_deref(),
+        )
+        .entered();
         match (packet.method.as_str(), packet.uri.as_str()) {
             ("POST", DISTRIBUTES_URI) => self.register(&packet),
             ("GET", DISTRIBUTES_URI) => {

@@ -195,12 +195,17 @@ async fn a_node_that_does_not_answer_is_listed_missing_without_blocking_the_rest
     .await;
     let notice = format!("notice@127.0.0.1:{}", stack.notice_port.unwrap());
     let kv = format!("kv@127.0.0.1:{}", stack.kv[0].port);
-    // The gateway asks the nodes it is connected to: wait until notice-service answers.
+    // The gateway asks the nodes it is connected to: wait until both services answer (the
+    // topology may bring one before the other).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !has_line_from(&logs(&stack, "?limit=10000").await, &notice) {
+    loop {
+        let answer = logs(&stack, "?limit=10000").await;
+        if has_line_from(&answer, &notice) && has_line_from(&answer, &kv) {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "notice-service never answered"
+            "the services never answered: {answer}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -215,7 +220,7 @@ async fn a_node_that_does_not_answer_is_listed_missing_without_blocking_the_rest
 
 #[tokio::test]
 async fn follow_streams_new_lines_as_events() {
-    let stack = Stack::start(StackOptions {
+    let mut stack = Stack::start(StackOptions {
         notice: false,
         ..StackOptions::default()
     })
@@ -248,6 +253,33 @@ async fn follow_streams_new_lines_as_events() {
     provoke_warning(stack.kv[0].port).await;
     let next = events.next_within(Duration::from_secs(30)).await.unwrap();
     assert!(next.json()["time"].as_str().unwrap() >= later.as_str());
+
+    // kv-service restarts at the same address, so the follower sees the same source, whose
+    // new run must not have to log as many lines as the old one before it is followed again.
+    for _ in 0..20 {
+        provoke_warning(stack.kv[0].port).await;
+    }
+    let kv = &mut stack.kv[0];
+    kv.process.kill9().await;
+    kv.process.restart();
+    kv.process.wait_for_port(kv.port).await.unwrap();
+    let restarted = shared::logs::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        provoke_warning(stack.kv[0].port).await;
+        let event = events
+            .next_within(Duration::from_secs(5))
+            .await
+            .ok()
+            .filter(|event| event.event.as_deref() == Some("log"));
+        if event.is_some_and(|event| event.json()["time"].as_str().unwrap() > restarted.as_str()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted kv-service's lines never reached the follower"
+        );
+    }
 }
 
 /// `GET http://127.0.0.1:port/metrics` on a metrics listener.

@@ -1,6 +1,7 @@
 //! One request, one trace: the gateway continues (or starts) a W3C trace, carries it to the
 //! service in the packet, and both export their spans over OTLP/HTTP to a receiver inside the
-//! test, which decodes them with the OpenTelemetry protobuf types.
+//! test, which decodes them with the OpenTelemetry protobuf types. The distributor exports the
+//! spans of the requests it serves too.
 
 use std::{
     sync::{Arc, Mutex},
@@ -61,22 +62,36 @@ async fn receiver() -> (String, Received) {
     (url, received)
 }
 
-/// Waits until the receiver holds a span of `service` in trace `trace_id`.
-async fn span_of(received: &Received, service: &str, trace_id: &[u8]) -> Span {
+/// Waits until the receiver holds a span for which `wanted(service name, span)` holds.
+async fn wait_for_span(
+    received: &Received,
+    what: &str,
+    wanted: impl Fn(&str, &Span) -> bool,
+) -> Span {
     for _ in 0..300 {
         let found = received
             .0
             .lock()
             .unwrap()
             .iter()
-            .find(|(from, span)| from == service && span.trace_id == trace_id)
+            .find(|(from, span)| wanted(from, span))
             .map(|(_, span)| span.clone());
         if let Some(span) = found {
             return span;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no span of {service} in the trace arrived");
+    panic!("no span arrived: {what}");
+}
+
+/// Waits until the receiver holds a span of `service` in trace `trace_id`.
+async fn span_of(received: &Received, service: &str, trace_id: &[u8]) -> Span {
+    wait_for_span(
+        received,
+        &format!("{service} in the trace"),
+        |from, span| from == service && span.trace_id == trace_id,
+    )
+    .await
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -94,7 +109,8 @@ async fn a_put_is_one_trace_across_the_gateway_and_kv_service() {
         notice: false,
         extra_flags: [
             ("gateway".to_owned(), exporting.clone()),
-            ("kv-0".to_owned(), exporting),
+            ("kv-0".to_owned(), exporting.clone()),
+            ("distributor".to_owned(), exporting),
         ]
         .into_iter()
         .collect(),
@@ -136,23 +152,10 @@ async fn a_put_is_one_trace_across_the_gateway_and_kv_service() {
         .await
         .unwrap();
     assert_eq!(put.status(), 200);
-    let mut root = None;
-    for _ in 0..300 {
-        root = received
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(from, span)| {
-                from == "gateway" && span.parent_span_id.is_empty() && span.name == "PUT /kv"
-            })
-            .map(|(_, span)| span.clone());
-        if root.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let root = root.expect("the gateway's root span arrived");
+    let root = wait_for_span(&received, "the gateway's root span", |from, span| {
+        from == "gateway" && span.parent_span_id.is_empty() && span.name == "PUT /kv"
+    })
+    .await;
     let child = span_of(&received, "kv", &root.trace_id).await;
     assert_eq!(child.parent_span_id, root.span_id);
     // An invalid traceparent is ignored: a new trace starts rather than an error.
@@ -165,4 +168,12 @@ async fn a_put_is_one_trace_across_the_gateway_and_kv_service() {
         .await
         .unwrap();
     assert_eq!(put.status(), 200);
+
+    // The distributor's requests are spans too: kv-service's registration among them.
+    wait_for_span(
+        &received,
+        "the distributor's registration span",
+        |from, span| from == "distributor" && span.name == "POST /distributes",
+    )
+    .await;
 }

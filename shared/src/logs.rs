@@ -43,7 +43,8 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 /// One log line as a node reports it. The gateway adds which node and service it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
-    /// Increases by one per line in this process; readers that follow ask for lines after it.
+    /// Increases by one per line in this process, from the process's start time in
+    /// microseconds; readers that follow ask for lines after it.
     pub seq: u64,
     /// RFC 3339, UTC, microseconds: lines of several processes sort by it as text.
     pub time: String,
@@ -174,6 +175,16 @@ struct Lines {
 }
 
 impl LogBuffer {
+    /// A buffer whose first line is numbered `last + 1`.
+    pub fn numbered_after(last: u64) -> LogBuffer {
+        LogBuffer {
+            inner: Mutex::new(Lines {
+                next_seq: last,
+                ..Lines::default()
+            }),
+        }
+    }
+
     /// Appends a line (its `seq` is assigned here), dropping the oldest ones beyond the bounds.
     pub fn push(&self, time: String, level: &Level, mut message: String) {
         if message.len() > MAX_MESSAGE_BYTES {
@@ -229,7 +240,16 @@ impl LogBuffer {
 /// This process's buffer, which [`BufferLayer`] fills.
 pub fn buffer() -> &'static LogBuffer {
     static BUFFER: OnceLock<LogBuffer> = OnceLock::new();
-    BUFFER.get_or_init(LogBuffer::default)
+    // Numbers start at the process's start time in microseconds. A node restarted at the same
+    // address (the same source for a follower) then numbers its lines above those of its
+    // previous run, which logged far fewer than a line per microsecond, so a follower holding the
+    // old run's last number reads the new run's lines at once rather than after as many lines.
+    BUFFER.get_or_init(|| {
+        let started = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        LogBuffer::numbered_after(u64::try_from(started.as_micros()).unwrap_or(u64::MAX / 2))
+    })
 }
 
 /// The time of a line now, as [`LogLine::time`] writes it.
@@ -320,6 +340,19 @@ mod tests {
         let inner = buffer.inner.lock().unwrap();
         assert!(inner.bytes <= MAX_BYTES);
         assert!(inner.lines.len() < (MAX_BYTES / MAX_MESSAGE_BYTES) + 1);
+    }
+
+    #[test]
+    fn a_buffer_numbers_its_lines_after_the_number_it_starts_from() {
+        let buffer = LogBuffer::numbered_after(1_000);
+        line(&buffer, Level::INFO, "first");
+        line(&buffer, Level::INFO, "second");
+        let seqs: Vec<u64> = buffer
+            .query(&LogQuery::default())
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(seqs, [1_001, 1_002]);
     }
 
     #[test]
