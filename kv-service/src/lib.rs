@@ -95,7 +95,7 @@ pub async fn run(
     };
     let rest = shared::service::serve(
         rest_listener,
-        rest::router(kv.clone()),
+        rest::router_with_max_lag(kv.clone(), config.watch_max_lag),
         service,
         shutdown.clone(),
     );
