@@ -44,3 +44,34 @@ pub fn microsecond_histogram() -> hdrhistogram::Histogram<u64> {
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, usize::from)
 }
+
+/// A histogram of latencies in nanoseconds, from 1 ns to one minute at three significant
+/// digits: the resolution the fan-out benchmarks (notice-bench, kv-bench's watch) record at.
+pub fn nanosecond_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000_000, 3)
+        .expect("constant bounds are valid")
+}
+
+/// The 1-minute load average: the machine is shared, so every result carries it.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Nanoseconds as milliseconds.
+pub fn ms(nanos: u64) -> f64 {
+    nanos as f64 / 1e6
+}
+
+/// One markdown table row of latencies recorded in nanoseconds; `measure` says from what to
+/// what ("paced: publish-to-delivery").
+pub fn print_latency_row(measure: &str, latency: &hdrhistogram::Histogram<u64>) {
+    println!(
+        "| {measure} latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+        ms(latency.value_at_quantile(0.5)),
+        ms(latency.value_at_quantile(0.99)),
+        ms(latency.max())
+    );
+}

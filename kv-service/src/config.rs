@@ -35,6 +35,9 @@ pub struct Config {
     pub text: TextConfig,
     /// Changes the change log keeps for watchers to resume from (`--history`).
     pub history: u64,
+    /// A watcher that falls this many revisions further behind the newest one than it has been
+    /// is ended with a `lagged` event (`--watch-max-lag`).
+    pub watch_max_lag: u64,
 }
 
 /// The text port's admission rules.
@@ -77,6 +80,7 @@ impl Config {
             node: ServiceConfig::named(crate::SERVICE_NAME),
             text: TextConfig::default(),
             history: crate::store::DEFAULT_HISTORY,
+            watch_max_lag: crate::rest::MAX_WATCH_LAG,
         }
     }
 }

@@ -23,8 +23,8 @@
 //! - [`text_server`]: the TCP server for the text protocol: authentication, scopes, idle and
 //!   per-address limits.
 //!
-//! The load tool (`kv-bench`, src/bin) drives the text protocol; docs/BENCHMARKS.md has its
-//! figures.
+//! The load tool (`kv-bench`, in the bench crate) drives the text protocol, and watches and
+//! transactions through the gateway; docs/BENCHMARKS.md has its figures.
 
 pub mod config;
 pub mod core;
@@ -95,7 +95,7 @@ pub async fn run(
     };
     let rest = shared::service::serve(
         rest_listener,
-        rest::router(kv.clone()),
+        rest::router_with_max_lag(kv.clone(), config.watch_max_lag),
         service,
         shutdown.clone(),
     );

@@ -50,6 +50,11 @@ struct Args {
     /// one resuming from further back gets a `reset` event.
     #[arg(long, env = "KV_HISTORY", default_value_t = kv_service::store::DEFAULT_HISTORY, value_parser = clap::value_parser!(u64).range(1..))]
     history: u64,
+    /// A watcher that falls this many revisions further behind the newest one than it has been
+    /// since it started (its client, or the gateway's connection, reading too slowly) is ended
+    /// with `event: lagged` `{"revision":R}`, and resumes with `from_revision=R`.
+    #[arg(long, env = "KV_WATCH_MAX_LAG", default_value_t = kv_service::rest::MAX_WATCH_LAG, value_parser = clap::value_parser!(u64).range(1..))]
+    watch_max_lag: u64,
     /// Threads that serve requests; 0 means one per core. On a small machine that also runs the
     /// clients, 1 can be faster: a single thread never has to wake another.
     #[arg(long, env = "KV_THREADS", default_value_t = 0)]
@@ -133,6 +138,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             auth_timeout: args.auth_timeout,
         },
         history: args.history,
+        watch_max_lag: args.watch_max_lag,
     };
     let shutdown = CancellationToken::new();
     args.telemetry

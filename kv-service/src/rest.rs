@@ -42,20 +42,27 @@ use crate::{
     READ_SCOPE, WRITE_SCOPE,
 };
 
-/// A watcher further behind the newest revision than this is ended with a `lagged` event:
-/// what it is sent waits in bounded queues, and one that cannot keep up resumes from its last
-/// revision rather than holding an ever longer backlog.
-pub const MAX_WATCH_LAG: i64 = 10_000;
+/// The default of `--watch-max-lag`: a watcher that falls this many revisions further behind
+/// the newest one than it has been since it started is ended with a `lagged` event. What it is
+/// sent waits in bounded queues, and one that cannot keep up resumes from its last revision
+/// rather than holding an ever longer backlog.
+pub const MAX_WATCH_LAG: u64 = 10_000;
+
+/// The service's routes with the default [`MAX_WATCH_LAG`] ([`router_with_max_lag`]).
+pub fn router(kv: Kv) -> Router {
+    router_with_max_lag(kv, MAX_WATCH_LAG)
+}
 
 /// The service's routes; they register as `DELETE/kv`, `GET/kv`, `POST/kv`, `PUT/kv` and
 /// `POST/txn`, reads with the scope `kv:read` and writes with `kv:write`, which the runtime
 /// checks against the caller's identity (a request a cluster member makes itself carries none
-/// and is trusted).
-pub fn router(kv: Kv) -> Router {
+/// and is trusted). Watchers that fall `max_lag` revisions behind are ended as lagged.
+pub fn router_with_max_lag(kv: Kv, max_lag: u64) -> Router {
     let watching = kv.clone();
+    let max_lag = i64::try_from(max_lag).unwrap_or(i64::MAX);
     Router::new()
         .stream("GET", "/kv", move |request, sink| {
-            get_or_watch(watching.clone(), request, sink)
+            get_or_watch(watching.clone(), request, sink, max_lag)
         })
         .scope(READ_SCOPE)
         .route("PUT", "/kv", with_state(kv.clone(), put))
@@ -102,9 +109,12 @@ fn get_or_watch(
     kv: Kv,
     request: Request,
     sink: EventSink,
+    max_lag: i64,
 ) -> impl Future<Output = Result<Json<Value>, ServiceError>> {
     match watch_request(&request) {
-        Ok(Some((filter, from))) => watch(kv, filter, from, sink).left_future().left_future(),
+        Ok(Some((filter, from))) => watch(kv, filter, from, sink, max_lag)
+            .left_future()
+            .left_future(),
         Ok(None) => async move { get_or_list(kv, request).await }
             .right_future()
             .left_future(),
@@ -135,20 +145,28 @@ fn watch_request(request: &Request) -> Result<Option<(KeyFilter, Option<i64>)>, 
     Ok(Some((filter, from)))
 }
 
-/// Streams the changes `filter` matches until the caller goes away or falls too far behind.
+/// Streams the changes `filter` matches until the caller goes away or falls too far behind:
+/// `max_lag` revisions further behind the newest one than the closest it has been. A watcher
+/// resuming from far back starts behind and catches up at its own pace; only falling further
+/// behind ends it (measured from where it started, it would be ended again at once on every
+/// resume, never getting anywhere).
 async fn watch(
     kv: Kv,
     filter: KeyFilter,
     from: Option<i64>,
     sink: EventSink,
+    max_lag: i64,
 ) -> Result<Json<Value>, ServiceError> {
     let mut watcher = kv.watch(filter, from).await?;
     // Accepted: tell the caller now (the gateway then sends its HTTP headers).
     if sink.open().await.is_err() {
         return Ok(Json(Value::Null));
     }
+    let mut closest = watcher.lag();
     loop {
-        if watcher.lag() > MAX_WATCH_LAG {
+        let lag = watcher.lag();
+        closest = closest.min(lag);
+        if lag - closest > max_lag {
             let revision = watcher.cursor();
             let lagged = Event {
                 id: None,

@@ -440,3 +440,195 @@ async fn a_verified_caller_needs_the_scope_of_each_route() {
     // A request a cluster member makes itself carries no identity and is trusted.
     ok(&client, "PUT", json!({"params": "c", "value": "1"})).await;
 }
+
+/// Opens a watch on a raw packet connection to the REST door, the way the gateway's connection
+/// carries one (protected mode: no handshake), with the socket's receive buffer set to
+/// `receive_buffer` bytes when given (which also stops the kernel from growing it).
+async fn raw_watch(
+    addr: std::net::SocketAddr,
+    params: Value,
+    receive_buffer: Option<u32>,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request =
+        json!({"uri": "/kv", "method": "GET", "key": 1, "stream": true, "params": params});
+    let mut frame = serde_json::to_vec(&request).unwrap();
+    frame.extend_from_slice("¶".as_bytes());
+    stream.write_all(&frame).await.unwrap();
+    stream
+}
+
+/// The packets of a raw connection, one at a time.
+struct RawFrames {
+    stream: tokio::net::TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawFrames {
+    async fn next(&mut self) -> Value {
+        use tokio::io::AsyncReadExt;
+        let delimiter = "¶".as_bytes();
+        loop {
+            if let Some(end) = self
+                .buffer
+                .windows(delimiter.len())
+                .position(|window| window == delimiter)
+            {
+                let frame: Value = serde_json::from_slice(&self.buffer[..end]).unwrap();
+                self.buffer.drain(..end + delimiter.len());
+                return frame;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let read = tokio::time::timeout(common::WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("no packet in time")
+                .unwrap();
+            assert!(read > 0, "the connection closed");
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// The next change event as (revision, key), or `Err(revision)` for `lagged`. The packet
+    /// that opens the stream (no event name) is skipped.
+    async fn next_change(&mut self) -> Result<(i64, String), i64> {
+        loop {
+            let frame = self.next().await;
+            assert_eq!(frame["key"], 1, "{frame}");
+            assert_eq!(frame["end"], Value::Null, "the stream ended early: {frame}");
+            match frame["event"].as_str() {
+                None => continue,
+                Some("lagged") => return Err(frame["params"]["revision"].as_i64().unwrap()),
+                Some("put") => {
+                    let revision = frame["params"]["revision"].as_i64().unwrap();
+                    assert_eq!(frame["id"], revision, "{frame}");
+                    let key = frame["params"]["key"].as_str().unwrap().to_owned();
+                    return Ok((revision, key));
+                }
+                Some(other) => panic!("unexpected event {other}: {frame}"),
+            }
+        }
+    }
+}
+
+/// A watcher whose connection stops being read (a gateway connection that cannot keep up) is
+/// ended with `lagged` `{"revision":N}` once it falls `--watch-max-lag` revisions behind, after
+/// every change up to N; resuming with `from_revision=N` delivers every later change, in order,
+/// none twice, although it starts further behind than the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_ends_lagged_and_resumes_without_a_gap() {
+    const MAX_LAG: u64 = 4;
+    const PUTS_PER_TXN: usize = 100;
+    const VALUE_BYTES: usize = 4096;
+    let mut config = kv_service::Config::standalone(StoreSpec::Memory);
+    config.watch_max_lag = MAX_LAG;
+    let service = Service::start_with(config).await;
+    let writer = service.rest().await;
+
+    let stalled = raw_watch(
+        service.rest_addr,
+        json!({"prefix": "s/", "watch": "1"}),
+        Some(4096),
+    )
+    .await;
+    let mut stalled = RawFrames {
+        stream: stalled,
+        buffer: Vec::new(),
+    };
+    // The stream is open (and its cursor set) once its first packet arrives.
+    let opened = stalled.next().await;
+    assert_eq!(
+        (opened["stream"].clone(), opened["event"].clone()),
+        (json!(true), Value::Null)
+    );
+
+    // Enough changes that the watcher stops, whatever this machine's socket buffers hold:
+    // at most the connection's queue of frames, a batch being written, the kernel's largest
+    // send buffer and the watcher's page of the log in hand are sent before it waits, and
+    // the transactions after those leave it more than MAX_LAG revisions behind.
+    let send_buffer_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|limits| limits.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let buffered_events = shared::connection::OUTGOING_CAPACITY
+        + kv_service::store::CHANGE_PAGE
+        + (send_buffer_max + (2 << 20)) / VALUE_BYTES;
+    let txns = buffered_events.div_ceil(PUTS_PER_TXN) + 2 * MAX_LAG as usize + 2;
+    let value = "v".repeat(VALUE_BYTES);
+    let mut expected: Vec<(i64, String)> = Vec::new();
+    for t in 0..txns {
+        let keys: Vec<String> = (0..PUTS_PER_TXN).map(|i| format!("s/{t}/{i:03}")).collect();
+        let success: Vec<Value> = keys
+            .iter()
+            .map(|key| json!({"put": {"key": key, "value": value}}))
+            .collect();
+        let answer = tokio::time::timeout(
+            common::WAIT,
+            writer.request(shared::Packet::request(
+                "POST",
+                "/txn",
+                json!({"success": success}),
+            )),
+        )
+        .await
+        .expect("no answer to a transaction in time")
+        .unwrap();
+        assert_eq!(answer.status(), 200, "{:?}", answer.error);
+        let revision = answer.params["revision"].as_i64().unwrap();
+        expected.extend(keys.into_iter().map(|key| (revision, key)));
+    }
+    let newest = expected.last().unwrap().0;
+
+    // Now read: what was queued arrives, then `lagged`.
+    let mut delivered = Vec::new();
+    let lagged_at = loop {
+        match stalled.next_change().await {
+            Ok(change) => delivered.push(change),
+            Err(revision) => break revision,
+        }
+    };
+    assert!(
+        newest - lagged_at > MAX_LAG as i64,
+        "lagged at {lagged_at}, newest {newest}"
+    );
+    assert_eq!(
+        delivered.last().map(|(revision, _)| *revision),
+        Some(lagged_at),
+        "lagged names the revision of the last change delivered"
+    );
+    assert_eq!(
+        delivered,
+        expected[..delivered.len()],
+        "every change up to the lagged revision, in order"
+    );
+
+    // Resuming from there delivers the rest, starting further behind than MAX_LAG.
+    let resumed = raw_watch(
+        service.rest_addr,
+        json!({"prefix": "s/", "watch": "1", "from_revision": lagged_at.to_string()}),
+        None,
+    )
+    .await;
+    let mut resumed = RawFrames {
+        stream: resumed,
+        buffer: Vec::new(),
+    };
+    let rest = &expected[delivered.len()..];
+    let mut replayed = Vec::with_capacity(rest.len());
+    while replayed.len() < rest.len() {
+        match resumed.next_change().await {
+            Ok(change) => replayed.push(change),
+            Err(revision) => panic!(
+                "the resumed watcher was ended as lagged at {revision} after {} changes",
+                replayed.len()
+            ),
+        }
+    }
+    assert_eq!(replayed, rest, "no gap, no duplicate, in order");
+    drop(writer);
+    service.stop().await;
+}

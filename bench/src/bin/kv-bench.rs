@@ -19,18 +19,44 @@
 //! target/release/kv-bench --addr 127.0.0.1:8395    # a kv-service that is already running
 //! target/release/kv-bench --memory-keys 1000000   # bytes per key, kv-service mem vs redis
 //! ```
+//!
+//! Two more scenarios (`--scenario`) run through the real gateway: they start distributor,
+//! gateway and one kv-service (the e2e harness's stack, binaries next to this one) and speak
+//! HTTP to the gateway, as users do.
+//!
+//! - `watch`: `--watchers` SSE streams `GET /kv?prefix=P&watch=1`, spread round robin over
+//!   `--watch-prefixes` distinct prefixes, then `--rate` puts per second for `--duration`, each
+//!   under the next prefix in turn and carrying its send time in its value; every watcher records
+//!   put-to-event latency. Prints p50/p99/max, deliveries/s and the events lost (expected minus
+//!   received). With one prefix every watcher sees every put (watchers x rate deliveries/s);
+//!   with as many prefixes as watchers each sees its share.
+//! - `txn`: for each `--stores` entry (`mem`, `sqlite`, `postgres`: a throwaway PostgreSQL
+//!   cluster when the binaries are installed), `--connections` clients each send 2-compare 2-put
+//!   `POST /txn` on their own pair of keys (so they succeed) for `--duration`, then plain
+//!   `PUT /kv/KEY` for as long: txn/s, put/s, their latencies and the ratio.
+//!
+//! ```text
+//! cargo build --release -p distributor -p gateway -p kv-service -p bench
+//! target/release/kv-bench --scenario watch                          # 1,000 watchers, 1,000 prefixes, 1,000 puts/s
+//! target/release/kv-bench --scenario watch --watch-prefixes 1 --rate 100
+//! target/release/kv-bench --scenario txn --stores mem,sqlite,postgres
+//! ```
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
     process::Stdio,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
 use bytes::{BufMut, BytesMut};
 use clap::Parser;
-use e2e::{free_port, wait_for_port, Process};
+use e2e::{free_port, sse::EventStream, wait_for_port, Process, Stack, Storage};
 use hdrhistogram::Histogram;
 use kv_service::text_protocol::{OwnedReply, ReplyCodec, Request, Token};
 use tokio::{
@@ -44,7 +70,11 @@ use tokio_util::codec::{Decoder, Encoder};
 #[derive(Debug, Parser)]
 #[command(about)]
 struct Args {
-    /// Connections.
+    /// What to measure: the text protocol next to redis (`text`), or through the gateway
+    /// watch delivery latency (`watch`) or transactions/s (`txn`).
+    #[arg(long, value_enum, env = "KV_BENCH_SCENARIO", default_value = "text")]
+    scenario: Scenario,
+    /// Connections (txn: concurrent HTTP clients).
     #[arg(short = 'c', long, env = "KV_BENCH_CONNECTIONS", default_value_t = 50)]
     connections: usize,
     /// Pipelining depths to run, comma separated.
@@ -73,7 +103,7 @@ struct Args {
     /// Value size of puts, in bytes.
     #[arg(short = 'd', long, env = "KV_BENCH_VALUE_SIZE", default_value_t = 3)]
     value_size: usize,
-    /// Stores to start a kv-service with, comma separated: mem, sqlite.
+    /// Stores to start a kv-service with, comma separated: mem, sqlite (txn: also postgres).
     #[arg(
         long,
         env = "KV_BENCH_STORES",
@@ -106,6 +136,34 @@ struct Args {
     /// SET, and report each process's resident memory growth per key.
     #[arg(long, env = "KV_BENCH_MEMORY_KEYS")]
     memory_keys: Option<u64>,
+    /// watch: SSE watchers opened through the gateway.
+    #[arg(long, env = "KV_BENCH_WATCHERS", default_value_t = 1000)]
+    watchers: usize,
+    /// watch: distinct prefixes the watchers are spread over, round robin; each put goes under
+    /// the next one in turn (1: every watcher sees every put).
+    #[arg(long, env = "KV_BENCH_WATCH_PREFIXES", default_value_t = 1000)]
+    watch_prefixes: usize,
+    /// watch: puts per second through the gateway.
+    #[arg(long, env = "KV_BENCH_RATE", default_value_t = 1000)]
+    rate: u64,
+    /// watch: how long the puts go on; txn: how long each of its two phases runs per store.
+    #[arg(long, env = "KV_BENCH_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// watch and txn: where the distributor, gateway and kv-service binaries are (default:
+    /// next to this one).
+    #[arg(long, env = "KV_BENCH_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+/// What kv-bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// The text protocol next to redis (or, with --memory-keys, bytes per key).
+    Text,
+    /// Put-to-event latency to prefix watchers through the gateway.
+    Watch,
+    /// 2-compare 2-put transactions/s through the gateway, next to plain puts/s.
+    Txn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +222,16 @@ fn main() -> anyhow::Result<()> {
         args.pipeline.iter().all(|&p| p > 0),
         "--pipeline depths must be at least 1"
     );
+    if args.scenario != Scenario::Text {
+        // Through the gateway: a thousand streams and the requests share the machine's cores.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return match args.scenario {
+            Scenario::Watch => runtime.block_on(measure_watch(&args)),
+            _ => runtime.block_on(measure_txn(&args)),
+        };
+    }
     // One thread, like redis-benchmark: the client's share of the machine is the same for both.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -844,4 +912,448 @@ fn parse_redis_csv(csv: &str) -> anyhow::Result<Vec<(Op, Figures)>> {
         "no figures in redis-benchmark's output:\n{csv}"
     );
     Ok(figures)
+}
+
+/// A stack for the gateway scenarios: distributor, gateway and one kv-service on `storage`,
+/// with the gateway's per-address cap raised, since every watcher and client connects from
+/// 127.0.0.1.
+async fn start_gateway_stack(args: &Args, storage: Storage) -> Stack {
+    let mut options = bench::stack_options(1, false, storage, args.bin_dir.clone());
+    let per_ip = (args.watchers + args.connections + 1024).to_string();
+    options.extra_flags.insert(
+        "gateway".into(),
+        vec!["--max-connections-per-ip".into(), per_ip],
+    );
+    Stack::start(options).await
+}
+
+/// What the watchers share with the putter.
+struct WatchCounters {
+    start: Instant,
+    /// Put-to-event latencies, nanoseconds.
+    latency: Mutex<Histogram<u64>>,
+    delivered: AtomicUsize,
+    /// When the last event arrived, nanoseconds since `start`.
+    last_delivery: AtomicU64,
+    /// Streams ended by kv-service as too slow (`event: lagged`).
+    lagged: AtomicUsize,
+    /// Streams ended by the gateway (`event: error`, e.g. its client read too slowly).
+    cut_off: AtomicUsize,
+}
+
+impl WatchCounters {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+/// The send time a put's value carries (`t` and nanoseconds since the run's start), found in an
+/// event's data without parsing all of it.
+fn sent_at(data: &str) -> Option<u64> {
+    let at = data.find("\"value\":\"t")? + "\"value\":\"t".len();
+    let digits = &data[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// One prefix watcher through the gateway: records each put's latency until the stream ends.
+async fn prefix_watcher(mut events: EventStream, counters: Arc<WatchCounters>) {
+    while let Ok(Some(event)) = events.next().await {
+        match event.event.as_deref() {
+            Some("put") => {
+                if let Some(sent) = sent_at(&event.data) {
+                    let now = counters.now();
+                    counters
+                        .latency
+                        .lock()
+                        .unwrap()
+                        .saturating_record(now.saturating_sub(sent).max(1));
+                    counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    counters.last_delivery.fetch_max(now, Ordering::Relaxed);
+                }
+            }
+            Some("lagged") => {
+                counters.lagged.fetch_add(1, Ordering::Relaxed);
+            }
+            Some("error") => {
+                counters.cut_off.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// watch: see the module doc.
+async fn measure_watch(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.watchers > 0, "--watchers must be at least 1");
+    anyhow::ensure!(args.rate > 0, "--rate must be at least 1");
+    anyhow::ensure!(
+        (1..=args.watchers).contains(&args.watch_prefixes),
+        "--watch-prefixes must be between 1 and --watchers"
+    );
+    let load_at_start = bench::load_average();
+    let stack = start_gateway_stack(args, Storage::Memory).await;
+    let gateway = format!("127.0.0.1:{}", stack.gateway_port);
+    let prefixes = args.watch_prefixes;
+    let counters = Arc::new(WatchCounters {
+        start: Instant::now(),
+        latency: Mutex::new(bench::nanosecond_histogram()),
+        delivered: AtomicUsize::new(0),
+        last_delivery: AtomicU64::new(0),
+        lagged: AtomicUsize::new(0),
+        cut_off: AtomicUsize::new(0),
+    });
+    // Watchers on prefix k: those with index % prefixes == k.
+    let mut watching = vec![0usize; prefixes];
+    let mut watchers = Vec::with_capacity(args.watchers);
+    for index in 0..args.watchers {
+        let prefix = index % prefixes;
+        let path = format!("/kv?prefix=w{prefix}/&watch=1");
+        let events = EventStream::connect(&gateway, &path)
+            .await
+            .with_context(|| format!("opening watcher {index}"))?;
+        watching[prefix] += 1;
+        watchers.push(tokio::spawn(prefix_watcher(events, counters.clone())));
+    }
+    // Each stream answered 200 once kv-service opened its watch: all are live.
+    let watching = Arc::new(watching);
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let puts = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
+    let expected = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let first_put = counters.now();
+    let mut in_flight = Vec::with_capacity(puts);
+    for seq in 0..puts {
+        ticker.tick().await;
+        let prefix = seq % prefixes;
+        let url = stack.url(&format!("/kv/w{prefix}/{seq}"));
+        let (http, counters, watching) = (http.clone(), counters.clone(), watching.clone());
+        let (expected, failed) = (expected.clone(), failed.clone());
+        in_flight.push(tokio::spawn(async move {
+            let value = format!("t{}", counters.now());
+            let ok = match http.put(url).body(value).send().await {
+                Ok(response) => response.status() == reqwest::StatusCode::OK,
+                Err(_) => false,
+            };
+            if ok {
+                expected.fetch_add(watching[prefix], Ordering::Relaxed);
+            } else {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for put in in_flight {
+        put.await?;
+    }
+    let puts_done = counters.now();
+    // Then wait for the deliveries, as long as they keep coming (at most a minute).
+    let expected = expected.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (counters.delivered.load(Ordering::Relaxed), Instant::now());
+    loop {
+        let delivered = counters.delivered.load(Ordering::Relaxed);
+        if delivered >= expected || Instant::now() > deadline {
+            break;
+        }
+        if delivered != last.0 {
+            last = (delivered, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let span = counters
+        .last_delivery
+        .load(Ordering::Relaxed)
+        .saturating_sub(first_put)
+        .max(1);
+    let latency = counters.latency.lock().unwrap().clone();
+    println!(
+        "## kv watch delivery ({} prefix watchers over {} prefixes through the gateway, {} puts/s for {:?}, store mem, {} cores)",
+        args.watchers,
+        prefixes,
+        args.rate,
+        args.duration,
+        bench::cores()
+    );
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| puts | {puts} sent in {:.2} s ({:.0}/s), {} failed |",
+        bench::ms(puts_done - first_put) / 1000.0,
+        puts as f64 / (bench::ms(puts_done - first_put) / 1000.0),
+        failed.load(Ordering::Relaxed)
+    );
+    println!(
+        "| events delivered | {delivered} of {expected} expected; {} lost |",
+        expected.saturating_sub(delivered)
+    );
+    println!(
+        "| deliveries/s | {:.0} (first put to last event: {:.2} s) |",
+        delivered as f64 / (span as f64 / 1e9),
+        span as f64 / 1e9
+    );
+    bench::print_latency_row("put-to-event", &latency);
+    println!(
+        "| streams ended early | {} by kv-service (`lagged`), {} by the gateway (`error`) |",
+        counters.lagged.load(Ordering::Relaxed),
+        counters.cut_off.load(Ordering::Relaxed)
+    );
+    println!(
+        "| load average (1 min) at start / end | {load_at_start} / {} |",
+        bench::load_average()
+    );
+    for watcher in watchers {
+        watcher.abort();
+    }
+    drop(stack);
+    Ok(())
+}
+
+/// One phase's outcome over all clients.
+#[derive(Default)]
+struct PhaseFigures {
+    /// Requests answered 200 whose work was done (a transaction that succeeded, a put).
+    succeeded: usize,
+    /// Transactions answered 200 whose compare failed.
+    compare_failed: usize,
+    /// Requests answered with another status, or not at all.
+    errors: usize,
+    elapsed: Duration,
+    latency: Option<Histogram<u64>>,
+}
+
+impl PhaseFigures {
+    fn per_sec(&self) -> f64 {
+        self.succeeded as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn ms_at(&self, quantile: f64) -> f64 {
+        self.latency
+            .as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(quantile) as f64 / 1000.0)
+    }
+}
+
+/// What one client reports of a phase.
+struct ClientFigures {
+    succeeded: usize,
+    compare_failed: usize,
+    errors: usize,
+    latency: Histogram<u64>,
+}
+
+/// The versions a transaction's results show for its two keys (`put` after success, `get`
+/// after failure).
+fn result_versions(answer: &serde_json::Value) -> Option<(i64, i64)> {
+    let version = |i: usize| -> Option<i64> {
+        let result = &answer["results"][i];
+        result["put"]["version"]
+            .as_i64()
+            .or_else(|| result["get"]["version"].as_i64())
+    };
+    Some((version(0)?, version(1)?))
+}
+
+/// One txn client: on its keys `t{client}/a` and `t{client}/b`, compares both versions and puts
+/// both until `until`.
+async fn txn_client(
+    http: reqwest::Client,
+    base: String,
+    client: usize,
+    until: Instant,
+) -> anyhow::Result<ClientFigures> {
+    let (a, b) = (format!("t{client}/a"), format!("t{client}/b"));
+    let mut versions = (0, 0);
+    for (key, version) in [(&a, &mut versions.0), (&b, &mut versions.1)] {
+        let answer: serde_json::Value = http
+            .put(format!("{base}/kv/{key}"))
+            .body("0")
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        *version = answer["version"].as_i64().context("no version")?;
+    }
+    let mut figures = ClientFigures {
+        succeeded: 0,
+        compare_failed: 0,
+        errors: 0,
+        latency: bench::microsecond_histogram(),
+    };
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let body = serde_json::json!({
+            "compare": [{"key": a, "version": versions.0}, {"key": b, "version": versions.1}],
+            "success": [{"put": {"key": a, "value": n.to_string()}}, {"put": {"key": b, "value": n.to_string()}}],
+            "failure": [{"get": {"key": a}}, {"get": {"key": b}}],
+        });
+        let sent = Instant::now();
+        let answer = match http.post(format!("{base}/txn")).json(&body).send().await {
+            Ok(response) if response.status() == reqwest::StatusCode::OK => {
+                response.json::<serde_json::Value>().await.ok()
+            }
+            _ => None,
+        };
+        figures
+            .latency
+            .saturating_record(sent.elapsed().as_micros() as u64);
+        match answer {
+            Some(answer) => {
+                if answer["succeeded"] == true {
+                    figures.succeeded += 1;
+                } else {
+                    figures.compare_failed += 1;
+                }
+                versions = result_versions(&answer).context("a transaction without versions")?;
+            }
+            None => figures.errors += 1,
+        }
+    }
+    Ok(figures)
+}
+
+/// One put client: puts `p{client}` until `until`.
+async fn put_client(
+    http: reqwest::Client,
+    base: String,
+    client: usize,
+    until: Instant,
+) -> anyhow::Result<ClientFigures> {
+    let url = format!("{base}/kv/p{client}");
+    let mut figures = ClientFigures {
+        succeeded: 0,
+        compare_failed: 0,
+        errors: 0,
+        latency: bench::microsecond_histogram(),
+    };
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let sent = Instant::now();
+        let ok = match http.put(&url).body(n.to_string()).send().await {
+            Ok(response) => {
+                let ok = response.status() == reqwest::StatusCode::OK;
+                let _ = response.bytes().await;
+                ok
+            }
+            Err(_) => false,
+        };
+        figures
+            .latency
+            .saturating_record(sent.elapsed().as_micros() as u64);
+        if ok {
+            figures.succeeded += 1;
+        } else {
+            figures.errors += 1;
+        }
+    }
+    Ok(figures)
+}
+
+/// Runs `--connections` clients of one kind for `--duration` and sums their figures.
+async fn run_phase<F, Fut>(args: &Args, stack: &Stack, client: F) -> anyhow::Result<PhaseFigures>
+where
+    F: Fn(reqwest::Client, String, usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ClientFigures>> + Send + 'static,
+{
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let started = Instant::now();
+    let until = started + args.duration;
+    let clients: Vec<_> = (0..args.connections)
+        .map(|index| tokio::spawn(client(http.clone(), stack.url(""), index, until)))
+        .collect();
+    let mut figures = PhaseFigures::default();
+    let mut latency = bench::microsecond_histogram();
+    for client in clients {
+        let done = client.await??;
+        figures.succeeded += done.succeeded;
+        figures.compare_failed += done.compare_failed;
+        figures.errors += done.errors;
+        latency.add(&done.latency)?;
+    }
+    figures.elapsed = started.elapsed();
+    figures.latency = Some(latency);
+    Ok(figures)
+}
+
+/// txn: see the module doc.
+async fn measure_txn(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    let load_at_start = bench::load_average();
+    let mut rows = Vec::new();
+    for store in &args.stores {
+        let mut postgres = None;
+        let storage = match store.as_str() {
+            "mem" => Storage::Memory,
+            "sqlite" => Storage::Sqlite,
+            "postgres" => match shared::testing::TestPostgres::start().await {
+                Some(server) => {
+                    let storage = Storage::postgres(&server).await;
+                    postgres = Some(server);
+                    storage
+                }
+                None => {
+                    println!("postgres: no PostgreSQL server could be started; skipped");
+                    continue;
+                }
+            },
+            other => bail!("unknown store {other:?}: use mem, sqlite or postgres"),
+        };
+        let mut stack = start_gateway_stack(args, storage).await;
+        let txn = run_phase(args, &stack, txn_client).await?;
+        let put = run_phase(args, &stack, put_client).await?;
+        for replica in &mut stack.kv {
+            replica.process.check_running()?;
+        }
+        drop(stack);
+        drop(postgres);
+        rows.push((store.clone(), txn, put));
+    }
+    println!(
+        "## kv transactions through the gateway ({} clients, {:?} per phase, {} cores)",
+        args.connections,
+        args.duration,
+        bench::cores()
+    );
+    println!();
+    println!("| store | txn/s | txn p50 ms | txn p99 ms | succeeded | compare failed | errors | put/s | put p50 ms | put p99 ms | put errors | txn/s : put/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (store, txn, put) in &rows {
+        println!(
+            "| {store} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.2} |",
+            txn.per_sec(),
+            txn.ms_at(0.5),
+            txn.ms_at(0.99),
+            txn.succeeded,
+            txn.compare_failed,
+            txn.errors,
+            put.per_sec(),
+            put.ms_at(0.5),
+            put.ms_at(0.99),
+            put.errors,
+            txn.per_sec() / put.per_sec()
+        );
+    }
+    println!();
+    println!(
+        "load average (1 min) at start / end: {load_at_start} / {}",
+        bench::load_average()
+    );
+    Ok(())
 }

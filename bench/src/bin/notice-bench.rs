@@ -114,14 +114,6 @@ fn rss_kib(process: &Process) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-/// The 1-minute load average: the machine is shared, so every result carries it.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
 /// What the subscribers share with the publisher.
 struct Shared {
     start: Instant,
@@ -311,10 +303,6 @@ async fn wait_delivered(shared: &Shared, expected: usize, bound: Duration) -> Op
     }
 }
 
-fn ms(nanos: u64) -> f64 {
-    nanos as f64 / 1e6
-}
-
 /// Resident memory of notice-service and the gateway at one moment.
 #[derive(Debug, Clone, Copy)]
 struct Memory {
@@ -403,7 +391,7 @@ impl<'a> FanOut<'a> {
         };
         let paced_count = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
         let total = paced_count + args.burst as usize;
-        let histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let histogram = bench::nanosecond_histogram();
         Ok(FanOut {
             args,
             publisher,
@@ -569,7 +557,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn fan_out(args: Args) -> anyhow::Result<()> {
-    let load_at_start = load_average();
+    let load_at_start = bench::load_average();
     let stack = start_stack(&args).await?;
     let notice = stack
         .notice
@@ -627,7 +615,7 @@ fn print_report(args: &Args, report: &Report) {
     println!(
         "| load average (1 min) at start / end | {} / {} |",
         report.load_at_start,
-        load_average()
+        bench::load_average()
     );
     println!(
         "| streams ended early | {} by notice-service (`lagged`), {} by the gateway (`error`) |",
@@ -670,7 +658,7 @@ fn print_paced_rows(args: &Args, paced: &PacedFigures) {
         paced.expected,
         if paced.complete { "" } else { " (timed out)" }
     );
-    print_latency_row("paced: publish-to-delivery", &paced.latency);
+    bench::print_latency_row("paced: publish-to-delivery", &paced.latency);
 }
 
 fn print_burst_rows(args: &Args, burst: &BurstFigures) {
@@ -688,17 +676,7 @@ fn print_burst_rows(args: &Args, burst: &BurstFigures) {
         burst.delivered as f64 / burst.elapsed.as_secs_f64(),
         if burst.complete { "" } else { " (incomplete)" }
     );
-    print_latency_row("burst: publish-to-delivery", &burst.latency);
-}
-
-/// One latency row; `measure` says from what to what ("paced: publish-to-delivery").
-fn print_latency_row(measure: &str, latency: &Histogram<u64>) {
-    println!(
-        "| {measure} latency | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
-        ms(latency.value_at_quantile(0.5)),
-        ms(latency.value_at_quantile(0.99)),
-        ms(latency.max())
-    );
+    bench::print_latency_row("burst: publish-to-delivery", &burst.latency);
 }
 
 /// When each churning subscriber asked to join and when it went away, in nanoseconds since the
@@ -747,7 +725,7 @@ async fn presence_watcher(
 
 /// presence-churn: see the module doc.
 async fn presence_churn(args: Args) -> anyhow::Result<()> {
-    let load_at_start = load_average();
+    let load_at_start = bench::load_average();
     let stack = start_stack(&args).await?;
     let gateway = format!("127.0.0.1:{}", stack.gateway_port);
     let joiners = (args.churn_rate as f64 * args.duration.as_secs_f64()).round() as usize;
@@ -756,9 +734,9 @@ async fn presence_churn(args: Args) -> anyhow::Result<()> {
         joined_at: (0..joiners).map(|_| AtomicU64::new(0)).collect(),
         left_at: (0..joiners).map(|_| AtomicU64::new(0)).collect(),
     });
-    let histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3);
-    let joins = Arc::new(std::sync::Mutex::new(histogram()?));
-    let leaves = Arc::new(std::sync::Mutex::new(histogram()?));
+    let histogram = bench::nanosecond_histogram;
+    let joins = Arc::new(std::sync::Mutex::new(histogram()));
+    let leaves = Arc::new(std::sync::Mutex::new(histogram()));
     let delivered = Arc::new(AtomicUsize::new(0));
     let mut watchers = Vec::with_capacity(args.subscribers);
     for _ in 0..args.subscribers {
@@ -822,11 +800,11 @@ async fn presence_churn(args: Args) -> anyhow::Result<()> {
         expected,
         refused
     );
-    print_latency_row("join: request-to-event", &joins);
-    print_latency_row("leave: disconnect-to-event", &leaves);
+    bench::print_latency_row("join: request-to-event", &joins);
+    bench::print_latency_row("leave: disconnect-to-event", &leaves);
     println!(
         "| load average (1 min) at start / end | {load_at_start} / {} |",
-        load_average()
+        bench::load_average()
     );
     for watcher in watchers {
         watcher.abort();
@@ -837,7 +815,7 @@ async fn presence_churn(args: Args) -> anyhow::Result<()> {
 
 /// udp: see the module doc.
 async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
-    let load_at_start = load_average();
+    let load_at_start = bench::load_average();
     let bin_dir = args.bin_dir.clone().unwrap_or_else(e2e::bin_dir);
     let (packet_port, udp_port) = (e2e::free_port(), e2e::free_port());
     let service_args: Vec<String> = [
@@ -865,11 +843,7 @@ async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
 
     let total = args.burst.max(1) as usize;
     let shared = Arc::new(Shared::new(total));
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        60_000_000_000,
-        3,
-    )?));
+    let histogram = Arc::new(std::sync::Mutex::new(bench::nanosecond_histogram()));
     let mut receivers = Vec::with_capacity(args.subscribers);
     for index in 0..args.subscribers {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
@@ -943,10 +917,10 @@ async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
         delivered as f64 / elapsed.as_secs_f64(),
         expected.saturating_sub(delivered)
     );
-    print_latency_row("publish-to-datagram", &latency);
+    bench::print_latency_row("publish-to-datagram", &latency);
     println!(
         "| load average (1 min) at start / end | {load_at_start} / {} |",
-        load_average()
+        bench::load_average()
     );
     for receiver in receivers {
         receiver.abort();
