@@ -47,7 +47,8 @@ struct Args {
     #[arg(long, env = "KV_ADVERTISE_HOST")]
     advertise_host: Option<String>,
     /// Changes the change log keeps, so that watchers can resume from any of their revisions;
-    /// one resuming from further back gets a `reset` event.
+    /// one resuming from further back gets a `reset` event. The memory store's log also keeps
+    /// at most 64 MiB of keys and values.
     #[arg(long, env = "KV_HISTORY", default_value_t = kv_service::store::DEFAULT_HISTORY, value_parser = clap::value_parser!(u64).range(1..))]
     history: u64,
     /// A watcher that falls this many revisions further behind the newest one than it has been

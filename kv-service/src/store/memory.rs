@@ -38,6 +38,16 @@ pub struct MemoryStore {
     state: Mutex<State>,
 }
 
+/// The most bytes of keys and values the change log holds, whatever `--history` says: values
+/// may be 1 MiB each, and `--history` copies of one need not fit in memory. Beyond it the oldest
+/// changes go, as beyond `--history`, and a watcher resuming from before them gets a `reset`.
+pub const HISTORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// What a change costs the log: its key and value, and the bookkeeping beside them.
+fn change_bytes(change: &Change) -> usize {
+    change.key.len() + change.value.as_ref().map_or(0, String::len) + size_of::<Change>()
+}
+
 /// One key and its row in one allocation, laid out as
 /// `header (u16 LE) | key | version (i64 LE) | revision (i64 LE) | [expires_at (i64 LE)] | value`,
 /// where the header holds the key's length and, in its top bit, whether an expiry follows.
@@ -167,6 +177,10 @@ struct State {
     log: VecDeque<Change>,
     /// Changes the log keeps at most.
     history: usize,
+    /// Bytes of keys and values the log keeps at most.
+    history_bytes: usize,
+    /// Bytes of keys and values in the log now.
+    log_bytes: usize,
     revision: i64,
     /// The highest revision dropped from the log.
     compacted: i64,
@@ -183,14 +197,20 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// A store whose change log keeps the newest `history` changes.
+    /// A store whose change log keeps the newest `history` changes, within [`HISTORY_BYTES`].
     pub fn with_history(history: u64) -> Self {
+        Self::with_limits(history, HISTORY_BYTES)
+    }
+
+    fn with_limits(history: u64, history_bytes: usize) -> Self {
         MemoryStore {
             state: Mutex::new(State {
                 entries: BTreeSet::new(),
                 expiries: BTreeSet::new(),
                 log: VecDeque::new(),
                 history: usize::try_from(history).unwrap_or(usize::MAX),
+                history_bytes,
+                log_bytes: 0,
                 revision: 0,
                 compacted: 0,
             }),
@@ -211,6 +231,7 @@ impl State {
 
     fn drop_oldest_change(&mut self) {
         if let Some(oldest) = self.log.pop_front() {
+            self.log_bytes -= change_bytes(&oldest);
             self.compacted = self.compacted.max(oldest.revision);
         }
     }
@@ -342,8 +363,9 @@ impl Rows for State {
     }
 
     async fn record(&mut self, _seq: i64, change: Change) -> Result<(), StoreError> {
+        self.log_bytes += change_bytes(&change);
         self.log.push_back(change);
-        while self.log.len() > self.history {
+        while self.log.len() > self.history || self.log_bytes > self.history_bytes {
             self.drop_oldest_change();
         }
         Ok(())
@@ -403,6 +425,34 @@ mod tests {
         }
         let longest = "k".repeat(crate::core::MAX_KEY_BYTES);
         assert_eq!(Entry::new(&longest, &row("v", Some(1))).key(), longest);
+    }
+
+    #[test]
+    fn the_change_log_is_bounded_by_bytes_as_well_as_by_count() {
+        let change_size = change_bytes(&change(1, 1_000));
+        let store = MemoryStore::with_limits(1_000, 10 * change_size);
+        let mut state = store.lock();
+        for revision in 1..=100 {
+            state
+                .record(0, change(revision, 1_000))
+                .now_or_never()
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(state.log.len(), 10);
+        assert_eq!(state.log_bytes, 10 * change_size);
+        assert_eq!(state.compacted, 90);
+        assert_eq!(state.log.front().map(|change| change.revision), Some(91));
+    }
+
+    fn change(revision: i64, value_bytes: usize) -> Change {
+        Change {
+            revision,
+            kind: super::super::ChangeKind::Put,
+            key: "k".into(),
+            value: Some("v".repeat(value_bytes)),
+            version: revision,
+        }
     }
 
     #[test]
