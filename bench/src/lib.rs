@@ -60,6 +60,15 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The markdown table row of the load average at a run's start (`at_start`, from
+/// [`load_average`]) and now.
+pub fn print_load_row(at_start: &str) {
+    println!(
+        "| load average (1 min) at start / end | {at_start} / {} |",
+        load_average()
+    );
+}
+
 /// Nanoseconds as milliseconds.
 pub fn ms(nanos: u64) -> f64 {
     nanos as f64 / 1e6

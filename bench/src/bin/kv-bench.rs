@@ -1109,10 +1109,7 @@ async fn measure_watch(args: &Args) -> anyhow::Result<()> {
         counters.lagged.load(Ordering::Relaxed),
         counters.cut_off.load(Ordering::Relaxed)
     );
-    println!(
-        "| load average (1 min) at start / end | {load_at_start} / {} |",
-        bench::load_average()
-    );
+    bench::print_load_row(&load_at_start);
     for watcher in watchers {
         watcher.abort();
     }
@@ -1153,6 +1150,17 @@ struct ClientFigures {
     latency: Histogram<u64>,
 }
 
+impl ClientFigures {
+    fn empty() -> ClientFigures {
+        ClientFigures {
+            succeeded: 0,
+            compare_failed: 0,
+            errors: 0,
+            latency: bench::microsecond_histogram(),
+        }
+    }
+}
+
 /// The versions a transaction's results show for its two keys (`put` after success, `get`
 /// after failure).
 fn result_versions(answer: &serde_json::Value) -> Option<(i64, i64)> {
@@ -1186,12 +1194,7 @@ async fn txn_client(
             .await?;
         *version = answer["version"].as_i64().context("no version")?;
     }
-    let mut figures = ClientFigures {
-        succeeded: 0,
-        compare_failed: 0,
-        errors: 0,
-        latency: bench::microsecond_histogram(),
-    };
+    let mut figures = ClientFigures::empty();
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
@@ -1233,12 +1236,7 @@ async fn put_client(
     until: Instant,
 ) -> anyhow::Result<ClientFigures> {
     let url = format!("{base}/kv/p{client}");
-    let mut figures = ClientFigures {
-        succeeded: 0,
-        compare_failed: 0,
-        errors: 0,
-        latency: bench::microsecond_histogram(),
-    };
+    let mut figures = ClientFigures::empty();
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;

@@ -612,11 +612,7 @@ fn print_report(args: &Args, report: &Report) {
         print_burst_rows(args, burst);
     }
     println!("| failed publishes | {} |", report.failed);
-    println!(
-        "| load average (1 min) at start / end | {} / {} |",
-        report.load_at_start,
-        bench::load_average()
-    );
+    bench::print_load_row(&report.load_at_start);
     println!(
         "| streams ended early | {} by notice-service (`lagged`), {} by the gateway (`error`) |",
         report.lagged, report.cut_off
@@ -802,10 +798,7 @@ async fn presence_churn(args: Args) -> anyhow::Result<()> {
     );
     bench::print_latency_row("join: request-to-event", &joins);
     bench::print_latency_row("leave: disconnect-to-event", &leaves);
-    println!(
-        "| load average (1 min) at start / end | {load_at_start} / {} |",
-        bench::load_average()
-    );
+    bench::print_load_row(&load_at_start);
     for watcher in watchers {
         watcher.abort();
     }
@@ -918,10 +911,7 @@ async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
         expected.saturating_sub(delivered)
     );
     bench::print_latency_row("publish-to-datagram", &latency);
-    println!(
-        "| load average (1 min) at start / end | {load_at_start} / {} |",
-        bench::load_average()
-    );
+    bench::print_load_row(&load_at_start);
     for receiver in receivers {
         receiver.abort();
     }
