@@ -97,32 +97,8 @@ impl EventStream {
     /// writes each event as one chunk, so a chunk-size line only ever stands between events, and
     /// a line without a field name is ignored like any unknown field.
     pub async fn connect(addr: &str, path: &str) -> anyhow::Result<EventStream> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut socket = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        socket.set_nodelay(true)?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
-        socket.write_all(request.as_bytes()).await?;
-        let mut head = Vec::with_capacity(1024);
-        let end = loop {
-            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            if socket.read_buf(&mut head).await? == 0 {
-                bail!("GET {path}: the connection closed before the response head");
-            }
-        };
-        let status_line = String::from_utf8_lossy(&head[..end])
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        if !status_line.starts_with("HTTP/1.1 200") {
-            bail!("GET {path}: {status_line}");
-        }
-        let rest = bytes::Bytes::copy_from_slice(&head[end + 4..]);
+        use tokio::io::AsyncReadExt;
+        let (socket, rest) = open_socket(addr, path).await?;
         let body = futures::stream::unfold(Some(socket), |socket| async move {
             let mut socket = socket?;
             let mut chunk = bytes::BytesMut::with_capacity(4096);
@@ -132,6 +108,7 @@ impl EventStream {
                 Err(err) => Some((Err(err.into()), None)),
             }
         });
+        let rest = bytes::Bytes::from(rest);
         Ok(EventStream::reading(
             futures::stream::once(async move { Ok(rest) })
                 .chain(body)
@@ -198,6 +175,41 @@ impl EventStream {
         .await
         .context("the stream did not end in time")?
     }
+}
+
+/// Sends `GET path` with `Accept: text/event-stream` to the HTTP/1.1 server at `addr`
+/// (`host:port`) over a plain socket and checks that the answer is `200`. Returns the socket
+/// and the body bytes that arrived with the head, for a reader of its own.
+pub async fn open_socket(
+    addr: &str,
+    path: &str,
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    socket.set_nodelay(true)?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    socket.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(1024);
+    let end = loop {
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        if socket.read_buf(&mut head).await? == 0 {
+            bail!("GET {path}: the connection closed before the response head");
+        }
+    };
+    let status_line = String::from_utf8_lossy(&head[..end])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if !status_line.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {status_line}");
+    }
+    Ok((socket, head.split_off(end + 4)))
 }
 
 /// The event in `block`, if it has one, and how many comment lines it had.

@@ -203,11 +203,14 @@ async fn forward_to(
     traceparent: Option<String>,
 ) -> Result<Response, ProxyError> {
     let params = request_params(parts, body, rest, state.config.max_body).await?;
+    let stream = accepts_event_stream(&parts.headers);
     let packet = Packet {
         uri: route.path.clone(),
         method: method.to_owned(),
         params: Value::Object(params),
-        stream: accepts_event_stream(&parts.headers),
+        stream,
+        // The client hands each stream its own copy of a multicast event.
+        multicast: stream,
         request_id: Some(request_id.to_owned()),
         auth: Some(caller.identity),
         traceparent,

@@ -10,18 +10,26 @@
 //!
 //! The relay owns the node-side [`ResponseStream`]: when the HTTP client goes away, hyper drops
 //! the body, the body drops the relay, and dropping the stream sends the node the cancel packet
-//! that frees the subscription. Idle streams get a comment line every
-//! [`crate::Config::keep_alive`]; the gateway's shutdown ends every stream, so that graceful
-//! shutdown never waits on a subscription that would never end by itself.
+//! that frees the subscription. A stream that sent nothing for a whole
+//! [`crate::Config::keep_alive`] period gets a comment line; the gateway's shutdown ends every
+//! stream, so that graceful shutdown never waits on a subscription that would never end by
+//! itself.
+//!
+//! Each event is written out here, straight into one buffer, rather than through axum's `Sse`:
+//! a notice goes to thousands of streams at once, and the keep-alive is a timer that ticks on
+//! its own instead of one moved forward after every event of every stream.
 
-use std::convert::Infallible;
+use std::{convert::Infallible, time::Duration};
 
-use axum::response::{
-    sse::{Event, KeepAlive, Sse},
-    IntoResponse, Response,
+use axum::{
+    body::Body,
+    http::header,
+    response::{IntoResponse, Response},
 };
+use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Value};
 use shared::{ClientError, Packet, RawParams, ResponseStream};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -35,6 +43,9 @@ struct Relay {
     /// `None` once the stream has ended.
     answers: Option<ResponseStream<RawParams>>,
     shutdown: CancellationToken,
+    keep_alive: Interval,
+    /// Whether an event went out since the keep-alive last ticked.
+    sent_since_tick: bool,
     _open: GaugeGuard,
 }
 
@@ -44,19 +55,29 @@ pub(crate) fn respond(
     answers: Option<ResponseStream<RawParams>>,
     state: &AppState,
 ) -> Response {
+    let period = state.config.keep_alive.max(Duration::from_millis(1));
+    let mut keep_alive = tokio::time::interval_at(Instant::now() + period, period);
+    keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let relay = Relay {
         first: first.map(Box::new),
         answers,
         shutdown: state.shutdown.clone(),
+        keep_alive,
+        sent_since_tick: false,
         _open: state.metrics.open_stream(),
     };
     let events = futures::stream::unfold(relay, next_event);
-    Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(state.config.keep_alive))
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
         .into_response()
 }
 
-async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Relay)> {
+async fn next_event(mut relay: Relay) -> Option<(Result<Bytes, Infallible>, Relay)> {
     loop {
         let answer = match relay.first.take() {
             Some(first) => Ok(*first),
@@ -68,6 +89,12 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Rela
                         return None;
                     }
                     answer = answers.next() => answer?,
+                    _ = relay.keep_alive.tick() => {
+                        if std::mem::take(&mut relay.sent_since_tick) {
+                            continue;
+                        }
+                        return Some((Ok(Bytes::from_static(b":\n\n")), relay));
+                    }
                 }
             }
         };
@@ -96,52 +123,67 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Event, Infallible>, Rela
                 error_event("the service's connection closed", 502)
             }
         };
+        relay.sent_since_tick = true;
         return Some((Ok(event), relay));
     }
 }
 
-/// One event packet as an SSE event.
-fn to_event(packet: Packet<RawParams>) -> Event {
-    // Fields are written in the order they are set: `id` and `event` first, as people expect.
-    let mut event = Event::default();
-    if let Some(id) = packet.id {
-        let id = match id {
-            Value::String(id) => id,
-            other => other.to_string(),
-        };
-        // A line break would end the field early and let the id forge other fields.
-        if is_field_safe(&id) {
-            event = event.id(id);
-        } else {
+/// One event packet as an SSE event: `id:`, `event:` and `data:` lines and a blank line.
+fn to_event(packet: Packet<RawParams>) -> Bytes {
+    let id = packet.id.map(|id| match id {
+        Value::String(id) => id,
+        other => other.to_string(),
+    });
+    // A line break would end a field early and let the id or name forge other fields.
+    let id = id.filter(|id| {
+        let safe = is_field_safe(id);
+        if !safe {
             warn!(?id, "event id with a line break or NUL; sent without it");
         }
-    }
-    if let Some(name) = packet.event {
-        if is_field_safe(&name) {
-            event = event.event(name);
-        } else {
+        safe
+    });
+    let name = packet.event.filter(|name| {
+        let safe = is_field_safe(name);
+        if !safe {
             warn!(
                 ?name,
                 "event name with a line break or NUL; sent without it"
             );
         }
-    }
+        safe
+    });
     let data = packet.params.get();
     if data.contains(['\n', '\r']) {
         // A node that pretty-printed its params: written out again on one line, as documented.
-        return event
-            .json_data(packet.params.to_value())
-            .expect("a JSON value always serializes");
+        let data = packet.params.to_value().to_string();
+        return event_bytes(id.as_deref(), name.as_deref(), &data);
     }
     // The node's JSON text as it is, without parsing it into values and writing it out again.
-    event.data(data)
+    event_bytes(id.as_deref(), name.as_deref(), data)
 }
 
-fn error_event(message: &str, status: u16) -> Event {
-    Event::default()
-        .event("error")
-        .json_data(json!({ "error": message, "status": status }))
-        .expect("a JSON value always serializes")
+fn error_event(message: &str, status: u16) -> Bytes {
+    let data = json!({ "error": message, "status": status }).to_string();
+    event_bytes(None, Some("error"), &data)
+}
+
+/// The text of one event; `data` holds no line break.
+fn event_bytes(id: Option<&str>, name: Option<&str>, data: &str) -> Bytes {
+    let fields = [("id: ", id), ("event: ", name), ("data: ", Some(data))];
+    let len = fields
+        .iter()
+        .map(|(field, value)| value.map_or(0, |value| field.len() + value.len() + 1))
+        .sum::<usize>();
+    let mut text = BytesMut::with_capacity(len + 1);
+    for (field, value) in fields {
+        if let Some(value) = value {
+            text.put_slice(field.as_bytes());
+            text.put_slice(value.as_bytes());
+            text.put_u8(b'\n');
+        }
+    }
+    text.put_u8(b'\n');
+    text.freeze()
 }
 
 fn is_field_safe(value: &str) -> bool {

@@ -17,6 +17,7 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use serde::Serialize;
+use shared::service::StreamAddress;
 
 use crate::{
     hub::{EndReason, Live, Subscription},
@@ -77,6 +78,9 @@ pub struct Feed {
     replay_after: Option<i64>,
     page: VecDeque<Notice>,
     last_sent: i64,
+    /// Where the hub may send live notices itself once the replay is over (see
+    /// [`Subscription::go_direct`]); `None` once it does, or if the caller takes no multicast.
+    address: Option<StreamAddress>,
 }
 
 impl Feed {
@@ -88,7 +92,14 @@ impl Feed {
             replay_after: after,
             page: VecDeque::new(),
             last_sent: after.unwrap_or(0),
+            address: None,
         }
+    }
+
+    /// Once the replay is over and everything live so far has been handed out, the hub sends
+    /// this feed's notices to `address` itself: [`Feed::next`] then only says how it ended.
+    pub fn go_direct_when_caught_up(&mut self, address: Option<StreamAddress>) {
+        self.address = address;
     }
 
     pub fn subscription(&self) -> &Subscription {
@@ -97,7 +108,7 @@ impl Feed {
 
     /// The id of the last notice handed out (or the replay start), where a client resumes.
     pub fn last_sent(&self) -> i64 {
-        self.last_sent
+        self.last_sent.max(self.subscription.last_direct_id())
     }
 
     /// The next notice, replayed or live, or a live presence event. Presence is never
@@ -131,6 +142,11 @@ impl Feed {
                 };
                 self.page = page.into();
                 continue;
+            }
+            if let Some(address) = &self.address {
+                if self.subscription.go_direct(address, self.last_sent) {
+                    self.address = None;
+                }
             }
             match self.subscription.recv().await.map_err(FeedEnd::Ended)? {
                 Live::Notice(notice) if notice.id <= self.last_sent => {}

@@ -19,13 +19,21 @@
 //! PostgreSQL, which decides them once for all (see `cluster`), and the hub only relays them.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+    },
 };
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
+use shared::{
+    service::{multicast, Event, StreamAddress},
+    RawParams,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -161,6 +169,27 @@ pub enum Live {
     Presence(Arc<PresenceEvent>),
 }
 
+impl Live {
+    /// The event a stream carries it as. Presence has no id: it is not part of the sequence a
+    /// client resumes from.
+    pub fn event(&self) -> Event<Cow<'_, RawParams>> {
+        match self {
+            Live::Notice(notice) => Event {
+                id: Some(notice.id.into()),
+                event: Some("notice".into()),
+                data: Cow::Borrowed(&notice.json),
+            },
+            Live::Presence(presence) => Event {
+                id: None,
+                event: Some(presence.kind.event_name().into()),
+                data: Cow::Owned(
+                    RawParams::to_raw(&presence.data()).expect("presence always serializes"),
+                ),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("too many subscribers ({0}), try again later")]
@@ -179,6 +208,9 @@ pub enum SubscribeError {
 struct Ending {
     reason: OnceLock<EndReason>,
     token: CancellationToken,
+    /// The last notice the hub sent a direct subscription itself, set when it is removed: where
+    /// its client resumes.
+    last_direct_id: AtomicI64,
 }
 
 impl Ending {
@@ -193,6 +225,17 @@ struct Entry {
     membership: Membership,
     sender: mpsc::Sender<Live>,
     ending: Arc<Ending>,
+    /// Set once the subscription's task has caught up (see [`Subscription::go_direct`]).
+    direct: Option<Direct>,
+}
+
+/// A subscription the hub sends to itself, multicast with the others of its connection,
+/// instead of through its task.
+struct Direct {
+    address: StreamAddress,
+    /// The last notice id its stream got: a notice not above it (stored before the task's
+    /// replay read it, fanned out only now) was sent already.
+    last_sent: AtomicI64,
 }
 
 #[derive(Default)]
@@ -254,6 +297,13 @@ impl HubState {
             let before = self.topics_of(present.info.name.as_deref());
             let entry = self.subscribers.remove(&id).expect("just found");
             crate::metrics::count_subscribers(-1);
+            if let Some(direct) = &entry.direct {
+                let last_sent = direct.last_sent.load(Ordering::Relaxed);
+                entry
+                    .ending
+                    .last_direct_id
+                    .store(last_sent, Ordering::Relaxed);
+            }
             let name = entry.info.name.as_deref();
             for topic in &entry.info.topics {
                 remove_from_index(&mut self.by_topic, topic, id);
@@ -329,20 +379,51 @@ impl HubState {
         self.offer(ids, &Live::Presence(event), delivery)
     }
 
+    /// Hands `item` to the subscriptions `ids`: through the task of each one still catching
+    /// up, and multicast to the direct ones. Returns those that lagged (not yet removed): a full
+    /// buffer, or a connection whose queue was full.
     fn offer<'a>(
         &self,
         ids: impl Iterator<Item = &'a u64>,
         item: &Live,
         delivery: &mut Delivery,
     ) -> Vec<u64> {
+        let notice_id = match item {
+            Live::Notice(notice) => Some(notice.id),
+            Live::Presence(_) => None,
+        };
         let mut lagged = Vec::new();
+        let mut direct = Vec::new();
         for id in ids {
-            match self.subscribers[id].sender.try_send(item.clone()) {
+            let entry = &self.subscribers[id];
+            if let Some(to) = &entry.direct {
+                if notice_id.is_none_or(|notice| notice > to.last_sent.load(Ordering::Relaxed)) {
+                    direct.push((*id, to));
+                }
+                continue;
+            }
+            match entry.sender.try_send(item.clone()) {
                 Ok(()) => delivery.delivered += 1,
                 // Closed means the subscription is being dropped right now; its guard removes it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => lagged.push(*id),
             }
+        }
+        if !direct.is_empty() {
+            let missed = multicast(
+                direct.iter().map(|(id, to)| (*id, &to.address)),
+                &item.event(),
+            );
+            delivery.delivered += direct.len() - missed.len();
+            if let Some(notice_id) = notice_id {
+                let missed: HashSet<u64> = missed.iter().copied().collect();
+                for (id, to) in &direct {
+                    if !missed.contains(id) {
+                        to.last_sent.store(notice_id, Ordering::Relaxed);
+                    }
+                }
+            }
+            lagged.extend(missed);
         }
         delivery.lagged += lagged.len();
         lagged
@@ -448,6 +529,7 @@ impl Hub {
             membership,
             sender,
             ending: ending.clone(),
+            direct: None,
         };
         let (id, _) = self.change(|state, changes| {
             if state.shut_down {
@@ -632,6 +714,37 @@ impl Subscription {
         self.end_reason().unwrap_or(EndReason::Shutdown)
     }
 
+    /// From now on, lets the hub send this subscription's live notices and presence events
+    /// to `address` itself, multicast with the other direct subscriptions of its connection,
+    /// rather than wake this subscription's task for each. `last_sent` is the last notice id
+    /// its stream got. Only once the task has queued everything it received: refused (false)
+    /// while its buffer holds anything, since a notice multicast now would overtake those.
+    /// [`Subscription::recv`] then only tells how the subscription ended.
+    pub fn go_direct(&self, address: &StreamAddress, last_sent: i64) -> bool {
+        if !self.receiver.is_empty() {
+            return false;
+        }
+        let mut state = self.hub.state();
+        // Offers are made under this lock, so the buffer cannot fill between check and switch.
+        let Some(entry) = state.subscribers.get_mut(&self.id) else {
+            return false;
+        };
+        if !self.receiver.is_empty() {
+            return false;
+        }
+        entry.direct = Some(Direct {
+            address: address.clone(),
+            last_sent: AtomicI64::new(last_sent),
+        });
+        true
+    }
+
+    /// The last notice id the hub sent this subscription directly, once it has ended; 0 if it
+    /// never did.
+    pub fn last_direct_id(&self) -> i64 {
+        self.ending.last_direct_id.load(Ordering::Relaxed)
+    }
+
     /// The next live notice or presence event. A kicked or shut-down subscription stops at
     /// once; a lagged one first hands out what its buffer still holds, so the client resumes
     /// from a later id.
@@ -681,6 +794,101 @@ mod tests {
             Live::Notice(notice) => notice.id,
             other => panic!("expected a notice, got {other:?}"),
         }
+    }
+
+    fn stream_request(key: u64) -> shared::Packet {
+        shared::Packet {
+            key,
+            ..shared::Packet::request("GET", "/notices/stream", Value::Null)
+        }
+    }
+
+    /// A stream address on a connection of its own, whose queue holds `room` frames.
+    fn address(key: u64, room: usize) -> (StreamAddress, mpsc::Receiver<bytes::Bytes>) {
+        let (outgoing, frames) = mpsc::channel(room);
+        (StreamAddress::new(&stream_request(key), outgoing), frames)
+    }
+
+    /// The frames queued on a connection right now, decoded.
+    fn frames(queue: &mut mpsc::Receiver<bytes::Bytes>) -> Vec<shared::Packet> {
+        let mut codec = shared::codec::PacketCodec::<shared::Packet>::new();
+        let mut packets = Vec::new();
+        while let Ok(frame) = queue.try_recv() {
+            let mut bytes = bytes::BytesMut::from(&frame[..]);
+            use tokio_util::codec::Decoder;
+            packets.push(codec.decode(&mut bytes).unwrap().unwrap());
+        }
+        packets
+    }
+
+    #[test]
+    fn direct_subscriptions_of_one_connection_get_one_packet_per_notice() {
+        let hub = Hub::new(8, 100, None);
+        let (outgoing, mut queue) = mpsc::channel(8);
+        let first = StreamAddress::new(&stream_request(11), outgoing.clone());
+        let second = StreamAddress::new(&stream_request(12), outgoing);
+        let mut a = hub.subscribe(interest(None, &["room"])).unwrap();
+        let mut b = hub.subscribe(interest(None, &["room"])).unwrap();
+        let mut elsewhere = hub.subscribe(interest(None, &["other"])).unwrap();
+        assert!(a.go_direct(&first, 0));
+        assert!(b.go_direct(&second, 0));
+
+        let delivery = hub.publish(notice(1, Some("room"), None));
+        assert_eq!(delivery.delivered, 2);
+        let packets = frames(&mut queue);
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let mut keys = packets[0].keys.clone();
+        keys.sort();
+        assert_eq!(keys, [11, 12]);
+        assert_eq!(packets[0].id, Some(json!(1)));
+        assert_eq!(packets[0].event.as_deref(), Some("notice"));
+        assert_eq!(packets[0].params["message"], "n1");
+        assert!(a.receiver.try_recv().is_err(), "the task is not woken");
+        assert!(b.receiver.try_recv().is_err());
+        assert!(elsewhere.receiver.try_recv().is_err(), "not its topic");
+    }
+
+    #[test]
+    fn going_direct_waits_for_the_buffer_and_skips_what_the_replay_sent() {
+        let hub = Hub::new(8, 100, None);
+        let (to, mut queue) = address(7, 8);
+        let mut sub = hub.subscribe(everyone_interest()).unwrap();
+        hub.publish(notice(1, None, None));
+        assert!(!sub.go_direct(&to, 0), "a notice is still buffered");
+        assert_eq!(notice_id(sub.receiver.try_recv().unwrap()), 1);
+        // The replay already sent notice 3 (stored before its fan-out came).
+        assert!(sub.go_direct(&to, 3));
+        for id in 2..=4 {
+            hub.publish(notice(id, None, None));
+        }
+        let ids: Vec<_> = frames(&mut queue).into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, [Some(json!(4))]);
+    }
+
+    #[test]
+    fn a_direct_subscription_whose_connection_is_full_ends_lagged_at_its_last_notice() {
+        let hub = Hub::new(8, 100, None);
+        let (to, mut queue) = address(7, 2);
+        let mut sub = hub.subscribe(everyone_interest()).unwrap();
+        assert!(sub.go_direct(&to, 0));
+        for id in 1..=3 {
+            hub.publish(notice(id, None, None));
+        }
+        assert_eq!(sub.end_reason(), Some(EndReason::Lagged));
+        assert_eq!(
+            sub.last_direct_id(),
+            2,
+            "the client resumes after the last queued"
+        );
+        assert_eq!(frames(&mut queue).len(), 2);
+        assert!(matches!(
+            sub.receiver.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+
+    fn everyone_interest() -> Interest {
+        interest(None, &[])
     }
 
     /// The presence events a subscription has buffered right now, as "join alice@room".

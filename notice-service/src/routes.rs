@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     feed::FeedEnd,
-    hub::{Live, Membership, NameClaim, SubscribeError},
+    hub::{Membership, NameClaim, SubscribeError},
     notice::{format_time, validate_label, Interest, NewNotice, Whispers, MAX_TOPICS},
     service::{JoinError, NoticeService, Published},
     store::{NoticeQuery, Selector, StoreError, StoreFailure},
@@ -423,6 +423,7 @@ async fn send_notices(
 ) -> Result<Json<Value>, ServiceError> {
     let (after, reset) = service.resume_start(after).await?;
     let mut feed = service.subscribe(interest, membership, after).await?;
+    feed.go_direct_when_caught_up(sink.address());
     // Accepted: tell the caller now (the gateway then sends its HTTP headers), not only when
     // the first notice comes.
     if sink.open().await.is_err() {
@@ -442,26 +443,7 @@ async fn send_notices(
     loop {
         match feed.next().await {
             Ok(live) => {
-                let sent = match &live {
-                    Live::Notice(notice) => {
-                        sink.send(Event {
-                            id: Some(notice.id.into()),
-                            event: Some("notice".into()),
-                            data: &notice.json,
-                        })
-                        .await
-                    }
-                    // No id: presence is not part of the sequence a client resumes from.
-                    Live::Presence(presence) => {
-                        sink.send(Event {
-                            id: None,
-                            event: Some(presence.kind.event_name().into()),
-                            data: presence.data(),
-                        })
-                        .await
-                    }
-                };
-                if sent.is_err() {
+                if sink.send(live.event()).await.is_err() {
                     // The caller is gone; dropping the feed frees the subscription.
                     return Ok(Json(Value::Null));
                 }

@@ -516,13 +516,30 @@ fn handle_bad_frame<P: Params>(link: &Link<P>, err: CodecError) -> bool {
     err.is_recoverable()
 }
 
-/// Hands an answer to the task waiting for its key.
-fn deliver<P>(link: &Link<P>, packet: Packet<P>) {
-    let key = packet.key;
+/// Hands an answer to the task waiting for its key; a multicast event (`keys`) to the task of
+/// each of its streams, as if each had come alone.
+fn deliver<P: Clone>(link: &Link<P>, mut packet: Packet<P>) {
     let mut waiters = link.waiters.lock().unwrap();
     let Some(waiters) = waiters.as_mut() else {
         return;
     };
+    let keys = std::mem::take(&mut packet.keys);
+    let Some((last, others)) = keys.split_last() else {
+        return deliver_one(link, waiters, packet);
+    };
+    for key in others {
+        let copy = Packet {
+            key: *key,
+            ..packet.clone()
+        };
+        deliver_one(link, waiters, copy);
+    }
+    packet.key = *last;
+    deliver_one(link, waiters, packet);
+}
+
+fn deliver_one<P>(link: &Link<P>, waiters: &mut HashMap<u64, Waiter<P>>, packet: Packet<P>) {
+    let key = packet.key;
     let final_packet = is_final(&packet);
     match waiters.get(&key) {
         Some(Waiter::Once(_)) => {

@@ -61,6 +61,15 @@ pub struct Packet<P = Value> {
     /// On a response: the last packet of a stream.
     #[serde(default, skip_serializing_if = "is_false")]
     pub end: bool,
+    /// On a stream request: the caller also takes this stream's events in packets that carry
+    /// one event to several of its streams at once (`keys`). Without it, every event comes in a
+    /// packet of its own.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub multicast: bool,
+    /// On a stream event sent to several streams of one connection at once: all their keys
+    /// (`key` is the first). Each of those streams gets the event as if it had come alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<u64>,
     /// On a request: the caller is no longer interested in the stream with this key.
     #[serde(default, skip_serializing_if = "is_false")]
     pub cancel: bool,
@@ -117,6 +126,8 @@ impl<P> Packet<P> {
             error: self.error,
             stream: self.stream,
             end: self.end,
+            multicast: self.multicast,
+            keys: self.keys,
             cancel: self.cancel,
             id: self.id,
             event: self.event,
@@ -139,6 +150,8 @@ impl<P> Packet<P> {
             error: None,
             stream: false,
             end: false,
+            multicast: false,
+            keys: Vec::new(),
             cancel: false,
             id: None,
             event: None,
@@ -186,7 +199,7 @@ impl Packet {
 /// What a packet's `params` can be: a parsed [`Value`], or [`RawParams`] kept as the text it
 /// arrived as.
 pub trait Params:
-    Serialize + DeserializeOwned + Default + fmt::Debug + Send + Sync + 'static
+    Serialize + DeserializeOwned + Default + Clone + fmt::Debug + Send + Sync + 'static
 {
     fn from_value(value: Value) -> Self;
     fn is_null(&self) -> bool;

@@ -46,8 +46,10 @@
 //! its handler returns or the caller cancels.
 
 mod answer;
+mod multicast;
 
 pub use answer::{Accepted, Created, IntoAnswer, Json, Response, ServiceError};
+pub use multicast::{multicast, StreamAddress, MAX_KEYS_PER_PACKET};
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -158,6 +160,8 @@ pub struct EventSink {
     /// Shared with the stream's task, which answers a handler that never opened the stream
     /// like a one-shot request.
     opened: Arc<std::sync::atomic::AtomicBool>,
+    /// The caller takes this stream's events in multicast packets too (see [`multicast`]).
+    multicast: bool,
 }
 
 impl EventSink {
@@ -663,6 +667,7 @@ impl Connection {
             outgoing: outgoing.clone(),
             cancelled: cancelled.clone(),
             opened: opened.clone(),
+            multicast: packet.multicast,
         };
         // Called here rather than in the task, so that the task holds the handler's future
         // but not the request as well.

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::{
     service::{
-        serve, with_state, Created, Event, EventSink, Json, Request, Response, Router,
-        ServiceConfig, ServiceError,
+        multicast, serve, with_state, Created, Event, EventSink, Json, Request, Response, Router,
+        ServiceConfig, ServiceError, StreamAddress, MAX_KEYS_PER_PACKET,
     },
     ClientError, Dialect, Packet, PacketClient, ResponseStream,
 };
@@ -1075,4 +1075,144 @@ async fn shutdown_answers_the_requests_in_flight_then_serve_returns() {
         .await
         .expect("serve returns once the request is answered");
     served.unwrap().unwrap();
+}
+
+/// A stream route that opens, hands its stream's multicast address (if its caller takes
+/// multicast packets) to `addresses`, and waits to be cancelled.
+fn addressed_router(addresses: mpsc::UnboundedSender<Option<StreamAddress>>) -> Router {
+    Router::new().stream("GET", "/room", move |_, sink: EventSink| {
+        let addresses = addresses.clone();
+        async move {
+            sink.open().await.unwrap();
+            let _ = addresses.send(sink.address());
+            sink.closed().await;
+            Response::ok(Value::Null)
+        }
+    })
+}
+
+async fn next_address(
+    addresses: &mut mpsc::UnboundedReceiver<Option<StreamAddress>>,
+) -> Option<StreamAddress> {
+    timeout(PROMPTLY, addresses.recv())
+        .await
+        .expect("the stream opens")
+        .expect("the router lives")
+}
+
+#[tokio::test]
+async fn a_multicast_event_reaches_every_stream_of_a_connection_in_one_packet() {
+    let (addresses_tx, mut addresses) = mpsc::unbounded_channel();
+    let service = Service::start(addressed_router(addresses_tx)).await;
+    let mut raw = service.raw().await;
+    for key in [51, 52, 53] {
+        raw.send(
+            json!({"uri": "/room", "method": "GET", "key": key, "params": null,
+            "stream": true, "multicast": key != 53}),
+        )
+        .await;
+        assert_eq!(raw.next().await["key"], key, "the stream opens");
+    }
+    let mut targets = Vec::new();
+    for key in [51, 52] {
+        let address = next_address(&mut addresses)
+            .await
+            .expect("asked for multicast");
+        assert_eq!(address.key(), key);
+        targets.push((key, address));
+    }
+    assert!(
+        next_address(&mut addresses).await.is_none(),
+        "a stream whose caller did not ask for multicast has no address"
+    );
+
+    let event = Event {
+        id: Some(json!(7)),
+        event: Some("notice".into()),
+        data: json!({"message": "hello"}),
+    };
+    let missed = multicast(targets.iter().map(|(key, to)| (*key, to)), &event);
+    assert!(missed.is_empty());
+    let packet = raw.next().await;
+    assert_eq!(
+        (
+            &packet["keys"],
+            &packet["stream"],
+            &packet["id"],
+            &packet["event"]
+        ),
+        (&json!([51, 52]), &json!(true), &json!(7), &json!("notice")),
+        "{packet}"
+    );
+    assert_eq!(packet["params"], json!({"message": "hello"}));
+    assert_eq!(packet["key"], 51);
+
+    // One stream alone gets a plain event packet.
+    multicast([(52, &targets[1].1)], &event);
+    let packet = raw.next().await;
+    assert_eq!(
+        (&packet["key"], packet.get("keys")),
+        (&json!(52), None),
+        "{packet}"
+    );
+}
+
+#[tokio::test]
+async fn multicast_splits_many_streams_into_bounded_packets_and_the_client_hands_each_its_copy() {
+    let (addresses_tx, mut addresses) = mpsc::unbounded_channel();
+    let service = Service::start(addressed_router(addresses_tx)).await;
+    let client = service.client().await;
+    let streams = MAX_KEYS_PER_PACKET + 5;
+    let mut opened = Vec::new();
+    for _ in 0..streams {
+        let request = Packet {
+            multicast: true,
+            ..Packet::request("GET", "/room", Value::Null)
+        };
+        let mut stream = client.call(request).await.unwrap();
+        let first = next_packet(&mut stream).await;
+        assert!(first.is_empty_event());
+        opened.push(stream);
+    }
+    let mut targets = Vec::new();
+    for _ in 0..streams {
+        targets.push(
+            next_address(&mut addresses)
+                .await
+                .expect("asked for multicast"),
+        );
+    }
+    let event = Event {
+        id: Some(json!(1)),
+        event: Some("tick".into()),
+        data: json!("once for all"),
+    };
+    let missed = multicast(targets.iter().map(|to| (to.key(), to)), &event);
+    assert!(missed.is_empty());
+    for stream in &mut opened {
+        let packet = next_packet(stream).await;
+        assert_eq!(
+            (&packet.id, packet.event.as_deref(), &packet.params),
+            (&Some(json!(1)), Some("tick"), &json!("once for all"))
+        );
+        assert!(packet.keys.is_empty(), "each stream gets its own copy");
+    }
+
+    // On the wire: no packet carries more than the bound.
+    let mut raw = service.raw().await;
+    let mut keys = Vec::new();
+    for key in 0..streams as u64 {
+        raw.send(
+            json!({"uri": "/room", "method": "GET", "key": 1000 + key, "params": null,
+            "stream": true, "multicast": true}),
+        )
+        .await;
+        raw.next().await;
+        keys.push(next_address(&mut addresses).await.unwrap());
+    }
+    multicast(keys.iter().map(|to| (to.key(), to)), &event);
+    let first = raw.next().await;
+    let second = raw.next().await;
+    let counts = [&first, &second].map(|p| p["keys"].as_array().map_or(1, Vec::len));
+    assert_eq!(counts, [MAX_KEYS_PER_PACKET, 5], "{second}");
 }
