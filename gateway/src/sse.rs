@@ -16,8 +16,11 @@
 //! itself.
 //!
 //! Each event is written out here, straight into one buffer, rather than through axum's `Sse`:
-//! a notice goes to thousands of streams at once, and the keep-alive is a timer that ticks on
-//! its own instead of one moved forward after every event of every stream.
+//! a notice goes to thousands of streams at once, and axum's keep-alive moves its timer forward
+//! after every event of every stream. Here an event only notes the time; the timer is moved
+//! when it fires, to a period after the last event, and sends the comment only if that has
+//! passed. So a stream is never silent for longer than a period, which the idle timeout relies
+//! on.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -29,7 +32,7 @@ use axum::{
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Value};
 use shared::{ClientError, Packet, RawParams, ResponseStream};
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -43,10 +46,45 @@ struct Relay {
     /// `None` once the stream has ended.
     answers: Option<ResponseStream<RawParams>>,
     shutdown: CancellationToken,
-    keep_alive: Interval,
-    /// Whether an event went out since the keep-alive last ticked.
-    sent_since_tick: bool,
+    keep_alive: KeepAlive,
     _open: GaugeGuard,
+}
+
+/// When a stream next needs a comment line to keep it open.
+struct KeepAlive {
+    period: Duration,
+    last_sent: Instant,
+    /// Boxed: a timer must not move, and the relay does.
+    timer: std::pin::Pin<Box<Sleep>>,
+}
+
+impl KeepAlive {
+    fn new(period: Duration) -> KeepAlive {
+        let period = period.max(Duration::from_millis(1));
+        let now = Instant::now();
+        KeepAlive {
+            period,
+            last_sent: now,
+            timer: Box::pin(tokio::time::sleep_until(now + period)),
+        }
+    }
+
+    /// Something went out on the stream now.
+    fn sent(&mut self) {
+        self.last_sent = Instant::now();
+    }
+
+    /// Called when the timer fired: whether a whole period passed without anything sent (the
+    /// comment is then due and counts as sent). Sets the timer to a period after the last send.
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = now >= self.last_sent + self.period;
+        if due {
+            self.last_sent = now;
+        }
+        self.timer.as_mut().reset(self.last_sent + self.period);
+        due
+    }
 }
 
 /// The `text/event-stream` response relaying `answers`, starting with `first`.
@@ -55,15 +93,11 @@ pub(crate) fn respond(
     answers: Option<ResponseStream<RawParams>>,
     state: &AppState,
 ) -> Response {
-    let period = state.config.keep_alive.max(Duration::from_millis(1));
-    let mut keep_alive = tokio::time::interval_at(Instant::now() + period, period);
-    keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let relay = Relay {
         first: first.map(Box::new),
         answers,
         shutdown: state.shutdown.clone(),
-        keep_alive,
-        sent_since_tick: false,
+        keep_alive: KeepAlive::new(state.config.keep_alive),
         _open: state.metrics.open_stream(),
     };
     let events = futures::stream::unfold(relay, next_event);
@@ -89,8 +123,8 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Bytes, Infallible>, Rela
                         return None;
                     }
                     answer = answers.next() => answer?,
-                    _ = relay.keep_alive.tick() => {
-                        if std::mem::take(&mut relay.sent_since_tick) {
+                    _ = &mut relay.keep_alive.timer => {
+                        if !relay.keep_alive.due() {
                             continue;
                         }
                         return Some((Ok(Bytes::from_static(b":\n\n")), relay));
@@ -123,7 +157,7 @@ async fn next_event(mut relay: Relay) -> Option<(Result<Bytes, Infallible>, Rela
                 error_event("the service's connection closed", 502)
             }
         };
-        relay.sent_since_tick = true;
+        relay.keep_alive.sent();
         return Some((Ok(event), relay));
     }
 }

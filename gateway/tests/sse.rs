@@ -3,14 +3,17 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use common::{Distributor, Gateway, Service, PROMPTLY};
 use e2e::sse::EventStream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::{
-    service::{Event, Response, Router},
+    service::{multicast, Event, Response, Router, StreamAddress},
     RawParams,
 };
 use tokio::{sync::mpsc, time::timeout};
@@ -39,7 +42,34 @@ impl Drop for DropSignal {
 fn stream_router(dropped: mpsc::UnboundedSender<&'static str>) -> Router {
     let forever_dropped = dropped.clone();
     let quiet_dropped = dropped.clone();
+    let room: Arc<Mutex<Vec<StreamAddress>>> = Arc::default();
     Router::new()
+        // The second stream to join multicasts one event to both, as notice-service does.
+        .stream("GET", "/room", move |_, sink| {
+            let room = room.clone();
+            async move {
+                let _ = sink.open().await;
+                let Some(address) = sink.address() else {
+                    return Response::error(400, "the gateway did not ask for multicast");
+                };
+                let members = {
+                    let mut room = room.lock().unwrap();
+                    room.push(address);
+                    room.clone()
+                };
+                if members.len() == 2 {
+                    let event = Event {
+                        id: Some(json!(7)),
+                        event: Some("hello".into()),
+                        data: json!({"to": "everyone"}),
+                    };
+                    let missed = multicast(members.iter().map(|to| (to.key(), to)), &event);
+                    assert!(missed.is_empty());
+                }
+                sink.closed().await;
+                Response::ok(Value::Null)
+            }
+        })
         .stream("GET", "/ticks", |request, sink| async move {
             let count: u64 = match request.params["count"].as_str().map(str::parse) {
                 Some(Ok(count)) => count,
@@ -346,4 +376,29 @@ async fn idle_streams_get_keep_alive_comments() {
     let waited = timeout(Duration::from_millis(500), stream.next()).await;
     assert!(waited.is_err(), "a quiet stream sends no event");
     assert!(stream.comments() > 0, "but comment lines keep it alive");
+}
+
+#[tokio::test]
+async fn one_multicast_event_reaches_every_client_stream_it_names() {
+    let setup = setup(|_| {}).await;
+    let mut first = open(&setup.gateway, "/room", None).await;
+    let mut second = open(&setup.gateway, "/room", None).await;
+    for stream in [&mut first, &mut second] {
+        let event = stream.next_within(PROMPTLY).await.unwrap();
+        assert_eq!(
+            (event.id.as_deref(), event.event.as_deref(), event.json()),
+            (Some("7"), Some("hello"), json!({"to": "everyone"}))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stream_busy_with_events_gets_no_keep_alive_comments() {
+    // `/forever` sends an event every 20 ms: four keep-alive periods, none of them silent.
+    let setup = setup(|config| config.keep_alive = Duration::from_millis(300)).await;
+    let mut stream = open(&setup.gateway, "/forever", None).await;
+    for _ in 0..60 {
+        stream.next_within(PROMPTLY).await.unwrap();
+    }
+    assert_eq!(stream.comments(), 0);
 }

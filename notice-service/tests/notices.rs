@@ -308,13 +308,7 @@ async fn presence_lists_subscribers_and_kick_ends_their_streams() {
     assert_eq!(alice["topics"], json!(["a", "b"]));
     assert!(chrono::DateTime::parse_from_rfc3339(alice["since"].as_str().unwrap()).is_ok());
 
-    let kicked = call(
-        &client,
-        "DELETE",
-        "/notices/subscribers",
-        json!({"params": "alice"}),
-    )
-    .await;
+    let kicked = kick(&client, "alice").await;
     assert_eq!(kicked.status(), 200);
     assert_eq!(kicked.params, json!({"kicked": 2}));
     for stream in [&mut alice_phone, &mut alice_laptop] {
@@ -331,13 +325,7 @@ async fn presence_lists_subscribers_and_kick_ends_their_streams() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["name"], "bob");
 
-    let again = call(
-        &client,
-        "DELETE",
-        "/notices/subscribers",
-        json!({"params": "alice"}),
-    )
-    .await;
+    let again = kick(&client, "alice").await;
     assert_eq!(again.status(), 404);
     let nameless = call(&client, "DELETE", "/notices/subscribers", json!({})).await;
     assert_eq!(nameless.status(), 400);

@@ -117,13 +117,7 @@ async fn presence_and_kick_span_every_instance() {
         assert_eq!(names, ["alice", "alice", "bob"]);
     }
 
-    let kicked = call(
-        &client_b,
-        "DELETE",
-        "/notices/subscribers",
-        json!({"params": "alice"}),
-    )
-    .await;
+    let kicked = kick(&client_b, "alice").await;
     assert_eq!(kicked.params, json!({"kicked": 2}), "{kicked:?}");
     for stream in [&mut alice_on_a, &mut alice_on_b] {
         assert_eq!(next_packet(stream).await.event.as_deref(), Some("kicked"));
@@ -133,13 +127,7 @@ async fn presence_and_kick_span_every_instance() {
         let items = wait_for_presence(client, 1).await;
         assert_eq!(items[0]["name"], "bob");
     }
-    let none = call(
-        &client_a,
-        "DELETE",
-        "/notices/subscribers",
-        json!({"params": "alice"}),
-    )
-    .await;
+    let none = kick(&client_a, "alice").await;
     assert_eq!(none.status(), 404);
 
     // An instance that stops takes its subscribers out of presence.

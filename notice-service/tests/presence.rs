@@ -72,13 +72,7 @@ async fn a_kicked_name_leaves() {
     let mut watcher = subscribe(&client, json!({"topics": "room", "presence": "true"})).await;
     let mut bob = subscribe(&client, json!({"name": "bob", "topics": "room,hall"})).await;
     assert_eq!(next_presence(&mut watcher).await, "join bob@room");
-    let kicked = call(
-        &client,
-        "DELETE",
-        "/notices/subscribers",
-        json!({"params": "bob"}),
-    )
-    .await;
+    let kicked = kick(&client, "bob").await;
     assert_eq!(kicked.status(), 200);
     assert_eq!(next_packet(&mut bob).await.event.as_deref(), Some("kicked"));
     assert_eq!(next_presence(&mut watcher).await, "leave bob@room");

@@ -6,7 +6,7 @@
 //! them idle, then publishes notices through the gateway and measures:
 //! - paced: `--rate` notices/s for `--duration`: publish-to-delivery latency p50/p99/max;
 //! - burst: `--burst` notices as fast as `--publishers` concurrent publishers go: delivered
-//!   notices/s across all subscribers.
+//!   deliveries/s across all subscribers.
 //!
 //! With `--direct` the subscribers are packet streams on one connection straight to
 //! notice-service (the way the gateway holds them) and notices are published over the packet
@@ -698,7 +698,7 @@ fn print_burst_rows(args: &Args, burst: &BurstFigures) {
         args.burst as f64 / burst.published_in.as_secs_f64()
     );
     println!(
-        "| burst: delivered | {} deliveries in {:.2} s = {:.0} notices/s{} |",
+        "| burst: delivered | {} deliveries in {:.2} s = {:.0} deliveries/s{} |",
         burst.delivered,
         burst.elapsed.as_secs_f64(),
         burst.delivered as f64 / burst.elapsed.as_secs_f64(),

@@ -111,6 +111,17 @@ pub async fn subscribe_as(client: &PacketClient, auth: &Identity, params: Value)
     .expect("stream request sent")
 }
 
+/// Kicks every subscription named `name` (`DELETE /notices/subscribers/{name}`); the answer.
+pub async fn kick(client: &PacketClient, name: &str) -> Packet {
+    call(
+        client,
+        "DELETE",
+        "/notices/subscribers",
+        json!({ "params": name }),
+    )
+    .await
+}
+
 /// Publishes and returns the answer (status and params).
 pub async fn publish(client: &PacketClient, params: Value) -> Packet {
     call(client, "POST", "/notices", params).await
