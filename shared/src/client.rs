@@ -36,6 +36,7 @@ use crate::{
     codec::{encode_frame, CodecError, PacketCodec},
     connection::{queue_frame, tune_socket, write_frames, PacketReader, OUTGOING_CAPACITY},
     packet::{key_in, Params},
+    service::MAX_KEYS_PER_PACKET,
     Packet,
 };
 
@@ -524,6 +525,14 @@ fn deliver<P: Clone>(link: &Link<P>, mut packet: Packet<P>) {
         return;
     };
     let keys = std::mem::take(&mut packet.keys);
+    if keys.len() > MAX_KEYS_PER_PACKET {
+        // Past the protocol's bound: one packet must not fan out into unbounded work here.
+        warn!(
+            keys = keys.len(),
+            "multicast packet naming too many streams; dropped"
+        );
+        return;
+    }
     let Some((last, others)) = keys.split_last() else {
         return deliver_one(link, waiters, packet);
     };

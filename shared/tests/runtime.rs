@@ -1216,3 +1216,46 @@ async fn multicast_splits_many_streams_into_bounded_packets_and_the_client_hands
     let counts = [&first, &second].map(|p| p["keys"].as_array().map_or(1, Vec::len));
     assert_eq!(counts, [MAX_KEYS_PER_PACKET, 5], "{second}");
 }
+
+#[tokio::test]
+async fn a_multicast_packet_naming_more_streams_than_allowed_is_dropped() {
+    // A node written by hand: it opens the stream, sends an event naming the stream more times
+    // than a packet may name streams, then an ordinary event.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let node = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut raw = Raw::new(socket);
+        let request = raw.next().await;
+        let key = request["key"].as_u64().unwrap();
+        let event = |id: u64, keys: Vec<u64>| {
+            json!({"uri": "/room", "method": "GET", "key": key, "params": {"n": id},
+                "stream": true, "id": id, "keys": keys})
+        };
+        raw.send(
+            json!({"uri": "/room", "method": "GET", "key": key, "params": null,
+            "stream": true}),
+        )
+        .await;
+        raw.send(event(1, vec![key; MAX_KEYS_PER_PACKET + 1])).await;
+        raw.send(event(2, vec![key])).await;
+        // Keep the connection open until the test is done reading.
+        raw.try_next().await
+    });
+    let client = connected_client(addr, Dialect::Packet).await;
+    let request = Packet {
+        multicast: true,
+        ..Packet::request("GET", "/room", Value::Null)
+    };
+    let mut stream = client.call(request).await.unwrap();
+    assert!(next_packet(&mut stream).await.is_empty_event());
+    let event = next_packet(&mut stream).await;
+    assert_eq!(
+        event.id,
+        Some(json!(2)),
+        "the oversized packet was dropped: {event:?}"
+    );
+    drop(client);
+    drop(stream);
+    node.abort();
+}
