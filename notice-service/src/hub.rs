@@ -7,6 +7,12 @@
 //! memory grow. The hub lock is a std mutex held only for map updates and `try_send`s, never
 //! across an await.
 //!
+//! A subscription whose caller takes multicast packets (the gateway's) skips its buffer once
+//! its feed has caught up: the hub then queues each notice itself, as one packet for all such
+//! subscriptions of a connection (`shared::service::multicast`), so publishing to thousands of
+//! them costs a packet per connection, not a task wake-up and a packet each. A connection whose
+//! queue is full is the same as a full buffer for each of them: they end lagged.
+//!
 //! A poisoned lock is used anyway (`unwrap_or_else(PoisonError::into_inner)`), the policy of every
 //! std mutex in the workspace's services: the sections holding one only update maps and offer to
 //! channels, calls that leave each collection whole, so a panic elsewhere in a task cannot leave
