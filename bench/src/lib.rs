@@ -60,6 +60,14 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// A report's heading (`## title`) and the head of its two-column markdown table.
+pub fn print_table_heading(title: &str) {
+    println!("## {title}");
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+}
+
 /// The markdown table row of the load average at a run's start (`at_start`, from
 /// [`load_average`]) and now.
 pub fn print_load_row(at_start: &str) {

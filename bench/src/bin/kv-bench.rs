@@ -1077,17 +1077,14 @@ async fn measure_watch(args: &Args) -> anyhow::Result<()> {
         .saturating_sub(first_put)
         .max(1);
     let latency = counters.latency.lock().unwrap().clone();
-    println!(
-        "## kv watch delivery ({} prefix watchers over {} prefixes through the gateway, {} puts/s for {:?}, store mem, {} cores)",
+    bench::print_table_heading(&format!(
+        "kv watch delivery ({} prefix watchers over {} prefixes through the gateway, {} puts/s for {:?}, store mem, {} cores)",
         args.watchers,
         prefixes,
         args.rate,
         args.duration,
         bench::cores()
-    );
-    println!();
-    println!("| measure | value |");
-    println!("| --- | --- |");
+    ));
     println!(
         "| puts | {puts} sent in {:.2} s ({:.0}/s), {} failed |",
         bench::ms(puts_done - first_put) / 1000.0,

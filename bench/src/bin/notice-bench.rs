@@ -631,13 +631,10 @@ fn print_report(args: &Args, report: &Report) {
     } else {
         "SSE subscribers through the gateway"
     };
-    println!(
-        "## notice-service fan-out ({} {path}, store {})",
+    bench::print_table_heading(&format!(
+        "notice-service fan-out ({} {path}, store {})",
         args.subscribers, args.store
-    );
-    println!();
-    println!("| measure | value |");
-    println!("| --- | --- |");
+    ));
     print_memory_rows(args, report.rss_before, report.rss_idle);
     print_paced_rows(args, &report.paced);
     if let Some(burst) = &report.burst {
@@ -812,16 +809,13 @@ async fn presence_churn(args: Args) -> anyhow::Result<()> {
         joins.lock().unwrap().clone(),
         leaves.lock().unwrap().clone(),
     );
-    println!(
-        "## notice-service presence churn ({} watchers through the gateway, {} joins/s for {:?}, {} cores)",
+    bench::print_table_heading(&format!(
+        "notice-service presence churn ({} watchers through the gateway, {} joins/s for {:?}, {} cores)",
         args.subscribers,
         args.churn_rate,
         args.duration,
         bench::cores()
-    );
-    println!();
-    println!("| measure | value |");
-    println!("| --- | --- |");
+    ));
     println!(
         "| presence events delivered | {} of {} expected ({} joiners refused) |",
         delivered.load(Ordering::Relaxed),
@@ -920,16 +914,13 @@ async fn udp_fan_out(args: Args) -> anyhow::Result<()> {
     let elapsed = done.unwrap_or_else(Instant::now) - started;
     let delivered = shared.delivered.load(Ordering::Relaxed);
     let latency = histogram.lock().unwrap().clone();
-    println!(
-        "## notice-service UDP fan-out ({} UDP subscribers, {} notices, {} publishers over the packet protocol, {} cores)",
+    bench::print_table_heading(&format!(
+        "notice-service UDP fan-out ({} UDP subscribers, {} notices, {} publishers over the packet protocol, {} cores)",
         args.subscribers,
         total,
         args.publishers,
         bench::cores()
-    );
-    println!();
-    println!("| measure | value |");
-    println!("| --- | --- |");
+    ));
     println!(
         "| published | {total} notices in {:.2} s ({} failed) |",
         published_in.as_secs_f64(),
