@@ -12,6 +12,12 @@
 //! notice-service (the way the gateway holds them) and notices are published over the packet
 //! protocol: what the service sustains without the HTTP hop.
 //!
+//! The baseline, measured first in the same run (unless `--no-floor`): the same subscribers and
+//! the same pacing against `fan-out-floor`, a bare writer that gives each subscriber one write
+//! per pass with everything published since, from one thread per core: what the kernel alone
+//! needs for as many connections on this machine. The report gives the gateway's paced p99 as a
+//! ratio of the floor's.
+//!
 //! Two other scenarios (`--scenario`):
 //! - `presence-churn`: `--subscribers` SSE streams through the gateway watch a topic's presence
 //!   (`presence=1`) while `--churn-rate` named subscribers per second join the topic and leave
@@ -40,6 +46,11 @@ use clap::Parser;
 use e2e::{sse::EventStream, Process, Stack, Storage};
 use hdrhistogram::Histogram;
 use shared::{Dialect, Packet, PacketClient};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    process::{Child, ChildStdin},
+    sync::Mutex,
+};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -85,6 +96,9 @@ struct Args {
     /// Where the distributor, gateway and notice-service binaries are (default: next to this one).
     #[arg(long, env = "BENCH_BIN_DIR")]
     bin_dir: Option<PathBuf>,
+    /// Skip the baseline: the paced phase against `fan-out-floor`.
+    #[arg(long, env = "BENCH_NO_FLOOR")]
+    no_floor: bool,
 }
 
 /// Starts distributor, gateway and notice-service (no kv-service) and waits until the gateway
@@ -167,19 +181,18 @@ async fn subscriber(
     shared: Arc<Shared>,
     histogram: Arc<std::sync::Mutex<Histogram<u64>>>,
 ) -> anyhow::Result<()> {
-    let (socket, mut partial) = e2e::sse::open_socket(&addr, &path)
+    let (mut socket, mut partial) = e2e::sse::open_socket(&addr, &path)
         .await
         .context("subscribing")?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let mut read = [0u8; 4096];
     loop {
-        socket.readable().await?;
-        let n = match socket.try_read(&mut read) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err.into()),
-        };
+        // tokio takes a read that did not fill the buffer as the socket drained, so each event
+        // costs one `recv`, not a second one that finds nothing.
+        let n = socket.read(&mut read).await?;
+        if n == 0 {
+            return Ok(());
+        }
         // Events end with a blank line; what follows the last one waits for the next read.
         if partial.is_empty() {
             let done = complete_events(&read[..n]);
@@ -227,11 +240,13 @@ fn sequence_in(data: &[u8]) -> Option<usize> {
 }
 
 /// How notices are published and presence is asked: through the gateway over HTTP, or
-/// (`--direct`) straight to notice-service over the packet protocol.
+/// (`--direct`) straight to notice-service over the packet protocol; for the baseline, as
+/// sequence numbers to `fan-out-floor`.
 #[derive(Clone)]
 enum Publisher {
     Http { http: reqwest::Client, base: String },
     Packet(PacketClient),
+    Floor(Arc<Mutex<ChildStdin>>),
 }
 
 impl Publisher {
@@ -239,6 +254,14 @@ impl Publisher {
         let notice = serde_json::json!({"message": format!("bench {seq}"), "topic": "bench"});
         shared.sent_at[seq].store(now_nanos(shared), Ordering::Relaxed);
         let status = match self {
+            Publisher::Floor(writer) => {
+                writer
+                    .lock()
+                    .await
+                    .write_all(format!("{seq}\n").as_bytes())
+                    .await?;
+                return Ok(());
+            }
             Publisher::Http { http, base } => http
                 .post(format!("{base}/notices"))
                 .json(&notice)
@@ -257,8 +280,10 @@ impl Publisher {
         Ok(())
     }
 
-    async fn presence_count(&self) -> anyhow::Result<usize> {
+    /// How many subscribers the service lists; `None` where there is no service.
+    async fn presence_count(&self) -> anyhow::Result<Option<usize>> {
         let presence = match self {
+            Publisher::Floor(_) => return Ok(None),
             Publisher::Http { http, base } => {
                 http.get(format!("{base}/notices/subscribers"))
                     .send()
@@ -277,7 +302,7 @@ impl Publisher {
                     .params
             }
         };
-        Ok(presence["items"].as_array().map_or(0, Vec::len))
+        Ok(Some(presence["items"].as_array().map_or(0, Vec::len)))
     }
 }
 
@@ -373,6 +398,8 @@ struct Report {
     load_at_start: String,
     rss_before: Memory,
     rss_idle: Memory,
+    /// The baseline's paced phase (see the module doc).
+    floor: Option<PacedFigures>,
     paced: PacedFigures,
     burst: Option<BurstFigures>,
     failed: usize,
@@ -421,19 +448,33 @@ impl<'a> FanOut<'a> {
                 base: stack.url(""),
             },
         };
+        Ok(FanOut::new(args, publisher, direct, args.burst as usize))
+    }
+
+    /// The baseline's run: publishing to `fan-out-floor` through `writer`, paced phase only.
+    fn floor(args: &'a Args, writer: ChildStdin) -> FanOut<'a> {
+        let publisher = Publisher::Floor(Arc::new(Mutex::new(writer)));
+        FanOut::new(args, publisher, None, 0)
+    }
+
+    fn new(
+        args: &'a Args,
+        publisher: Publisher,
+        direct: Option<PacketClient>,
+        burst: usize,
+    ) -> FanOut<'a> {
         let paced_count = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
-        let total = paced_count + args.burst as usize;
-        let histogram = bench::nanosecond_histogram();
-        Ok(FanOut {
+        let total = paced_count + burst;
+        FanOut {
             args,
             publisher,
             direct,
             shared: Arc::new(Shared::new(total)),
-            histogram: Arc::new(std::sync::Mutex::new(histogram)),
+            histogram: Arc::new(std::sync::Mutex::new(bench::nanosecond_histogram())),
             paced_count,
             total,
             failed: 0,
-        })
+        }
     }
 
     /// Opens `--subscribers` streams. Through the gateway each subscriber has its own
@@ -461,15 +502,15 @@ impl<'a> FanOut<'a> {
             .collect()
     }
 
-    /// Waits until presence lists every subscriber and each has its stream open, then lets the
-    /// processes settle before their idle memory is read.
+    /// Waits until presence lists every subscriber (where there is a service to ask) and each
+    /// has its stream open, then lets the processes settle before their idle memory is read.
     async fn wait_until_subscribed(&self) -> anyhow::Result<()> {
         let subscribers = self.args.subscribers;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let count = self.publisher.presence_count().await?;
-            if count == subscribers && self.shared.connected.load(Ordering::Relaxed) == subscribers
-            {
+            let connected = self.shared.connected.load(Ordering::Relaxed);
+            let count = self.publisher.presence_count().await?.unwrap_or(connected);
+            if count == subscribers && connected == subscribers {
                 break;
             }
             if Instant::now() > deadline {
@@ -588,8 +629,65 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The baseline: `fan-out-floor` (next to this executable), the same subscribers opened to it,
+/// and the same paced phase.
+async fn measure_floor(args: &Args) -> anyhow::Result<PacedFigures> {
+    let mut writer = tokio::process::Command::new(e2e::bin_dir().join("fan-out-floor"))
+        .args(["--subscribers", &args.subscribers.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting fan-out-floor (built by cargo build --release -p bench)")?;
+    let (port, stdin) = floor_port_and_input(&mut writer).await?;
+    let mut floor = FanOut::floor(args, stdin);
+    let subscribers = floor.open_subscribers(port);
+    floor.wait_until_subscribed().await?;
+    let paced = floor.measure_paced().await;
+    // The last handle on the writer's stdin: it exits, and its subscribers read the end.
+    drop(floor);
+    let status = tokio::time::timeout(Duration::from_secs(10), writer.wait())
+        .await
+        .context("fan-out-floor did not exit")??;
+    if !status.success() {
+        bail!("fan-out-floor failed ({status}); its error is above");
+    }
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+    paced
+}
+
+/// The port `fan-out-floor` listens on (its first line of output) and its input.
+async fn floor_port_and_input(writer: &mut Child) -> anyhow::Result<(u16, ChildStdin)> {
+    let stdout = writer
+        .stdout
+        .take()
+        .context("fan-out-floor has no stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("fan-out-floor printed no port")??;
+    let port = line
+        .trim()
+        .parse()
+        .context("fan-out-floor printed no port")?;
+    Ok((
+        port,
+        writer.stdin.take().context("fan-out-floor has no stdin")?,
+    ))
+}
+
 async fn fan_out(args: Args) -> anyhow::Result<()> {
     let load_at_start = bench::load_average();
+    let floor = if args.direct || args.no_floor {
+        None
+    } else {
+        Some(measure_floor(&args).await?)
+    };
     let stack = start_stack(&args).await?;
     let notice = stack
         .notice
@@ -610,6 +708,7 @@ async fn fan_out(args: Args) -> anyhow::Result<()> {
         load_at_start,
         rss_before,
         rss_idle,
+        floor,
         paced,
         burst,
         failed: fan_out.failed,
@@ -636,7 +735,17 @@ fn print_report(args: &Args, report: &Report) {
         args.subscribers, args.store
     ));
     print_memory_rows(args, report.rss_before, report.rss_idle);
-    print_paced_rows(args, &report.paced);
+    if let Some(floor) = &report.floor {
+        print_paced_rows(args, "floor (fan-out-floor)", floor);
+    }
+    print_paced_rows(args, "paced", &report.paced);
+    if let Some(floor) = &report.floor {
+        let p99 = |paced: &PacedFigures| paced.latency.value_at_quantile(0.99) as f64;
+        println!(
+            "| paced p99 against the floor's | {:.2} × |",
+            p99(&report.paced) / p99(floor)
+        );
+    }
     if let Some(burst) = &report.burst {
         print_burst_rows(args, burst);
     }
@@ -674,16 +783,17 @@ fn print_memory_rows(args: &Args, before: Memory, idle: Memory) {
     );
 }
 
-fn print_paced_rows(args: &Args, paced: &PacedFigures) {
+/// A paced phase's rows; `phase` names it (`paced`, or the baseline's).
+fn print_paced_rows(args: &Args, phase: &str, paced: &PacedFigures) {
     println!(
-        "| paced: {} notices/s for {:?} | {} deliveries of {} expected{} |",
+        "| {phase}: {} notices/s for {:?} | {} deliveries of {} expected{} |",
         args.rate,
         args.duration,
         paced.delivered,
         paced.expected,
         if paced.complete { "" } else { " (timed out)" }
     );
-    bench::print_latency_row("paced: publish-to-delivery", &paced.latency);
+    bench::print_latency_row(&format!("{phase}: publish-to-delivery"), &paced.latency);
 }
 
 fn print_burst_rows(args: &Args, burst: &BurstFigures) {
