@@ -1,17 +1,17 @@
-//! The least a Server-Sent-Events fan-out can cost on this machine: each subscriber gets one
-//! `write` per pass, holding every event published since its last one, from as many threads as
-//! there are cores, with nothing in between (no runtime, no HTTP framing, no channel or task per
-//! stream). A writer that wrote each event to each subscriber on its own would fall behind at
+//! A Server-Sent-Events fan-out with nothing but the system calls it needs: each subscriber gets
+//! one `write` per pass, holding every event published since its last one, from as many threads
+//! as there are cores, with nothing in between (no runtime, no HTTP framing, no channel or task
+//! per stream). A writer that wrote each event to each subscriber on its own would fall behind at
 //! once on thousands of connections: the system call and the TCP segment, not the bytes, are
 //! what a delivery costs.
 //!
 //! notice-bench starts it and paces it the way it paces the gateway, with the same subscribers
 //! reading the same events, so that its report can say how far the gateway's fan-out is from
-//! what the kernel alone needs for as many TCP connections. It listens on 127.0.0.1 (a port of
-//! the system's choosing, printed on stdout), answers each of `--subscribers` connections'
-//! request with a `text/event-stream` response head, then publishes each line of stdin (a
-//! benchmark sequence number) as one notice event, written as the gateway writes it. It exits
-//! when stdin closes.
+//! what the kernel's work alone takes for as many TCP connections. It listens on 127.0.0.1 (a
+//! port of the system's choosing, printed on stdout), answers each of `--subscribers`
+//! connections' request with a `text/event-stream` response head, then publishes each line of
+//! stdin (a benchmark sequence number) as one notice event, the lines the gateway would write
+//! for it (without HTTP/1.1's chunk framing). It exits when stdin closes.
 
 use std::{
     io::{BufRead, Read, Write},
@@ -24,7 +24,7 @@ use clap::Parser;
 use socket2::{Domain, Socket, Type};
 
 #[derive(Debug, Parser)]
-#[command(about = "the least an SSE fan-out can cost: one write per subscriber per pass")]
+#[command(about = "an SSE fan-out with nothing but its writes: one per subscriber per pass")]
 struct Args {
     /// Connections to accept before writing events.
     #[arg(long)]
@@ -111,6 +111,7 @@ fn write_passes(
         }
     }
 }
+
 /// A listener on 127.0.0.1 whose queue holds `subscribers` connections (within the system's
 /// cap): they all connect at once, and a connection refused for a full queue would retry only
 /// seconds later.
