@@ -3,7 +3,8 @@
 //!
 //! Layout:
 //! - [`Process`]: one child process, killed when dropped, with the signals the tests send
-//!   (SIGKILL, SIGSTOP/SIGCONT, SIGTERM).
+//!   (SIGKILL, SIGTERM, and SIGSTOP/SIGCONT as `freeze`/`thaw`, which waits until the process
+//!   has stopped).
 //! - [`Stack`]: distributor, gateway, kv-service replicas and a notice-service, started on free
 //!   ports with their data in a temporary directory.
 //! - [`sse`]: a reader for `text/event-stream` responses, as a browser's EventSource sees them.
@@ -127,6 +128,43 @@ impl Process {
     pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(self.pid(), signal)
             .unwrap_or_else(|err| panic!("sending {signal} to {}: {err}", self.name));
+    }
+
+    /// SIGSTOP, then waits until every thread of the process has stopped: `kill` returns before
+    /// the stop takes effect, and a thread still running could answer one more request.
+    pub async fn freeze(&self) {
+        self.signal(Signal::SIGSTOP);
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while !self.all_threads_stopped() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not stop within {READY_TIMEOUT:?} of SIGSTOP",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// SIGCONT: a frozen process runs again.
+    pub fn thaw(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    /// Whether each of the process's threads is in the stopped state (`T` in its
+    /// `/proc/PID/task/TID/stat`).
+    fn all_threads_stopped(&self) -> bool {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let Ok(threads) = std::fs::read_dir(&tasks) else {
+            return false;
+        };
+        threads.flatten().all(|thread| {
+            std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which is in parentheses and may hold any
+                // character, so it is found from the last `)`.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+        })
     }
 
     /// `kill -9`: no chance to clean up.

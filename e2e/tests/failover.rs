@@ -11,7 +11,6 @@ use std::{
 };
 
 use e2e::{connected_nodes, Checks, Stack, StackOptions, Storage, READY_TIMEOUT};
-use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shared::testing::TestPostgres;
@@ -185,7 +184,7 @@ async fn a_frozen_replica_leaves_the_rotation() {
     let mut checks = Checks::new("a frozen (SIGSTOP) kv replica");
     let heartbeat_timeout = StackOptions::default().heartbeat.1;
 
-    stack.kv[1].process.signal(Signal::SIGSTOP);
+    stack.kv[1].process.freeze().await;
     let took = wait_for_kv_nodes(&stack, 1, heartbeat_timeout * 4).await;
     println!("  evicted {took:?} after SIGSTOP (heartbeat timeout {heartbeat_timeout:?})");
     checks.pass("the frozen replica was taken out of rotation");
@@ -202,7 +201,7 @@ async fn a_frozen_replica_leaves_the_rotation() {
     }
     checks.pass("every request went to the live replica");
 
-    stack.kv[1].process.signal(Signal::SIGCONT);
+    stack.kv[1].process.thaw();
     wait_for_kv_nodes(&stack, 2, READY_TIMEOUT).await;
     checks.pass("the thawed replica registered again and rejoined the rotation");
 }

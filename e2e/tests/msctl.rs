@@ -540,13 +540,9 @@ async fn msctl_reads_and_operates_a_running_system() {
     // sent to a frozen node gets one (its answer never comes), where a killed node's route
     // may already be gone (a 404). Caused first, it is among the recent lines a follower
     // starts with, like `tail -f` (live following itself is the gateway's logs test's).
-    stack.kv[0]
-        .process
-        .signal(nix::sys::signal::Signal::SIGSTOP);
+    stack.kv[0].process.freeze().await;
     let frozen = stack.http.get(stack.url("/kv/x")).send().await.unwrap();
-    stack.kv[0]
-        .process
-        .signal(nix::sys::signal::Signal::SIGCONT);
+    stack.kv[0].process.thaw();
     assert!(frozen.status().is_server_error(), "{frozen:?}");
     let mut follow = msctl.follow(&[
         "--json",

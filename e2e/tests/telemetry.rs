@@ -210,9 +210,9 @@ async fn a_node_that_does_not_answer_is_listed_missing_without_blocking_the_rest
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let process = stack.notice.as_ref().unwrap();
-    process.signal(nix::sys::signal::Signal::SIGSTOP);
+    process.freeze().await;
     let answer = logs(&stack, "?limit=10000").await;
-    process.signal(nix::sys::signal::Signal::SIGCONT);
+    process.thaw();
     assert_eq!(answer["missing"], json!([notice]));
     assert!(has_line_from(&answer, &kv), "{answer}");
     assert!(!has_line_from(&answer, &notice));
