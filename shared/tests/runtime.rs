@@ -854,18 +854,26 @@ async fn the_client_is_not_connected_while_nothing_listens_and_connects_once_a_s
     assert_eq!(answer.params["params"], "hi");
 }
 
-/// A server that accepts one connection, reads until one whole request arrived, then closes.
-async fn server_that_hangs_up() -> (SocketAddr, JoinHandle<Value>) {
+/// A node written by hand: it listens on a free loopback port and runs `serve` on the first
+/// connection it accepts, as raw packets.
+async fn node_on_one_connection<F, Fut>(serve: F) -> (SocketAddr, JoinHandle<Fut::Output>)
+where
+    F: FnOnce(Raw) -> Fut + Send + 'static,
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let mut raw = Raw::new(stream);
-        let request = raw.next().await;
-        drop(raw);
-        request
+        serve(Raw::new(stream)).await
     });
     (addr, task)
+}
+
+/// A server that accepts one connection, reads until one whole request arrived, then closes.
+async fn server_that_hangs_up() -> (SocketAddr, JoinHandle<Value>) {
+    node_on_one_connection(|mut raw| async move { raw.next().await }).await
 }
 
 #[tokio::test]
@@ -951,12 +959,8 @@ async fn an_abandoned_request_leaves_the_connection_usable() {
 /// An original-design node: takes `{uri, method, params: {key, ...}}` and answers flat objects
 /// `{key, errorcode, errormessage, ...}`. Reports each request it received.
 async fn original_design_server() -> (SocketAddr, mpsc::UnboundedReceiver<Value>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (received_tx, received) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut raw = Raw::new(stream);
+    let (addr, _node) = node_on_one_connection(|mut raw| async move {
         while let Some(request) = raw.try_next().await {
             let key = request["params"]["key"].clone();
             let answer = match request["params"]["value"].as_str() {
@@ -968,7 +972,8 @@ async fn original_design_server() -> (SocketAddr, mpsc::UnboundedReceiver<Value>
             frame.extend_from_slice(DELIMITER);
             raw.send_bytes(&frame).await;
         }
-    });
+    })
+    .await;
     (addr, received)
 }
 
@@ -1221,11 +1226,7 @@ async fn multicast_splits_many_streams_into_bounded_packets_and_the_client_hands
 async fn a_multicast_packet_naming_more_streams_than_allowed_is_dropped() {
     // A node written by hand: it opens the stream, sends an event naming the stream more times
     // than a packet may name streams, then an ordinary event.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let node = tokio::spawn(async move {
-        let (socket, _) = listener.accept().await.unwrap();
-        let mut raw = Raw::new(socket);
+    let (addr, node) = node_on_one_connection(|mut raw| async move {
         let request = raw.next().await;
         let key = request["key"].as_u64().unwrap();
         let event = |id: u64, keys: Vec<u64>| {
@@ -1241,7 +1242,8 @@ async fn a_multicast_packet_naming_more_streams_than_allowed_is_dropped() {
         raw.send(event(2, vec![key])).await;
         // Keep the connection open until the test is done reading.
         raw.try_next().await
-    });
+    })
+    .await;
     let client = connected_client(addr, Dialect::Packet).await;
     let request = Packet {
         multicast: true,
