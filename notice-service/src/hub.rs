@@ -727,6 +727,8 @@ impl Subscription {
     /// while its buffer holds anything, since a notice multicast now would overtake those.
     /// [`Subscription::recv`] then only tells how the subscription ended.
     pub fn go_direct(&self, address: &StreamAddress, last_sent: i64) -> bool {
+        // First without the hub's lock: while the task is still catching up, the answer is
+        // known without making publishers wait.
         if !self.receiver.is_empty() {
             return false;
         }
